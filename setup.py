@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lxmert-fast",
+    version="0.1.0",
+    description="Fast LXMERT pre-training and fine-tuning (exact model, DeepSpeed, Triton kernels)",
+    packages=find_packages(include=["lxmert_fast", "lxmert_fast.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "transformers>=4.40",
+        "safetensors",
+        "tokenizers",
+        "deepspeed>=0.14",
+        "tqdm",
+    ],
+    extras_require={
+        "kernels": ["triton>=3.0"],
+        "dev": ["pytest", "tensorboard"],
+    },
+    entry_points={"console_scripts": []},
+)
