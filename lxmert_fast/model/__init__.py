@@ -1,0 +1,29 @@
+"""The LXMERT model: layers, attention backends, heads, checkpoint conversion."""
+
+from lxmert_fast.model.attention import (
+    AttentionBackend,
+    AttentionBackendError,
+    AttentionDispatcher,
+    available_backend_names,
+    register_backend,
+)
+from lxmert_fast.model.convert import CheckpointError
+from lxmert_fast.model.lxmert import (
+    LxmertForPreTraining,
+    LxmertForQuestionAnswering,
+    LxmertModel,
+    LxmertPreTrainedModel,
+)
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionBackendError",
+    "AttentionDispatcher",
+    "CheckpointError",
+    "LxmertForPreTraining",
+    "LxmertForQuestionAnswering",
+    "LxmertModel",
+    "LxmertPreTrainedModel",
+    "available_backend_names",
+    "register_backend",
+]

@@ -1,0 +1,288 @@
+"""Attention backends behind one interface, and the registry that picks one per call.
+
+Layout: every backend takes and returns flash-attn's (batch, seq, heads, head_dim) layout,
+written `_blhd`, so that q, k and v can be strided views of one packed projection
+(`qkv_bl3hd[:, :, 0]` ...) without copies. Masks are boolean `key_padding_mask_bl`
+(batch, keys), True = keep; each backend converts it itself. A query whose keys are all
+masked gets a zero output (never NaN) from every backend.
+
+A backend answers `not_supported_reasons(call)` with a list of reasons it cannot serve a call
+(empty = it can). `auto` takes the first backend of `AUTO_ORDER` with no reasons; a named
+backend that cannot serve a call raises `AttentionBackendError` listing why, never falls back.
+
+Two entry points:
+- `attention(q, k, v, mask, ...)`: one attention (self-attention, or one cross direction).
+- `cross_pair(qkv, n_lang, mask, ...)`: LXMERT's bidirectional cross-attention from ONE packed
+  projection of the concatenated [lang; vision] tokens: language queries attend to vision
+  keys/values and vision queries attend to language keys/values. The default is two
+  `attention` calls; a backend may do both directions in one launch (the Triton one does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot serve this call (the message lists why)."""
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a call needs, for `not_supported_reasons` (hashable: used as a cache key)."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    dropout: bool
+    need_weights: bool
+    auto: bool = False
+
+    @classmethod
+    def of(cls, q_blhd: Tensor, dropout_p: float, need_weights: bool, auto: bool = False) -> "AttentionCall":
+        return cls(q_blhd.device.type, q_blhd.dtype, q_blhd.shape[-1], dropout_p > 0.0, need_weights, auto)
+
+
+class AttentionBackend:
+    """Base class. Subclasses implement `attention` and `not_supported_reasons`."""
+
+    name = "base"
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def attention(
+        self,
+        q_blhd: Tensor,
+        k_blhd: Tensor,
+        v_blhd: Tensor,
+        key_padding_mask_bl: Optional[Tensor],
+        dropout_p: float,
+        scale: float,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:  # pragma: no cover - interface
+        """Returns (out_blhd, probs_bhqk or None)."""
+        raise NotImplementedError
+
+    def cross_pair(
+        self,
+        qkv_bl3hd: Tensor,
+        n_lang: int,
+        key_padding_mask_bl: Optional[Tensor],
+        dropout_p: float,
+        scale: float,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Both cross directions; returns (out_blhd over [lang; vision], lang->vision probs or None)."""
+        q, k, v = qkv_bl3hd.unbind(dim=2)
+        lang_mask = vis_mask = None
+        if key_padding_mask_bl is not None:
+            lang_mask, vis_mask = key_padding_mask_bl[:, :n_lang], key_padding_mask_bl[:, n_lang:]
+        lang_out, lang_probs = self.attention(
+            q[:, :n_lang], k[:, n_lang:], v[:, n_lang:], vis_mask, dropout_p, scale, need_weights
+        )
+        vis_out, _ = self.attention(q[:, n_lang:], k[:, :n_lang], v[:, :n_lang], lang_mask, dropout_p, scale, False)
+        return torch.cat([lang_out, vis_out], dim=1), lang_probs
+
+
+def _rows_with_keys(key_padding_mask_bl: Tensor) -> Tensor:
+    """(B,) bool: True where at least one key is kept."""
+    return key_padding_mask_bl.any(dim=-1)
+
+
+class EagerAttention(AttentionBackend):
+    """The reference maths, line for line as LXMERT/HF compute it: the parity oracle.
+
+    scores = q k^T / sqrt(d) + (1 - mask) * finfo.min; softmax; dropout; @ v. Rows whose keys
+    are all masked are zeroed (HF would return the mean of the values there).
+    """
+
+    name = "eager"
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        return []
+
+    def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
+        q_bhld = q_blhd.transpose(1, 2)
+        k_bhld = k_blhd.transpose(1, 2)
+        v_bhld = v_blhd.transpose(1, 2)
+        scores_bhqk = torch.matmul(q_bhld, k_bhld.transpose(-1, -2))
+        head_dim = q_blhd.shape[-1]
+        if scale == 1.0 / math.sqrt(head_dim):
+            scores_bhqk = scores_bhqk / math.sqrt(head_dim)
+        else:
+            scores_bhqk = scores_bhqk * scale
+        if key_padding_mask_bl is not None:
+            additive_b11k = (1.0 - key_padding_mask_bl[:, None, None, :].to(scores_bhqk.dtype)) * torch.finfo(
+                scores_bhqk.dtype
+            ).min
+            scores_bhqk = scores_bhqk + additive_b11k
+        probs_bhqk = torch.softmax(scores_bhqk, dim=-1)
+        if key_padding_mask_bl is not None:
+            probs_bhqk = probs_bhqk * _rows_with_keys(key_padding_mask_bl)[:, None, None, None].to(probs_bhqk.dtype)
+        dropped_bhqk = F.dropout(probs_bhqk, p=dropout_p, training=dropout_p > 0.0)
+        out_bhld = torch.matmul(dropped_bhqk, v_bhld)
+        return out_bhld.transpose(1, 2), (probs_bhqk if need_weights else None)
+
+
+class SdpaAttention(AttentionBackend):
+    """torch.nn.functional.scaled_dot_product_attention (PyTorch picks its own kernel)."""
+
+    name = "sdpa"
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = []
+        if call.need_weights:
+            reasons.append("sdpa cannot return attention probabilities (output_attentions=True)")
+        if not hasattr(F, "scaled_dot_product_attention"):
+            reasons.append("this torch has no scaled_dot_product_attention")
+        return reasons
+
+    def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
+        if need_weights:
+            raise AttentionBackendError("sdpa cannot return attention probabilities")
+        mask_b11k = None
+        has_keys_b = None
+        if key_padding_mask_bl is not None:
+            has_keys_b = _rows_with_keys(key_padding_mask_bl)
+            # A row with no kept key would give NaN: let it attend everywhere, then zero it.
+            mask_b11k = (key_padding_mask_bl | ~has_keys_b[:, None])[:, None, None, :]
+        out_bhld = F.scaled_dot_product_attention(
+            q_blhd.transpose(1, 2),
+            k_blhd.transpose(1, 2),
+            v_blhd.transpose(1, 2),
+            attn_mask=mask_b11k,
+            dropout_p=dropout_p,
+            scale=scale,
+        )
+        out_blhd = out_bhld.transpose(1, 2)
+        if has_keys_b is not None:
+            out_blhd = out_blhd * has_keys_b[:, None, None, None].to(out_blhd.dtype)
+        return out_blhd, None
+
+
+class UnavailableBackend(AttentionBackend):
+    """Stands in for a registered backend whose module could not be imported; says why."""
+
+    def __init__(self, name: str, why: str):
+        self.name = name
+        self._why = why
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        return [self._why]
+
+    def attention(self, *args, **kwargs):
+        raise AttentionBackendError(f"attention backend {self.name!r} is unavailable: {self._why}")
+
+    cross_pair = attention
+
+
+# name -> zero-argument factory. Optional backends live in their own modules and are imported
+# only when first asked for, so importing lxmert_fast never imports triton or flash_attn.
+_BACKEND_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {
+    "eager": EagerAttention,
+    "sdpa": SdpaAttention,
+}
+_LAZY_BACKENDS: dict[str, str] = {
+    "triton": "lxmert_fast.model.triton_backend:TritonAttention",
+    "flash_attn": "lxmert_fast.model.flash_attn_backend:FlashAttnAttention",
+}
+AUTO_ORDER = ("flash_attn", "triton", "sdpa", "eager")
+
+
+def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
+    """Add (or replace) a backend; `factory()` builds it on first use."""
+    if name == "auto":
+        raise ValueError("'auto' is reserved for automatic selection")
+    _BACKEND_FACTORIES[name] = factory
+
+
+def available_backend_names() -> list[str]:
+    return sorted(set(_BACKEND_FACTORIES) | set(_LAZY_BACKENDS) | {"auto"})
+
+
+def _build_backend(name: str) -> AttentionBackend:
+    if name in _BACKEND_FACTORIES:
+        return _BACKEND_FACTORIES[name]()
+    if name in _LAZY_BACKENDS:
+        module_name, _, attr = _LAZY_BACKENDS[name].partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            return UnavailableBackend(name, f"cannot import {module_name}: {err}")
+        return getattr(module, attr)()
+    raise AttentionBackendError(
+        f"unknown attention backend {name!r}: expected one of {available_backend_names()}"
+    )
+
+
+class AttentionDispatcher:
+    """Resolves the configured backend name to a backend for each kind of call (cached).
+
+    One dispatcher is shared by every layer of a model; `set_backend` switches them all.
+    """
+
+    def __init__(self, name: str = "auto"):
+        self._backends: dict[str, AttentionBackend] = {}
+        self._resolved: dict[AttentionCall, AttentionBackend] = {}
+        self.name = "auto"
+        self.set_backend(name)
+
+    def set_backend(self, name: str) -> None:
+        if name != "auto":
+            self._get(name)  # unknown names fail here, not at the first forward
+        self.name = name
+        self._resolved.clear()
+
+    def _get(self, name: str) -> AttentionBackend:
+        if name not in self._backends:
+            self._backends[name] = _build_backend(name)
+        return self._backends[name]
+
+    def resolve(self, call: AttentionCall) -> AttentionBackend:
+        backend = self._resolved.get(call)
+        if backend is not None:
+            return backend
+        if self.name == "auto":
+            auto_call = AttentionCall(call.device_type, call.dtype, call.head_dim, call.dropout, call.need_weights, True)
+            report = []
+            for name in AUTO_ORDER:
+                candidate = self._get(name)
+                reasons = candidate.not_supported_reasons(auto_call)
+                if not reasons:
+                    backend = candidate
+                    break
+                report.append(f"  {name}: " + "; ".join(reasons))
+            if backend is None:
+                raise AttentionBackendError("no attention backend can serve this call:\n" + "\n".join(report))
+        else:
+            backend = self._get(self.name)
+            reasons = backend.not_supported_reasons(call)
+            if reasons:
+                raise AttentionBackendError(
+                    f"attention backend {self.name!r} cannot serve this call "
+                    f"({call.device_type}, {call.dtype}, head_dim={call.head_dim}, dropout={call.dropout}, "
+                    f"need_weights={call.need_weights}): " + "; ".join(reasons)
+                )
+        self._resolved[call] = backend
+        return backend
+
+    def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
+        backend = self.resolve(AttentionCall.of(q_blhd, dropout_p, need_weights))
+        return backend.attention(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights)
+
+    def cross_pair(self, qkv_bl3hd, n_lang, key_padding_mask_bl, dropout_p, scale, need_weights=False):
+        backend = self.resolve(AttentionCall.of(qkv_bl3hd[:, :, 0], dropout_p, need_weights))
+        return backend.cross_pair(qkv_bl3hd, n_lang, key_padding_mask_bl, dropout_p, scale, need_weights)
+
+    def current(self, q_blhd: Tensor, dropout_p: float = 0.0, need_weights: bool = False) -> str:
+        """The name of the backend that would serve such a call (for logs and benchmarks)."""
+        return self.resolve(AttentionCall.of(q_blhd, dropout_p, need_weights)).name

@@ -1,0 +1,324 @@
+"""Checkpoints: HuggingFace <-> ours <-> the original release, and safetensors save/load.
+
+Three key layouts:
+- HF (`transformers.LxmertForPreTraining`): `lxmert.encoder.layer.0.attention.self.query.weight`,
+  `obj_predict_head.decoder_dict.obj.weight`, `cls.predictions.decoder.weight` (tied, optional).
+  HF's `LxmertModel` has the same keys without the `lxmert.` prefix.
+- original (airsplay/lxmert `Epoch20_LXRT.pth`, saved from nn.DataParallel): HF's keys with
+  `module.` in front and `bert.` for `lxmert.` (`module.bert.encoder.x_layers.0...`); LayerNorm
+  parameters possibly named gamma/beta.
+- ours: HF's keys, except query/key/value fused into one `qkv` (rows q, k, v) and the object
+  head's decoders fused into `obj_predict_head.decoder` (rows obj, attr, feat).
+
+Everything is read with `torch.load(weights_only=True)` or safetensors; keys that do not map and
+shapes that do not fit raise `CheckpointError` listing them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping, Optional
+
+import torch
+
+from lxmert_fast.config import ConfigError, LxmertConfig
+from lxmert_fast.utils import atomic_path
+
+Tensor = torch.Tensor
+
+_QKV_HF = re.compile(r"^(?P<stem>.*\.(?:self|att))\.(?P<part>query|key|value)\.(?P<kind>weight|bias)$")
+_QKV_OURS = re.compile(r"^(?P<stem>.*\.(?:self|att))\.qkv\.(?P<kind>weight|bias)$")
+_OBJ_HF = re.compile(r"^(?P<stem>(?:.*\.)?obj_predict_head)\.decoder_dict\.(?P<name>obj|attr|feat)\.(?P<kind>weight|bias)$")
+_OBJ_OURS = re.compile(r"^(?P<stem>(?:.*\.)?obj_predict_head)\.decoder\.(?P<kind>weight|bias)$")
+_QKV_PARTS = ("query", "key", "value")
+# Keys that carry no information: the tied MLM decoder and buffers older transformers saved.
+_REDUNDANT_KEY = re.compile(r"(^|\.)(cls\.predictions\.decoder\.weight|embeddings\.position_ids)$")
+HEAD_PREFIXES = ("cls.", "obj_predict_head.", "answer_head.")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model (the message lists what and where)."""
+
+
+# ---------------------------------------------------------------------------------------------- mapping
+def hf_to_ours(hf: Mapping[str, Tensor], config: LxmertConfig) -> dict[str, Tensor]:
+    """HF key names -> ours (fusing q/k/v and the object decoders). Unknown keys pass through unchanged."""
+    out: dict[str, Tensor] = {}
+    qkv_parts: dict[tuple[str, str], dict[str, Tensor]] = {}
+    obj_parts: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for key, value in hf.items():
+        if _REDUNDANT_KEY.search(key):
+            continue
+        m = _QKV_HF.match(key)
+        if m:
+            qkv_parts.setdefault((m["stem"], m["kind"]), {})[m["part"]] = value
+            continue
+        m = _OBJ_HF.match(key)
+        if m:
+            obj_parts.setdefault((m["stem"], m["kind"]), {})[m["name"]] = value
+            continue
+        out[key] = value
+    for (stem, kind), parts in qkv_parts.items():
+        missing = [p for p in _QKV_PARTS if p not in parts]
+        if missing:
+            raise CheckpointError(f"{stem}: has {sorted(parts)} but lacks {missing} {kind}")
+        out[f"{stem}.qkv.{kind}"] = torch.cat([parts[p] for p in _QKV_PARTS], dim=0)
+    for (stem, kind), parts in obj_parts.items():
+        wanted = config.visual_losses
+        if sorted(parts) != sorted(wanted):
+            raise CheckpointError(
+                f"{stem}.decoder_dict has {sorted(parts)} {kind}s but the config enables visual losses {list(wanted)}"
+            )
+        out[f"{stem}.decoder.{kind}"] = torch.cat([parts[name] for name in wanted], dim=0)
+    return out
+
+
+def ours_to_hf(ours: Mapping[str, Tensor], config: LxmertConfig) -> dict[str, Tensor]:
+    """Our key names -> HF's (splitting q/k/v and the object decoders); tensors are views, not copies."""
+    out: dict[str, Tensor] = {}
+    dims = config.visual_loss_dims()
+    for key, value in ours.items():
+        m = _QKV_OURS.match(key)
+        if m:
+            for part, piece in zip(_QKV_PARTS, value.chunk(3, dim=0)):
+                out[f"{m['stem']}.{part}.{m['kind']}"] = piece
+            continue
+        m = _OBJ_OURS.match(key)
+        if m:
+            for name, piece in zip(dims, value.split(list(dims.values()), dim=0)):
+                out[f"{m['stem']}.decoder_dict.{name}.{m['kind']}"] = piece
+            continue
+        out[key] = value
+    return out
+
+
+def original_to_hf(original: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """airsplay/lxmert key names (`module.bert.`..., gamma/beta) -> HF's."""
+    out = {}
+    for key, value in original.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key.startswith("bert."):
+            key = "lxmert." + key[len("bert."):]
+        key = re.sub(r"\.gamma$", ".weight", key)
+        key = re.sub(r"\.beta$", ".bias", key)
+        out[key] = value
+    return out
+
+
+def detect_layout(state: Mapping[str, Any]) -> str:
+    """'original', 'ours' or 'hf', from the key names."""
+    keys = list(state)
+    if any(k.startswith("module.") for k in keys) or any(k.startswith("bert.") for k in keys):
+        return "original"
+    if any(_QKV_OURS.match(k) for k in keys):
+        return "ours"
+    return "hf"
+
+
+def to_ours(state: Mapping[str, Tensor], config: LxmertConfig) -> dict[str, Tensor]:
+    layout = detect_layout(state)
+    if layout == "original":
+        return hf_to_ours(original_to_hf(state), config)
+    if layout == "hf":
+        return hf_to_ours(state, config)
+    return {k: v for k, v in state.items() if not _REDUNDANT_KEY.search(k)}
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
+    """Accept a plain state dict, or one wrapped as {"state_dict"|"model"|"module": state_dict}."""
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model", "module"):
+            inner = obj.get(wrapper)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                return dict(inner)
+        if obj and all(isinstance(k, str) for k in obj) and all(isinstance(v, Tensor) for v in obj.values()):
+            return dict(obj)
+    raise CheckpointError(
+        f"{source}: not a model checkpoint: expected a state dict (str -> tensor), "
+        f"or one under 'state_dict', 'model' or 'module'; found {type(obj).__name__}"
+    )
+
+
+def read_state_dict_file(path: str) -> dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises several error types for a bad header
+            raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors, or an object weights_only refuses to unpickle
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch checkpoint with torch.load(weights_only=True): {err}"
+        ) from None
+    return _unwrap(obj, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], Optional[str]]:
+    """Returns (state dict as stored, path of a config.json beside it or None)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        config_path = os.path.join(path, "config.json")
+        config_path = config_path if os.path.isfile(config_path) else None
+        for name in INDEX_FILES:
+            index_path = os.path.join(path, name)
+            if os.path.isfile(index_path):
+                with open(index_path, encoding="utf-8") as fh:
+                    shards = sorted(set(json.load(fh).get("weight_map", {}).values()))
+                if not shards:
+                    raise CheckpointError(f"{index_path}: has no weight_map")
+                state: dict[str, Tensor] = {}
+                for shard in shards:
+                    state.update(read_state_dict_file(os.path.join(path, shard)))
+                return state, config_path
+        for name in WEIGHT_FILES:
+            file_path = os.path.join(path, name)
+            if os.path.isfile(file_path):
+                return read_state_dict_file(file_path), config_path
+        raise CheckpointError(f"{path}: directory has no weights: expected one of {WEIGHT_FILES + INDEX_FILES}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    return read_state_dict_file(path), (config_path if os.path.isfile(config_path) else None)
+
+
+def infer_config(state_hf: Mapping[str, Tensor], **overrides: Any) -> LxmertConfig:
+    """A config from an HF-layout state dict's shapes (for the original release, which has none).
+
+    num_attention_heads is not in the shapes: hidden_size // 64 (LXMERT's head size) unless given.
+    """
+    keys = {k[len("lxmert."):] if k.startswith("lxmert.") else k: v for k, v in state_hf.items()}
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in keys:
+            raise CheckpointError(f"cannot infer the config: the checkpoint has no {key!r}")
+        return tuple(keys[key].shape)
+
+    def count(prefix: str) -> int:
+        found = {int(m.group(1)) for k in keys for m in [re.match(re.escape(prefix) + r"\.(\d+)\.", k)] if m}
+        return max(found) + 1 if found else 0
+
+    vocab, hidden = shape("embeddings.word_embeddings.weight")
+    values: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=shape("embeddings.position_embeddings.weight")[0],
+        type_vocab_size=shape("embeddings.token_type_embeddings.weight")[0],
+        visual_feat_dim=shape("encoder.visn_fc.visn_fc.weight")[1],
+        visual_pos_dim=shape("encoder.visn_fc.box_fc.weight")[1],
+        l_layers=count("encoder.layer"),
+        x_layers=count("encoder.x_layers"),
+        r_layers=count("encoder.r_layers"),
+    )
+    for layer_key in ("encoder.layer.0.intermediate.dense.weight", "encoder.r_layers.0.intermediate.dense.weight",
+                      "encoder.x_layers.0.lang_inter.dense.weight"):
+        if layer_key in keys:
+            values["intermediate_size"] = keys[layer_key].shape[0]
+            break
+    values["task_qa"] = "answer_head.logit_fc.3.weight" in keys
+    if values["task_qa"]:
+        values["num_qa_labels"] = shape("answer_head.logit_fc.3.weight")[0]
+    decoders = {name: keys.get(f"obj_predict_head.decoder_dict.{name}.weight") for name in ("obj", "attr", "feat")}
+    values["task_obj_predict"] = any(v is not None for v in decoders.values())
+    if values["task_obj_predict"]:
+        values["visual_obj_loss"] = decoders["obj"] is not None
+        values["visual_attr_loss"] = decoders["attr"] is not None
+        values["visual_feat_loss"] = decoders["feat"] is not None
+        if decoders["obj"] is not None:
+            values["num_object_labels"] = decoders["obj"].shape[0]
+        if decoders["attr"] is not None:
+            values["num_attr_labels"] = decoders["attr"].shape[0]
+    values.update(overrides)
+    try:
+        return LxmertConfig(**values)
+    except ConfigError as err:
+        raise CheckpointError(f"the config inferred from the checkpoint's shapes is invalid: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------- load / save
+def _strip_or_add_prefix(state: dict[str, Tensor], model) -> dict[str, Tensor]:
+    """Fit the checkpoint's `lxmert.` prefix to the model: LxmertModel has none, the others have it."""
+    has_prefix = any(k.startswith("lxmert.") for k in state)
+    if model.base_model_prefix == "":
+        if has_prefix:  # a checkpoint with heads into the bare model: keep the encoder, drop the heads
+            return {k[len("lxmert."):]: v for k, v in state.items() if k.startswith("lxmert.")}
+        return state
+    if not has_prefix:
+        return {("lxmert." + k if not k.startswith(HEAD_PREFIXES) else k): v for k, v in state.items()}
+    return state
+
+
+def load_state_into(model, state_ours: Mapping[str, Tensor], source: str,
+                    ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Copy a state dict in our layout into `model`; every missing, unexpected or misshaped key is an error."""
+    expected = model.state_dict()
+    state = {k: v for k, v in state_ours.items() if not k.startswith(ignore_prefixes)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if wrong:
+        problems.append(f"wrong shapes ({len(wrong)}): {wrong}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained(cls, path, config: Optional[LxmertConfig] = None, **config_overrides: Any):
+    """Build `cls` and load an HF directory / file, an original release file, or our own checkpoint."""
+    path = os.fspath(path)
+    raw, config_path = read_checkpoint(path)
+    layout = detect_layout(raw)
+    if config is None:
+        if config_path is not None:
+            config = LxmertConfig.from_json(config_path)
+            if config_overrides:
+                config = config.replace(**config_overrides)
+        elif layout == "ours":
+            raise CheckpointError(
+                f"{path}: a checkpoint in lxmert-fast's own layout with no config.json beside it: pass config="
+            )
+        else:
+            config = infer_config(original_to_hf(raw) if layout == "original" else raw, **config_overrides)
+    elif config_overrides:
+        config = config.replace(**config_overrides)
+    model = cls(config)
+    state = _strip_or_add_prefix(to_ours(raw, config), model)
+    # Heads a model class does not have are dropped on purpose (e.g. pre-training heads for QA).
+    ignore = tuple(p for p in HEAD_PREFIXES if not any(k.startswith(p) for k in model.state_dict()))
+    load_state_into(model, state, path, ignore_prefixes=ignore)
+    return model
+
+
+def hf_state_dict(model) -> dict[str, Tensor]:
+    """The model's weights under HF's key names (without the tied MLM decoder)."""
+    return ours_to_hf(model.state_dict(), model.config)
+
+
+def save_pretrained(model, directory: str | os.PathLike) -> None:
+    """Write config.json and model.safetensors (HF names), each file atomically."""
+    from safetensors.torch import save_file
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in hf_state_dict(model).items()}
+    with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    model.config.to_json(os.path.join(directory, "config.json"), architectures=[model.hf_architecture])

@@ -1,0 +1,124 @@
+"""Pre-training and QA heads, and the pre-training loss (as transformers' LxmertForPreTraining).
+
+Module names follow HuggingFace (`cls.predictions.transform.dense`, `obj_predict_head.transform`,
+`answer_head.logit_fc.0` ...) except the object head, whose three decoders (obj, attr, feat)
+are one Linear `obj_predict_head.decoder` whose output rows are [obj | attr | feat].
+
+Label conventions: any negative label is ignored (HF's -100 and the original code's -1).
+A task whose labels are all ignored in a batch contributes 0 (HF would give NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lxmert_fast.config import LxmertConfig
+
+Tensor = torch.Tensor
+
+
+class LxmertPredictionHeadTransform(nn.Module):
+    """dense -> GELU -> LayerNorm."""
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class LxmertLMPredictionHead(nn.Module):
+    """MLM head; its decoder weight is the word-embedding matrix (tied), passed in at call time."""
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.transform = LxmertPredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_nd: Tensor, word_embeddings_vd: Tensor) -> Tensor:
+        return F.linear(self.transform(hidden_nd), word_embeddings_vd) + self.bias
+
+
+class LxmertPreTrainingHeads(nn.Module):
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.predictions = LxmertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class LxmertVisualObjHead(nn.Module):
+    """Object head: transform, then ONE decoder for the enabled [obj | attr | feat] outputs."""
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.transform = LxmertPredictionHeadTransform(config)
+        self.dims = config.visual_loss_dims()
+        self.decoder = nn.Linear(config.hidden_size, sum(self.dims.values()))
+
+    def forward(self, vision_bnd: Tensor) -> dict[str, Tensor]:
+        scores_bnk = self.decoder(self.transform(vision_bnd))
+        return dict(zip(self.dims, scores_bnk.split(list(self.dims.values()), dim=-1)))
+
+
+class LxmertVisualAnswerHead(nn.Module):
+    """QA head: 768 -> 1536, GELU, LayerNorm, -> num_labels (indices 0, 2, 3 hold the weights, as HF)."""
+
+    def __init__(self, config: LxmertConfig, num_labels: int):
+        super().__init__()
+        hid = config.hidden_size
+        self.logit_fc = nn.Sequential(
+            nn.Linear(hid, hid * 2), nn.GELU(), nn.LayerNorm(hid * 2, eps=1e-12), nn.Linear(hid * 2, num_labels)
+        )
+
+    def forward(self, pooled_bd: Tensor) -> Tensor:
+        return self.logit_fc(pooled_bd)
+
+
+def masked_mean_cross_entropy(logits_nc: Tensor, labels_n: Tensor) -> Tensor:
+    """Mean cross-entropy over labels >= 0 (0 when there are none)."""
+    valid_n = labels_n >= 0
+    summed = F.cross_entropy(logits_nc, labels_n.masked_fill(~valid_n, -100), reduction="sum", ignore_index=-100)
+    return summed / valid_n.sum().clamp(min=1).to(summed.dtype)
+
+
+def visual_losses(
+    config: LxmertConfig,
+    scores: dict[str, Tensor],
+    obj_labels: dict[str, tuple[Tensor, Tensor]],
+) -> dict[str, Tensor]:
+    """The object-prediction losses, each multiplied by `visual_loss_normalizer` (HF/original maths).
+
+    obj/attr: cross-entropy per object times the weight (detector confidence; with
+    obj_label_loss="masked" also times the feature mask, i.e. masked objects only), mean over
+    all B*N objects. feat: SmoothL1 averaged over the feature dims, times the feature mask,
+    mean over all B*N objects.
+    """
+    needed = set(config.visual_losses)
+    if config.obj_label_loss == "masked" and needed & {"obj", "attr"}:
+        needed.add("feat")
+    missing = sorted(needed - set(obj_labels))
+    if missing:
+        raise KeyError(
+            f"obj_labels lacks {missing}: expected a dict with (labels, weights) for each of {sorted(needed)}"
+        )
+    feat_mask_bn = obj_labels["feat"][1] if "feat" in obj_labels else None
+    losses = {}
+    for name in config.visual_losses:
+        target, weight_bn = obj_labels[name]
+        pred = scores[name]
+        if name == "feat":
+            per_obj = F.smooth_l1_loss(
+                pred.reshape(-1, pred.shape[-1]), target.reshape(-1, pred.shape[-1]).to(pred.dtype), reduction="none"
+            ).mean(dim=1)
+        else:
+            per_obj = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+            if config.obj_label_loss == "masked":
+                weight_bn = weight_bn * feat_mask_bn
+        losses[name] = (per_obj * weight_bn.reshape(-1).to(per_obj.dtype)).mean() * config.visual_loss_normalizer
+    return losses

@@ -1,0 +1,226 @@
+"""LXMERT's layers, with HuggingFace's module names (so state dicts map one to one) except:
+
+- every attention's query/key/value projections are ONE `qkv` Linear (3*hidden rows: q, k, v);
+- the cross-modality attention (`visual_attention`, weights shared by both directions) projects
+  the concatenated [lang; vision] tokens once, runs both directions through
+  `AttentionDispatcher.cross_pair`, and finishes both with one output dense + residual LayerNorm.
+
+All layers share one `ModelContext`: the attention dispatcher and the fused-op implementation,
+so that `LxmertModel.set_attention_backend` / `set_kernels` switch every layer at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lxmert_fast.config import LxmertConfig
+from lxmert_fast.model.attention import AttentionDispatcher
+from lxmert_fast.model.fused_ops import TorchOps
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ModelContext:
+    """Shared, non-parameter state of a model: which attention backend and fused ops to use."""
+
+    dispatcher: AttentionDispatcher
+    ops: TorchOps
+
+
+class LxmertEmbeddings(nn.Module):
+    """LN(word + position + token_type), then dropout."""
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size, padding_idx=0)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.max_positions = config.max_position_embeddings
+
+    def forward(self, input_ids_bl: Optional[Tensor], token_type_ids_bl: Tensor,
+                inputs_embeds_bld: Optional[Tensor] = None) -> Tensor:
+        if inputs_embeds_bld is None:
+            inputs_embeds_bld = self.word_embeddings(input_ids_bl)
+        seq_len = inputs_embeds_bld.shape[1]
+        if seq_len > self.max_positions:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_position_embeddings={self.max_positions}"
+            )
+        position_ids_l = torch.arange(seq_len, dtype=torch.long, device=inputs_embeds_bld.device)
+        embeddings_bld = (
+            inputs_embeds_bld
+            + self.position_embeddings(position_ids_l)[None]
+            + self.token_type_embeddings(token_type_ids_bl)
+        )
+        return self.dropout(self.LayerNorm(embeddings_bld))
+
+
+class LxmertVisualFeatureEncoder(nn.Module):
+    """v = (LN(W_f f + b_f) + LN(W_p p + b_p)) / 2, then dropout."""
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.visn_fc = nn.Linear(config.visual_feat_dim, config.hidden_size)
+        self.visn_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.box_fc = nn.Linear(config.visual_pos_dim, config.hidden_size)
+        self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, visual_feats_bnf: Tensor, visual_pos_bnp: Tensor) -> Tensor:
+        feats_bnd = self.visn_layer_norm(self.visn_fc(visual_feats_bnf))
+        boxes_bnd = self.box_layer_norm(self.box_fc(visual_pos_bnp))
+        return self.dropout((feats_bnd + boxes_bnd) / 2)
+
+
+class LxmertQKV(nn.Module):
+    """One Linear(hidden -> 3*hidden) producing packed (B, L, 3, H, D) queries, keys and values."""
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+
+    def forward(self, x_bld: Tensor) -> Tensor:
+        batch, length, _ = x_bld.shape
+        return self.qkv(x_bld).view(batch, length, 3, self.num_heads, self.head_dim)
+
+
+class LxmertAttentionOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(+ residual)."""
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout_p = config.hidden_dropout_prob
+        self._ctx = ctx
+
+    def forward(self, hidden_bld: Tensor, residual_bld: Tensor) -> Tensor:
+        p = self.dropout_p if self.training else 0.0
+        return self._ctx.ops.residual_layer_norm(self.dense(hidden_bld), residual_bld, self.LayerNorm, p)
+
+
+class LxmertSelfAttentionLayer(nn.Module):
+    """Self-attention (`self.qkv`) + output projection + residual LayerNorm."""
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__()
+        self.self = LxmertQKV(config)
+        self.output = LxmertAttentionOutput(config, ctx)
+        self.attn_dropout_p = config.attention_probs_dropout_prob
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self._ctx = ctx
+
+    def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor],
+                need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        qkv_bl3hd = self.self(x_bld)
+        q_blhd, k_blhd, v_blhd = qkv_bl3hd.unbind(dim=2)
+        p = self.attn_dropout_p if self.training else 0.0
+        ctx_blhd, probs = self._ctx.dispatcher.attention(
+            q_blhd, k_blhd, v_blhd, key_padding_mask_bl, p, self.scale, need_weights
+        )
+        ctx_bld = ctx_blhd.reshape(x_bld.shape)
+        return self.output(ctx_bld, x_bld), probs
+
+
+class LxmertCrossAttentionLayer(nn.Module):
+    """Bidirectional cross-attention with ONE set of weights (LXMERT's `visual_attention`).
+
+    Both directions read the layer's inputs; one QKV projection of [lang; vision], one output
+    projection + residual LayerNorm over [lang; vision].
+    """
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__()
+        self.att = LxmertQKV(config)
+        self.output = LxmertAttentionOutput(config, ctx)
+        self.attn_dropout_p = config.attention_probs_dropout_prob
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self._ctx = ctx
+
+    def forward(self, lang_btd: Tensor, vis_bvd: Tensor, key_padding_mask_bs: Optional[Tensor],
+                need_weights: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        n_lang = lang_btd.shape[1]
+        joint_bsd = torch.cat([lang_btd, vis_bvd], dim=1)
+        qkv_bs3hd = self.att(joint_bsd)
+        p = self.attn_dropout_p if self.training else 0.0
+        ctx_bshd, lang_probs = self._ctx.dispatcher.cross_pair(
+            qkv_bs3hd, n_lang, key_padding_mask_bs, p, self.scale, need_weights
+        )
+        out_bsd = self.output(ctx_bshd.reshape(joint_bsd.shape), joint_bsd)
+        return out_bsd[:, :n_lang], out_bsd[:, n_lang:], lang_probs
+
+
+class LxmertIntermediate(nn.Module):
+    """dense -> erf GELU."""
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self._ctx = ctx
+
+    def forward(self, x_bld: Tensor) -> Tensor:
+        return self._ctx.ops.linear_gelu(x_bld, self.dense)
+
+
+class LxmertOutput(nn.Module):
+    """FFN down-projection -> dropout -> LayerNorm(+ residual)."""
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout_p = config.hidden_dropout_prob
+        self._ctx = ctx
+
+    def forward(self, inter_bli: Tensor, residual_bld: Tensor) -> Tensor:
+        p = self.dropout_p if self.training else 0.0
+        return self._ctx.ops.residual_layer_norm(self.dense(inter_bli), residual_bld, self.LayerNorm, p)
+
+
+class LxmertLayer(nn.Module):
+    """A single-modality encoder layer: self-attention then FFN (post-LN)."""
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__()
+        self.attention = LxmertSelfAttentionLayer(config, ctx)
+        self.intermediate = LxmertIntermediate(config, ctx)
+        self.output = LxmertOutput(config, ctx)
+
+    def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor],
+                need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        att_bld, probs = self.attention(x_bld, key_padding_mask_bl, need_weights)
+        return self.output(self.intermediate(att_bld), att_bld), probs
+
+
+class LxmertXLayer(nn.Module):
+    """Cross-modality layer: shared bidirectional cross-attention, per-modality self-attention, per-modality FFN."""
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__()
+        self.visual_attention = LxmertCrossAttentionLayer(config, ctx)
+        self.lang_self_att = LxmertSelfAttentionLayer(config, ctx)
+        self.visn_self_att = LxmertSelfAttentionLayer(config, ctx)
+        self.lang_inter = LxmertIntermediate(config, ctx)
+        self.lang_output = LxmertOutput(config, ctx)
+        self.visn_inter = LxmertIntermediate(config, ctx)
+        self.visn_output = LxmertOutput(config, ctx)
+
+    def forward(self, lang_btd: Tensor, lang_mask_bt: Optional[Tensor], vis_bvd: Tensor,
+                vis_mask_bv: Optional[Tensor], joint_mask_bs: Optional[Tensor],
+                need_weights: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        lang_btd, vis_bvd, cross_probs = self.visual_attention(lang_btd, vis_bvd, joint_mask_bs, need_weights)
+        lang_btd, _ = self.lang_self_att(lang_btd, lang_mask_bt)
+        vis_bvd, _ = self.visn_self_att(vis_bvd, vis_mask_bv)
+        lang_btd = self.lang_output(self.lang_inter(lang_btd), lang_btd)
+        vis_bvd = self.visn_output(self.visn_inter(vis_bvd), vis_bvd)
+        return lang_btd, vis_bvd, cross_probs

@@ -1,0 +1,395 @@
+"""LxmertModel, LxmertForPreTraining and LxmertForQuestionAnswering.
+
+Drop-ins for transformers' classes: the same forward arguments and output field names, the
+same maths (HF's eager attention is the `eager` backend), and checkpoints in HF's layout
+(`save_pretrained` / `from_pretrained`, see convert.py). Built for speed inside: packed QKV
+projections, both cross-attention directions from one projection, the MLM decoder only at
+masked positions while training, and one fused decoder for the object heads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from lxmert_fast.config import LxmertConfig
+from lxmert_fast.model.attention import AttentionDispatcher
+from lxmert_fast.model.fused_ops import make_ops
+from lxmert_fast.model.heads import (
+    LxmertPreTrainingHeads,
+    LxmertVisualAnswerHead,
+    LxmertVisualObjHead,
+    masked_mean_cross_entropy,
+    visual_losses,
+)
+from lxmert_fast.model.layers import (
+    LxmertEmbeddings,
+    LxmertLayer,
+    LxmertVisualFeatureEncoder,
+    LxmertXLayer,
+    ModelContext,
+)
+from lxmert_fast.model.outputs import (
+    LxmertForPreTrainingOutput,
+    LxmertForQuestionAnsweringOutput,
+    LxmertModelOutput,
+)
+
+Tensor = torch.Tensor
+
+
+def _keep_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """HF-style 1/0 attention mask (any dtype) -> boolean key-padding mask, True = keep."""
+    if mask is None:
+        return None
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+class LxmertPreTrainedModel(nn.Module):
+    """Shared machinery: config, weight init, backend switches, checkpoint I/O."""
+
+    # HF architecture name written into config.json by save_pretrained.
+    hf_architecture = "LxmertModel"
+    # Prefix of this class's keys in an HF LxmertForPreTraining-style state dict ("" for heads).
+    base_model_prefix = "lxmert"
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+
+    # ----------------------------------------------------------------- init
+    def init_weights(self) -> None:
+        """normal(0, initializer_range) for Linear and Embedding, zero biases, LayerNorm (1, 0)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith("predictions.bias"):
+                nn.init.zeros_(param)
+
+    # ----------------------------------------------------------------- switches
+    @property
+    def context(self) -> ModelContext:
+        return self.lxmert.context
+
+    def set_attention_backend(self, name: str) -> None:
+        """eager | sdpa | triton | flash_attn | auto, for every layer."""
+        self.context.dispatcher.set_backend(name)
+        self.config.attention_backend = name
+
+    def set_kernels(self, name: str) -> None:
+        """torch | triton | apex implementation of the residual+LayerNorm and bias+GELU ops."""
+        self.context.ops = make_ops(name)
+        self.config.kernels = name
+
+    # ----------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], config: Optional[LxmertConfig] = None,
+                        **config_overrides: Any):
+        """Load an HF directory, an original `Epoch20_LXRT.pth`, or one of our checkpoints."""
+        from lxmert_fast.model.convert import load_pretrained
+
+        return load_pretrained(cls, path, config=config, **config_overrides)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write an HF directory: config.json + model.safetensors with HF key names."""
+        from lxmert_fast.model.convert import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+class LxmertModel(LxmertPreTrainedModel):
+    """The LXMERT encoders and pooler. Returns language/vision sequences and the pooled output."""
+
+    base_model_prefix = ""
+    hf_architecture = "LxmertModel"
+
+    def __init__(self, config: LxmertConfig, init_weights: bool = True):
+        super().__init__(config)
+        self._context = ModelContext(AttentionDispatcher(config.attention_backend), make_ops(config.kernels))
+        self.embeddings = LxmertEmbeddings(config)
+        self.encoder = LxmertEncoder(config, self._context)
+        self.pooler = LxmertPooler(config)
+        if init_weights:
+            self.init_weights()
+
+    @property
+    def context(self) -> ModelContext:
+        return self._context
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        visual_feats: Optional[Tensor] = None,
+        visual_pos: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        visual_attention_mask: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> Union[LxmertModelOutput, tuple]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, d)")
+        if visual_feats is None or visual_pos is None:
+            raise ValueError("visual_feats (B, N, visual_feat_dim) and visual_pos (B, N, visual_pos_dim) are required")
+        shape_bt = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if visual_feats.shape[-1] != self.config.visual_feat_dim or visual_pos.shape[-1] != self.config.visual_pos_dim:
+            raise ValueError(
+                f"visual_feats {tuple(visual_feats.shape)} / visual_pos {tuple(visual_pos.shape)}: expected last dims "
+                f"{self.config.visual_feat_dim} / {self.config.visual_pos_dim}"
+            )
+        if token_type_ids is None:
+            device = input_ids.device if input_ids is not None else inputs_embeds.device
+            token_type_ids = torch.zeros(shape_bt, dtype=torch.long, device=device)
+        lang_btd = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        enc = self.encoder(
+            lang_btd, _keep_mask(attention_mask), visual_feats, visual_pos, _keep_mask(visual_attention_mask),
+            output_attentions=output_attentions,
+        )
+        lang_out, vis_out = enc["language_hidden_states"][-1], enc["vision_hidden_states"][-1]
+        out = LxmertModelOutput(
+            language_output=lang_out,
+            vision_output=vis_out,
+            pooled_output=self.pooler(lang_out),
+            language_hidden_states=enc["language_hidden_states"] if output_hidden_states else None,
+            vision_hidden_states=enc["vision_hidden_states"] if output_hidden_states else None,
+            language_attentions=enc["language_attentions"],
+            vision_attentions=enc["vision_attentions"],
+            cross_encoder_attentions=enc["cross_encoder_attentions"],
+        )
+        if return_dict:
+            return out
+        extra: tuple = ()
+        if output_hidden_states:
+            extra += (out.language_hidden_states, out.vision_hidden_states)
+        if output_attentions:
+            extra += (out.language_attentions, out.vision_attentions, out.cross_encoder_attentions)
+        return (out.language_output, out.vision_output, out.pooled_output) + extra
+
+
+class LxmertEncoder(nn.Module):
+    """Visual feature encoder, then l_layers language layers, r_layers vision layers, x_layers cross layers."""
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__()
+        self.visn_fc = LxmertVisualFeatureEncoder(config)
+        self.layer = nn.ModuleList([LxmertLayer(config, ctx) for _ in range(config.l_layers)])
+        self.x_layers = nn.ModuleList([LxmertXLayer(config, ctx) for _ in range(config.x_layers)])
+        self.r_layers = nn.ModuleList([LxmertLayer(config, ctx) for _ in range(config.r_layers)])
+
+    def forward(self, lang_btd, lang_mask_bt, visual_feats_bnf, visual_pos_bnp, vis_mask_bn,
+                output_attentions: bool = False) -> dict[str, Any]:
+        vis_bnd = self.visn_fc(visual_feats_bnf, visual_pos_bnp)
+        lang_states, vis_states = [], []
+        lang_atts: Optional[list] = [] if output_attentions else None
+        vis_atts: Optional[list] = [] if output_attentions else None
+        cross_atts: Optional[list] = [] if output_attentions else None
+        for layer in self.layer:
+            lang_btd, probs = layer(lang_btd, lang_mask_bt, output_attentions)
+            lang_states.append(lang_btd)
+            if output_attentions:
+                lang_atts.append(probs)
+        for layer in self.r_layers:
+            vis_bnd, probs = layer(vis_bnd, vis_mask_bn, output_attentions)
+            vis_states.append(vis_bnd)
+            if output_attentions:
+                vis_atts.append(probs)
+        joint_mask_bs = None
+        if lang_mask_bt is not None or vis_mask_bn is not None:
+            batch = lang_btd.shape[0]
+            if lang_mask_bt is None:
+                lang_mask_bt = torch.ones(batch, lang_btd.shape[1], dtype=torch.bool, device=lang_btd.device)
+            if vis_mask_bn is None:
+                vis_mask_bn = torch.ones(batch, vis_bnd.shape[1], dtype=torch.bool, device=vis_bnd.device)
+            joint_mask_bs = torch.cat([lang_mask_bt, vis_mask_bn], dim=1)
+        for layer in self.x_layers:
+            lang_btd, vis_bnd, probs = layer(lang_btd, lang_mask_bt, vis_bnd, vis_mask_bn, joint_mask_bs,
+                                             output_attentions)
+            lang_states.append(lang_btd)
+            vis_states.append(vis_bnd)
+            if output_attentions:
+                cross_atts.append(probs)
+        as_tuple = (lambda xs: tuple(xs) if xs is not None else None)
+        return {
+            "language_hidden_states": tuple(lang_states),
+            "vision_hidden_states": tuple(vis_states),
+            "language_attentions": as_tuple(lang_atts),
+            "vision_attentions": as_tuple(vis_atts),
+            "cross_encoder_attentions": as_tuple(cross_atts),
+        }
+
+
+class LxmertPooler(nn.Module):
+    """tanh(W h_[CLS] + b)."""
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, lang_btd: Tensor) -> Tensor:
+        return torch.tanh(self.dense(lang_btd[:, 0]))
+
+
+class LxmertForPreTraining(LxmertPreTrainedModel):
+    """LXMERT with the five pre-training heads and their summed loss."""
+
+    hf_architecture = "LxmertForPreTraining"
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__(config)
+        self.lxmert = LxmertModel(config, init_weights=False)
+        self.cls = LxmertPreTrainingHeads(config)
+        if config.task_obj_predict:
+            self.obj_predict_head = LxmertVisualObjHead(config)
+        if config.task_qa:
+            self.answer_head = LxmertVisualAnswerHead(config, config.num_qa_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        visual_feats: Optional[Tensor] = None,
+        visual_pos: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        visual_attention_mask: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        obj_labels: Optional[dict[str, tuple[Tensor, Tensor]]] = None,
+        matched_label: Optional[Tensor] = None,
+        ans: Optional[Tensor] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        output_prediction_logits: Optional[bool] = None,
+    ) -> Union[LxmertForPreTrainingOutput, tuple]:
+        """HF's forward. `output_prediction_logits` (ours): compute the (B, T, vocab) MLM logits.
+
+        Default: yes, except when training with `labels`, where the decoder runs only at the
+        masked positions (the loss is the same) and `prediction_logits` is None.
+        """
+        cfg = self.config
+        base = self.lxmert(
+            input_ids=input_ids, visual_feats=visual_feats, visual_pos=visual_pos, attention_mask=attention_mask,
+            visual_attention_mask=visual_attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        lang_btd, vis_bnd, pooled_bd = base.language_output, base.vision_output, base.pooled_output
+        word_emb_vd = self.lxmert.embeddings.word_embeddings.weight
+        want_mlm_loss = labels is not None and cfg.task_mask_lm
+        if output_prediction_logits is None:
+            output_prediction_logits = not (want_mlm_loss and self.training)
+
+        losses: dict[str, Tensor] = {}
+        prediction_logits = None
+        if output_prediction_logits:
+            prediction_logits = self.cls.predictions(lang_btd, word_emb_vd)
+            if want_mlm_loss:
+                losses["mlm"] = masked_mean_cross_entropy(prediction_logits.reshape(-1, cfg.vocab_size),
+                                                          labels.reshape(-1))
+        elif want_mlm_loss:
+            labels_n = labels.reshape(-1)
+            picked_n = (labels_n >= 0).nonzero().squeeze(1)
+            hidden_md = lang_btd.reshape(-1, lang_btd.shape[-1]).index_select(0, picked_n)
+            losses["mlm"] = masked_mean_cross_entropy(
+                self.cls.predictions(hidden_md, word_emb_vd), labels_n.index_select(0, picked_n)
+            )
+
+        cross_relationship_score = self.cls.seq_relationship(pooled_bd)
+        if matched_label is not None and cfg.task_matched:
+            losses["matched"] = masked_mean_cross_entropy(cross_relationship_score.reshape(-1, 2),
+                                                          matched_label.reshape(-1))
+        if obj_labels is not None and cfg.task_obj_predict:
+            losses.update(visual_losses(cfg, self.obj_predict_head(vis_bnd), obj_labels))
+        answer_score = self.answer_head(pooled_bd) if cfg.task_qa else None
+        if ans is not None and cfg.task_qa:
+            losses["qa"] = masked_mean_cross_entropy(answer_score.reshape(-1, cfg.num_qa_labels), ans.reshape(-1))
+
+        any_labels = labels is not None or matched_label is not None or obj_labels is not None or ans is not None
+        total = None
+        if any_labels:
+            total = torch.zeros((), dtype=lang_btd.dtype, device=lang_btd.device)
+            for value in losses.values():
+                total = total + value
+        out = LxmertForPreTrainingOutput(
+            loss=total, prediction_logits=prediction_logits, cross_relationship_score=cross_relationship_score,
+            question_answering_score=answer_score, language_output=lang_btd, vision_output=vis_bnd,
+            pooled_output=pooled_bd, language_hidden_states=base.language_hidden_states,
+            vision_hidden_states=base.vision_hidden_states, language_attentions=base.language_attentions,
+            vision_attentions=base.vision_attentions, cross_encoder_attentions=base.cross_encoder_attentions,
+            losses=losses,
+        )
+        if return_dict:
+            return out
+        head = (prediction_logits, cross_relationship_score, answer_score)
+        rest = tuple(x for x in (base.language_hidden_states, base.vision_hidden_states, base.language_attentions,
+                                 base.vision_attentions, base.cross_encoder_attentions) if x is not None)
+        return ((total,) if total is not None else ()) + head + rest
+
+
+class LxmertForQuestionAnswering(LxmertPreTrainedModel):
+    """LXMERT + the QA head (num_qa_labels answers); cross-entropy loss on `labels` as HF.
+
+    Fine-tuning recipes with other losses (VQA's soft-score BCE) use `question_answering_score`.
+    """
+
+    hf_architecture = "LxmertForQuestionAnswering"
+
+    def __init__(self, config: LxmertConfig):
+        super().__init__(config)
+        self.lxmert = LxmertModel(config, init_weights=False)
+        self.answer_head = LxmertVisualAnswerHead(config, config.num_qa_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        visual_feats: Optional[Tensor] = None,
+        visual_pos: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        visual_attention_mask: Optional[Tensor] = None,
+        token_type_ids: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> Union[LxmertForQuestionAnsweringOutput, tuple]:
+        base = self.lxmert(
+            input_ids=input_ids, visual_feats=visual_feats, visual_pos=visual_pos, attention_mask=attention_mask,
+            visual_attention_mask=visual_attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        score = self.answer_head(base.pooled_output)
+        loss = None
+        if labels is not None:
+            loss = masked_mean_cross_entropy(score.reshape(-1, self.config.num_qa_labels), labels.reshape(-1))
+        out = LxmertForQuestionAnsweringOutput(
+            loss=loss, question_answering_score=score, language_output=base.language_output,
+            vision_output=base.vision_output, pooled_output=base.pooled_output,
+            language_hidden_states=base.language_hidden_states, vision_hidden_states=base.vision_hidden_states,
+            language_attentions=base.language_attentions, vision_attentions=base.vision_attentions,
+            cross_encoder_attentions=base.cross_encoder_attentions,
+        )
+        if return_dict:
+            return out
+        rest = tuple(x for x in (base.language_hidden_states, base.vision_hidden_states, base.language_attentions,
+                                 base.vision_attentions, base.cross_encoder_attentions) if x is not None)
+        return ((loss,) if loss is not None else ()) + (score,) + rest
