@@ -1,0 +1,514 @@
+"""Triton kernels shared by ``flash_attention`` and ``bidirectional_cross_attention``.
+
+One set of kernels serves both ops. A program owns a block of rows of one *segment* and loops
+over the rows of the *other* segment:
+
+* plain attention (``TWO_SEGMENTS=False``): queries are rows ``[0, LQ)`` of q, keys are rows
+  ``[0, LK)`` of k and v;
+* bidirectional cross-attention (``TWO_SEGMENTS=True``): q, k, v are views of one packed
+  ``(B, L, 3, H, D)`` tensor with ``LQ == LK == L``. Rows ``[0, n_split)`` are the language
+  tokens, rows ``[n_split, L)`` the vision tokens. Query blocks of the language segment attend to
+  the vision keys and query blocks of the vision segment attend to the language keys, so both
+  directions run in one launch: the program id picks the segment (``_segment``).
+
+Layouts (all strided; the host passes every stride, nothing is copied):
+  q_blhd, k_blhd, v_blhd, o_blhd, do_blhd: (B, L, H, D)
+  lse_bhl, delta_bhl: (B, H, LQ) float32, contiguous
+  mask_bl: (B, LK) uint8 (a bool tensor viewed as bytes), nonzero = keep
+
+Numerics: scores and softmax statistics in fp32, exp2 with ``log2(e)`` folded into the scale,
+``-inf`` for masked keys. A query row with no kept key gets ``l == 0``: its output is 0 and its
+logsumexp is stored as ``+inf`` so that the backward recomputes ``p = 0`` for it (zero grads).
+
+Dropout: keep(b, h, i, j) = rand(seed, ((b*H + h) * LQ + i) * LK + j) >= p, with i, j the global
+row indices (int32 arithmetic, wrapping for more than 2**31 scores: still deterministic).
+The backward regenerates exactly the same mask.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# jit building blocks
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _segment(pid, n_split, L_OWN, L_OTHER, TWO_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
+    """(own_start, own_len, other_start, other_len, block_in_segment) for program ``pid``.
+
+    For TWO_SEGMENTS the segments are [0, n_split) and [n_split, L_OWN) (L_OWN == L_OTHER);
+    the first cdiv(n_split, BLOCK) programs own blocks of the first segment.
+    """
+    if TWO_SEGMENTS:
+        nblk_a = tl.cdiv(n_split, BLOCK)
+        in_b = (pid >= nblk_a).to(tl.int32)
+        own_start = in_b * n_split
+        own_len = n_split + in_b * (L_OWN - 2 * n_split)
+        other_start = (1 - in_b) * n_split
+        other_len = L_OWN - own_len
+        blk = pid - in_b * nblk_a
+    else:
+        own_start = pid * 0
+        own_len = L_OWN + pid * 0
+        other_start = pid * 0
+        other_len = L_OTHER + pid * 0
+        blk = pid
+    return own_start, own_len, other_start, other_len, blk
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, stride_row, offs_d, stride_d, COMPUTE_F32: tl.constexpr):
+    """Load a (len(rows), D) tile; rows that are out of range read as 0."""
+    t = tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, mask=row_ok[:, None], other=0.0)
+    if COMPUTE_F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE selects exact fp32 products (no tf32) for fp32 inputs."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _key_ok(mask_base, keys_local, k_start, k_len, stride_mn, HAS_MASK: tl.constexpr):
+    """Boolean (BLOCK_N,) vector: key in range and not padding."""
+    ok = keys_local < k_len
+    if HAS_MASK:
+        km = tl.load(mask_base + (k_start + keys_local) * stride_mn, mask=ok, other=0)
+        ok = ok & (km != 0)
+    return ok
+
+
+@triton.jit
+def _scores_log2(q, k, qk_scale, key_ok, IEEE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) scores q k^T * scale * log2(e) in fp32, -inf on dropped keys."""
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    return tl.where(key_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, LQ, LK, dropout_p):
+    """Boolean (len(rows), len(cols)) keep mask of attention dropout (see module docstring)."""
+    offs = (bh * LQ + rows[:, None]) * LK + cols[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed", "dropout_p", "softmax_scale"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, MASK,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_mb, stride_mn,
+    H, LQ, LK, n_split,
+    softmax_scale, dropout_p, seed,
+    LQ_KEY, LK_KEY,  # bucketed lengths: autotune key only
+    D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    q_start, q_len, k_start, k_len, blk = _segment(pid_m, n_split, LQ, LK, TWO_SEGMENTS, BLOCK_M)
+
+    rows_local = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows_local < q_len
+    rows = q_start + rows_local
+    offs_d = tl.arange(0, D)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
+                   COMPUTE_F32)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    mask_base = MASK + off_b * stride_mb
+
+    qk_scale = softmax_scale * 1.4426950408889634
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, k_len, BLOCK_N):
+        cols_local = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols_local < k_len
+        cols = k_start + cols_local
+        key_ok = _key_ok(mask_base, cols_local, k_start, k_len, stride_mn, HAS_MASK)
+        k = _load_rows(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, COMPUTE_F32)
+        v = _load_rows(v_base, cols, col_ok, stride_vn, offs_d, stride_vd, COMPUTE_F32)
+        s = _scores_log2(q, k, qk_scale, key_ok, IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    l_ok = l_i > 0.0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    tl.store(LSE + pid_bh * LQ + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    H, L,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta_bhl[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d] (fp32)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < L
+    offs_d = tl.arange(0, D)
+    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, rows, row_ok, stride_om, offs_d, stride_od, True)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, rows, row_ok, stride_dom, offs_d, stride_dod,
+                    True)
+    tl.store(DELTA + pid_bh * L + rows, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed", "dropout_p", "softmax_scale"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_mb, stride_mn,
+    H, LQ, LK, n_split,
+    softmax_scale, dropout_p, seed,
+    LQ_KEY, LK_KEY,
+    D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per key block: dK, dV accumulated over all query blocks (no atomics)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    k_start, k_len, q_start, q_len, blk = _segment(pid_n, n_split, LK, LQ, TWO_SEGMENTS, BLOCK_N)
+
+    cols_local = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols_local < k_len
+    cols = k_start + cols_local
+    offs_d = tl.arange(0, D)
+    key_ok = _key_ok(MASK + off_b * stride_mb, cols_local, k_start, k_len, stride_mn, HAS_MASK)
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, cols, col_ok, stride_kn, offs_d, stride_kd,
+                   COMPUTE_F32)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, cols, col_ok, stride_vn, offs_d, stride_vd,
+                   COMPUTE_F32)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+
+    qk_scale = softmax_scale * 1.4426950408889634
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for start_m in range(0, q_len, BLOCK_M):
+        rows_local = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows_local < q_len
+        rows = q_start + rows_local
+        q = _load_rows(q_base, rows, row_ok, stride_qm, offs_d, stride_qd, COMPUTE_F32)
+        do = _load_rows(do_base, rows, row_ok, stride_dom, offs_d, stride_dod, COMPUTE_F32)
+        lse2 = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
+        s = _scores_log2(q, k, qk_scale, key_ok, IEEE)
+        p = tl.exp2(s - lse2[:, None])  # softmax probabilities, before dropout
+        dp = _dot(do, tl.trans(v), IEEE)  # dL/d(dropped probabilities)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
+            p_drop = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            p_drop = p
+        dv += _dot(tl.trans(p_drop.to(do.dtype)), do, IEEE)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    dk = dk * softmax_scale
+
+    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["seed", "dropout_p", "softmax_scale"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, MASK, DQ,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_mb, stride_mn,
+    H, LQ, LK, n_split,
+    softmax_scale, dropout_p, seed,
+    LQ_KEY, LK_KEY,
+    D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per query block: dQ accumulated over all key blocks (no atomics)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    q_start, q_len, k_start, k_len, blk = _segment(pid_m, n_split, LQ, LK, TWO_SEGMENTS, BLOCK_M)
+
+    rows_local = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows_local < q_len
+    rows = q_start + rows_local
+    offs_d = tl.arange(0, D)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
+                   COMPUTE_F32)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, rows, row_ok, stride_dom, offs_d, stride_dod,
+                    COMPUTE_F32)
+    lse2 = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    mask_base = MASK + off_b * stride_mb
+
+    qk_scale = softmax_scale * 1.4426950408889634
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, k_len, BLOCK_N):
+        cols_local = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols_local < k_len
+        cols = k_start + cols_local
+        key_ok = _key_ok(mask_base, cols_local, k_start, k_len, stride_mn, HAS_MASK)
+        k = _load_rows(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, COMPUTE_F32)
+        v = _load_rows(v_base, cols, col_ok, stride_vn, offs_d, stride_vd, COMPUTE_F32)
+        s = _scores_log2(q, k, qk_scale, key_ok, IEEE)
+        p = tl.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), IEEE)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq = dq * softmax_scale
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["seed", "dropout_p"])
+def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Materialise the keep mask (B*H, LQ, LK) uint8 that the attention kernels use."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
+    ok = (rows[:, None] < LQ) & (cols[None, :] < LK)
+    ptrs = OUT + (pid_bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side: lazy kernel variants (autotuned on GPU, one fixed config in the interpreter)
+# ----------------------------------------------------------------------------------------------
+import torch  # noqa: E402
+
+from ._common import is_interpreted, next_pow2  # noqa: E402
+
+# Hopper (H100/H200) candidates. LXMERT sequences are short (20 text tokens, 36 objects), so the
+# small-block configs matter as much as the large ones.
+_FWD_CONFIGS = [
+    (32, 32, 4, 2),
+    (64, 32, 4, 2),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (128, 32, 8, 2),
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+]
+# (BLOCK_M, BLOCK_N, warps, stages) for the key-block-owning dK/dV kernel
+_DKDV_CONFIGS = [
+    (32, 32, 4, 2),
+    (32, 64, 4, 2),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 128, 8, 2),
+    (32, 128, 8, 2),
+]
+_DQ_CONFIGS = _FWD_CONFIGS
+_AUTOTUNE_KEY = ["LQ_KEY", "LK_KEY", "D", "TWO_SEGMENTS", "HAS_MASK", "HAS_DROPOUT", "IEEE"]
+_INTERPRETER_META = dict(BLOCK_M=32, BLOCK_N=32)
+
+_VARIANTS: dict = {}
+
+
+def _variant(name: str, kernel, configs):
+    """The launchable kernel: autotuned when compiled, the bare interpreted function otherwise.
+
+    Built on first use, not at import, because ``triton.autotune`` with several configs does not
+    work in the interpreter.
+    """
+    if name not in _VARIANTS:
+        if is_interpreted(kernel):
+            _VARIANTS[name] = (kernel, dict(_INTERPRETER_META))
+        else:
+            cfgs = [
+                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in configs
+            ]
+            _VARIANTS[name] = (triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(kernel), {})
+    return _VARIANTS[name]
+
+
+def _strides4(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _flags(q, key_padding_mask, dropout_p, two_segments, D):
+    interp = is_interpreted(_attn_fwd_kernel)
+    return dict(
+        D=D,
+        TWO_SEGMENTS=two_segments,
+        HAS_MASK=key_padding_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        # The interpreter mis-handles low-precision arithmetic: compute everything in fp32 there.
+        COMPUTE_F32=interp or q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32,
+    )
+
+
+def _mask_args(key_padding_mask, fallback):
+    if key_padding_mask is None:
+        return fallback, 0, 0
+    m = key_padding_mask.view(torch.uint8)  # bool -> bytes, no copy
+    return m, m.stride(0), m.stride(1)
+
+
+def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale, dropout_p, seed,
+                      two_segments=False, n_split=0):
+    """Launch the forward kernel. Returns (o_blhd contiguous, lse_bhl float32)."""
+    B, LQ, H, D = q_blhd.shape
+    LK = k_blhd.shape[1]
+    o_blhd = torch.empty((B, LQ, H, D), dtype=q_blhd.dtype, device=q_blhd.device)
+    lse_bhl = torch.empty((B, H, LQ), dtype=torch.float32, device=q_blhd.device)
+    if B * H * LQ == 0:
+        return o_blhd, lse_bhl
+    kernel, meta = _variant("fwd", _attn_fwd_kernel, _FWD_CONFIGS)
+    mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
+
+    if two_segments:
+        def grid(META):
+            bm = META["BLOCK_M"]
+            return (triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm), B * H)
+    else:
+        def grid(META):
+            return (triton.cdiv(LQ, META["BLOCK_M"]), B * H)
+
+    kernel[grid](
+        q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, mask,
+        *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(o_blhd),
+        smb, smn,
+        H, LQ, LK, n_split,
+        float(softmax_scale), float(dropout_p), int(seed),
+        next_pow2(LQ), next_pow2(LK),
+        **_flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D),
+        **meta,
+    )
+    return o_blhd, lse_bhl
+
+
+def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_padding_mask_bl,
+                       softmax_scale, dropout_p, seed, dq_blhd, dk_blhd, dv_blhd,
+                       two_segments=False, n_split=0):
+    """Launch the three backward kernels, writing into the (possibly strided) dq, dk, dv.
+
+    1. preprocess: delta = rowsum(dO * O)
+    2. dK, dV: one program per key block, looping over query blocks
+    3. dQ: one program per query block, looping over key blocks
+    No atomics anywhere: the result is bitwise deterministic.
+    """
+    B, LQ, H, D = q_blhd.shape
+    LK = k_blhd.shape[1]
+    if B * H == 0:
+        return
+    if LQ == 0 or LK == 0:
+        dq_blhd.zero_()
+        dk_blhd.zero_()
+        dv_blhd.zero_()
+        return
+    delta_bhl = torch.empty((B, H, LQ), dtype=torch.float32, device=q_blhd.device)
+    pre_block = 32 if is_interpreted(_attn_bwd_preprocess_kernel) else 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(LQ, pre_block), B * H)](
+        o_blhd, do_blhd, delta_bhl, *_strides4(o_blhd), *_strides4(do_blhd), H, LQ, D=D, BLOCK_M=pre_block,
+    )
+    mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
+    flags = _flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D)
+    common = (H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), int(seed), next_pow2(LQ), next_pow2(LK))
+
+    kernel, meta = _variant("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS)
+    if two_segments:
+        def grid_k(META):
+            bn = META["BLOCK_N"]
+            return (triton.cdiv(n_split, bn) + triton.cdiv(LK - n_split, bn), B * H)
+    else:
+        def grid_k(META):
+            return (triton.cdiv(LK, META["BLOCK_N"]), B * H)
+    kernel[grid_k](
+        q_blhd, k_blhd, v_blhd, do_blhd, lse_bhl, delta_bhl, mask, dk_blhd, dv_blhd,
+        *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(do_blhd),
+        *_strides4(dk_blhd), *_strides4(dv_blhd), smb, smn,
+        *common, **flags, **meta,
+    )
+
+    kernel, meta = _variant("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS)
+    if two_segments:
+        def grid_q(META):
+            bm = META["BLOCK_M"]
+            return (triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm), B * H)
+    else:
+        def grid_q(META):
+            return (triton.cdiv(LQ, META["BLOCK_M"]), B * H)
+    kernel[grid_q](
+        q_blhd, k_blhd, v_blhd, do_blhd, lse_bhl, delta_bhl, mask, dq_blhd,
+        *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(do_blhd),
+        *_strides4(dq_blhd), smb, smn,
+        *common, **flags, **meta,
+    )
+
+
+def dropout_keep_mask(seed: int, dropout_p: float, B: int, H: int, LQ: int, LK: int, device) -> torch.Tensor:
+    """The (B, H, LQ, LK) bool keep mask the attention kernels use for this seed and p."""
+    out = torch.empty((B, H, LQ, LK), dtype=torch.uint8, device=device)
+    if out.numel() == 0:
+        return out.bool()
+    bm = bn = 32
+    _attn_dropout_mask_kernel[(triton.cdiv(LQ, bm), triton.cdiv(LK, bn), B * H)](
+        out, LQ, LK, float(dropout_p), int(seed), BLOCK_M=bm, BLOCK_N=bn,
+    )
+    return out.bool()
