@@ -1,0 +1,85 @@
+"""Builders shared by the model tests: tiny configs, HF twins with the same weights, random batches."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from lxmert_fast import LxmertConfig
+from lxmert_fast.model.convert import hf_to_ours, load_state_into
+
+
+def no_dropout(config: LxmertConfig) -> LxmertConfig:
+    return config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def hf_config(config: LxmertConfig) -> transformers.LxmertConfig:
+    return transformers.LxmertConfig(**{name: getattr(config, name) for name in config.hf_field_names()})
+
+
+def twin_models(config: LxmertConfig, ours_cls, hf_cls):
+    """(ours, hf) with identical weights, HF's random init, both in train mode."""
+    hf = hf_cls(hf_config(config))
+    ours = ours_cls(config)
+    load_state_into(ours, hf_to_ours(hf.state_dict(), config), "hf twin",
+                    ignore_prefixes=tuple(p for p in ("cls.", "obj_predict_head.", "answer_head.")
+                                          if not any(k.startswith(p) for k in ours.state_dict())))
+    return ours, hf
+
+
+def random_batch(config: LxmertConfig, batch: int = 3, tokens: int = 7, objects: int = 5,
+                 lengths=None, generator=None) -> dict:
+    """Inputs with padded sentences of different lengths (`lengths` per row, default varied)."""
+    g = generator
+    input_ids = torch.randint(1, config.vocab_size, (batch, tokens), generator=g)
+    if lengths is None:
+        lengths = [max(1, tokens - (i * 3) % tokens) for i in range(batch)]
+    attention_mask = torch.zeros(batch, tokens, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        attention_mask[row, :length] = 1
+    input_ids = input_ids * attention_mask
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=torch.zeros(batch, tokens, dtype=torch.long),
+        visual_feats=torch.randn(batch, objects, config.visual_feat_dim, generator=g),
+        visual_pos=torch.rand(batch, objects, config.visual_pos_dim, generator=g),
+    )
+
+
+def random_labels(config: LxmertConfig, inputs: dict, generator=None) -> dict:
+    g = generator
+    batch, tokens = inputs["input_ids"].shape
+    objects = inputs["visual_feats"].shape[1]
+    labels = torch.full((batch, tokens), -100, dtype=torch.long)
+    pick = (torch.rand(batch, tokens, generator=g) < 0.4) & inputs["attention_mask"].bool()
+    pick[0, 0] = True  # at least one predicted token
+    labels[pick] = torch.randint(0, config.vocab_size, (int(pick.sum()),), generator=g)
+    feat_mask = (torch.rand(batch, objects, generator=g) < 0.3).float()
+    obj_labels = {
+        "obj": (torch.randint(0, config.num_object_labels, (batch, objects), generator=g),
+                torch.rand(batch, objects, generator=g)),
+        "attr": (torch.randint(0, config.num_attr_labels, (batch, objects), generator=g),
+                 torch.rand(batch, objects, generator=g)),
+        "feat": (torch.randn(batch, objects, config.visual_feat_dim, generator=g), feat_mask),
+    }
+    matched = torch.randint(0, 2, (batch,), generator=g)
+    ans = torch.randint(0, max(config.num_qa_labels, 1), (batch,), generator=g)
+    ans[matched == 0] = -100
+    if bool((ans < 0).all()):
+        ans[0] = 0
+    return dict(labels=labels, obj_labels=obj_labels, matched_label=matched, ans=ans)
+
+
+def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5,
+                        floor: float = 1e-3) -> None:
+    """max |ours - ref| <= rel * max(max |ref|, floor): the reference's scale.
+
+    The floor covers gradients that are zero in exact arithmetic (a key bias cannot change a
+    softmax), where both sides hold rounding noise of order 1e-12.
+    """
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    scale = ref.abs().max().item()
+    diff = (ours.double() - ref.double()).abs().max().item()
+    assert diff <= rel * max(scale, floor), f"{what}: max abs diff {diff:.3e} > {rel} x scale {scale:.3e}"

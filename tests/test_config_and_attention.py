@@ -1,0 +1,164 @@
+"""LxmertConfig (HF fields, JSON, presets, validation) and the attention backend registry."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+from lxmert_fast import AttentionBackendError, ConfigError, LxmertConfig, LxmertForPreTraining
+from lxmert_fast.model.attention import (
+    AttentionBackend,
+    AttentionDispatcher,
+    EagerAttention,
+    SdpaAttention,
+    register_backend,
+)
+from tests.helpers import random_batch
+
+
+def test_defaults_are_hf_defaults():
+    ours, hf = LxmertConfig(), transformers.LxmertConfig()
+    for name in LxmertConfig.hf_field_names():
+        assert getattr(ours, name) == getattr(hf, name), name
+    assert (ours.l_layers, ours.x_layers, ours.r_layers) == (9, 5, 5)
+    assert ours.visual_losses == ("obj", "attr", "feat")
+
+
+def test_reads_an_hf_config_json_and_round_trips(tmp_path):
+    transformers.LxmertConfig(hidden_size=96, num_attention_heads=6, num_qa_labels=3129).save_pretrained(tmp_path)
+    cfg = LxmertConfig.from_json(tmp_path / "config.json")
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_qa_labels) == (96, 6, 3129)
+    cfg.to_json(tmp_path / "again.json")
+    again = LxmertConfig.from_json(tmp_path / "again.json")
+    assert again == cfg
+    assert json.loads((tmp_path / "again.json").read_text())["model_type"] == "lxmert"
+    hf = transformers.LxmertConfig.from_pretrained(tmp_path / "again.json")
+    assert hf.hidden_size == 96 and hf.num_qa_labels == 3129
+
+
+def test_unknown_hf_keys_are_kept(tmp_path):
+    data = LxmertConfig().to_dict()
+    data["some_future_field"] = [1, 2]
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    cfg = LxmertConfig.from_json(tmp_path / "c.json")
+    assert cfg.to_dict()["some_future_field"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hidden_size=100, num_attention_heads=12), "not divisible by num_attention_heads"),
+        (dict(hidden_act="relu"), "hidden_act"),
+        (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
+        (dict(obj_label_loss="some"), "obj_label_loss"),
+        (dict(l_layers=-1), "l_layers"),
+        (dict(kernels="cuda"), "kernels"),
+    ],
+)
+def test_validation_errors_name_the_field(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LxmertConfig(**kwargs)
+
+
+def test_bad_config_files(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json.*not valid JSON"):
+        LxmertConfig.from_json(tmp_path / "bad.json")
+    (tmp_path / "bert.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConfigError, match="model_type"):
+        LxmertConfig.from_json(tmp_path / "bert.json")
+    with pytest.raises(ConfigError, match="no such config"):
+        LxmertConfig.from_json(tmp_path / "missing.json")
+
+
+def test_presets():
+    assert LxmertConfig.preset("base") == LxmertConfig()
+    tiny = LxmertConfig.preset("tiny", num_qa_labels=4)
+    assert tiny.hidden_size == 32 and tiny.num_qa_labels == 4
+    with pytest.raises(ConfigError, match="unknown LxmertConfig preset"):
+        LxmertConfig.preset("huge")
+
+
+# ------------------------------------------------------------------------------------ attention
+def _qkv(batch=3, length=11, heads=2, dim=8):
+    return torch.randn(batch, length, 3, heads, dim, requires_grad=True)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0])
+def test_backends_agree_with_padding_and_fully_masked_rows(dropout_p):
+    qkv = _qkv()
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2, :] = False  # no key at all: zeros, not NaN
+    results = []
+    for backend in (EagerAttention(), SdpaAttention()):
+        q, k, v = qkv.unbind(2)
+        out, _ = backend.attention(q, k, v, mask, dropout_p, 1 / math.sqrt(8))
+        grad, = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(), qkv)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+        assert out[2].abs().max() == 0
+        results.append((out, grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+def test_cross_pair_default_is_two_attentions():
+    qkv = _qkv(length=9)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, 2:4] = False
+    out, _ = EagerAttention().cross_pair(qkv, 4, mask, 0.0, 0.5)
+    q, k, v = qkv.unbind(2)
+    lang, _ = EagerAttention().attention(q[:, :4], k[:, 4:], v[:, 4:], mask[:, 4:], 0.0, 0.5)
+    vis, _ = EagerAttention().attention(q[:, 4:], k[:, :4], v[:, :4], mask[:, :4], 0.0, 0.5)
+    assert torch.equal(out, torch.cat([lang, vis], 1))
+
+
+def test_sdpa_dropout_is_on_in_training():
+    qkv = _qkv()
+    q, k, v = qkv.unbind(2)
+    a, _ = SdpaAttention().attention(q, k, v, None, 0.5, 0.3)
+    b, _ = SdpaAttention().attention(q, k, v, None, 0.5, 0.3)
+    assert not torch.allclose(a, b)
+
+
+def test_named_backend_that_cannot_serve_raises_with_reasons():
+    dispatcher = AttentionDispatcher("sdpa")
+    q = torch.randn(1, 3, 2, 4)
+    with pytest.raises(AttentionBackendError, match="sdpa.*cannot return attention probabilities"):
+        dispatcher.attention(q, q, q, None, 0.0, 0.5, need_weights=True)
+    with pytest.raises(AttentionBackendError, match="unknown attention backend 'nope'"):
+        AttentionDispatcher("nope")
+
+
+def test_auto_picks_first_capable_and_reports_all_reasons():
+    dispatcher = AttentionDispatcher("auto")
+    q = torch.randn(1, 3, 2, 4)
+    assert dispatcher.current(q) == "sdpa"  # flash_attn and triton cannot serve CPU tensors in auto
+    assert dispatcher.current(q, need_weights=True) == "eager"
+
+    class Never(AttentionBackend):
+        name = "never"
+
+        def not_supported_reasons(self, call):
+            return ["never serves anything"]
+
+    register_backend("never", Never)
+    with pytest.raises(AttentionBackendError, match="never serves anything"):
+        AttentionDispatcher("never").attention(q, q, q, None, 0.0, 0.5)
+
+
+def test_model_backend_switch_through_config_and_setter():
+    config = LxmertConfig.preset("tiny", attention_backend="eager", hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    model = LxmertForPreTraining(config).eval()
+    inputs = random_batch(config)
+    eager = model(**inputs).pooled_output
+    model.set_attention_backend("sdpa")
+    assert model.config.attention_backend == "sdpa"
+    assert torch.allclose(model(**inputs).pooled_output, eager, atol=1e-6)
+    with pytest.raises(AttentionBackendError):
+        model.set_attention_backend("no-such-backend")
