@@ -1,0 +1,58 @@
+"""The analytic FLOP count: LXMERT.md's figures for the base model, and torch's own counter on a tiny one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lxmert_fast import LxmertConfig, LxmertForPreTraining
+from lxmert_fast.flops import flop_breakdown, peak_tflops_for, throughput, train_flops_per_sample
+
+
+def test_base_matches_the_published_figures():
+    base = LxmertConfig.preset("base")
+    every_token = train_flops_per_sample(base, seq_len=20, num_objects=36) / 1e9
+    masked_only = train_flops_per_sample(base, seq_len=20, num_objects=36, mlm_tokens=0.15 * 20) / 1e9
+    assert every_token == pytest.approx(35.5, rel=0.03)
+    assert masked_only == pytest.approx(33.0, rel=0.03)
+    assert masked_only < every_token
+
+
+def test_disabled_heads_cost_nothing():
+    base = LxmertConfig.preset("base")
+    no_qa = base.replace(task_qa=False)
+    assert flop_breakdown(no_qa).qa_head == 0
+    assert flop_breakdown(base).qa_head > 0
+    assert train_flops_per_sample(no_qa) < train_flops_per_sample(base)
+
+
+def test_forward_count_equals_torch_flop_counter():
+    """torch counts 2 FLOPs per multiply-add of every matmul in the forward pass (for the whole batch)."""
+    config = LxmertConfig.preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                 attention_backend="eager")
+    model = LxmertForPreTraining(config).eval()
+    batch, tokens, objects = 2, 9, 7
+    inputs = dict(
+        input_ids=torch.randint(1, config.vocab_size, (batch, tokens)),
+        visual_feats=torch.randn(batch, objects, config.visual_feat_dim),
+        visual_pos=torch.rand(batch, objects, 4),
+        attention_mask=torch.ones(batch, tokens, dtype=torch.long),
+    )
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**inputs)
+    # eval forward: MLM decoder on every token; the object head runs only with obj_labels, so add it.
+    expected = flop_breakdown(config, seq_len=tokens, num_objects=objects)
+    expected_macs = expected.forward_macs - expected.object_head
+    assert counter.get_total_flops() == batch * 2 * expected_macs
+
+
+def test_mfu_and_peak_table():
+    tflops, mfu = throughput(1000.0, 33e9, num_devices=1, peak_tflops=989.0)
+    assert tflops == pytest.approx(33.0)
+    assert mfu == pytest.approx(33.0 / 989.0)
+    assert throughput(10.0, 1e9)[1] is None
+    assert peak_tflops_for("NVIDIA H200") == 989.0
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_for("cpu") is None
