@@ -1,0 +1,133 @@
+"""Word and object masking for LXMERT pre-training, vectorised over whole batches.
+
+Exactly the released recipe (``lxmert_pretrain.py``: ``random_word`` / ``random_feat``), but as
+tensor ops that run on whatever device the batch is on (no per-sample Python loop, no host sync
+on CUDA):
+
+* words: each real word piece (not [CLS] / [SEP] / [PAD]) is selected with p = 0.15; a selected
+  one becomes [MASK] with p 0.8, a uniformly random vocabulary id with p 0.1 (any id, as the
+  released ``random.choice(tokenizer.vocab)``), and stays with p 0.1. ``labels`` holds the
+  original id at selected positions and -100 elsewhere.
+* objects: each of the 36 objects is selected with p = 0.15; a selected one is zeroed with p 0.8,
+  replaced by a random object feature of *another image* of the batch with p 0.1, and kept with
+  p 0.1. ``feat_mask`` is 1.0 at selected objects.
+
+As in the released code one uniform draw ``u`` per position decides both: selected iff
+``u < p``, then ``u / p`` picks the 80/10/10 branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """What masking needs to know about the vocabulary, and the rates."""
+
+    vocab_size: int
+    mask_id: int
+    never_mask: tuple[int, ...]   # [CLS], [SEP], [PAD]
+    word_prob: float = 0.15
+    obj_prob: float = 0.15
+
+
+def _rand(shape, like: torch.Tensor, generator):
+    return torch.rand(shape, generator=generator, device=like.device)
+
+
+def mask_words(input_ids_bl: torch.Tensor, attention_mask_bl: torch.Tensor, *, vocab_size: int,
+               mask_id: int, never_mask=(), generator: torch.Generator | None = None,
+               prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT word masking. Returns ``(masked_ids_bl, labels_bl)`` (labels -100 = not predicted)."""
+    ids = input_ids_bl
+    u_bl = _rand(ids.shape, ids, generator)
+    cand_bl = attention_mask_bl.bool()
+    if len(never_mask):
+        specials = torch.as_tensor(list(never_mask), device=ids.device, dtype=ids.dtype)
+        cand_bl = cand_bl & ~torch.isin(ids, specials)
+    sel_bl = cand_bl & (u_bl < prob)
+    v_bl = u_bl / prob
+    to_mask = sel_bl & (v_bl < 0.8)
+    to_rand = sel_bl & (v_bl >= 0.8) & (v_bl < 0.9)
+    rand_ids = torch.randint(0, vocab_size, ids.shape, generator=generator, device=ids.device,
+                             dtype=ids.dtype)
+    out = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
+    out = torch.where(to_rand, rand_ids, out)
+    labels = torch.where(sel_bl, ids, torch.full_like(ids, IGNORE_INDEX))
+    return out, labels
+
+
+def _donor_rows(group_b: torch.Tensor | None, b: int, n: int, device, generator) -> torch.Tensor:
+    """(B, N) batch rows to take replacement features from: a row of another image if any."""
+    if group_b is None:
+        group_b = torch.arange(b, device=device)
+    other_bb = (group_b[:, None] != group_b[None, :]).float()
+    # a row whose batch holds only its own image falls back to its own image (documented)
+    other_bb = torch.where(other_bb.sum(1, keepdim=True) > 0, other_bb,
+                           torch.ones_like(other_bb))
+    return torch.multinomial(other_bb, n, replacement=True, generator=generator)
+
+
+def mask_objects(feats_bnd: torch.Tensor, *, prob: float = 0.15,
+                 generator: torch.Generator | None = None,
+                 group_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Object masking. Returns ``(masked_feats_bnd float32, feat_mask_bn float32)``.
+
+    ``group_b`` (B,): image id (store row) of each batch row; replacement features come from a
+    row with a different image. Without it every other row counts as another image.
+    """
+    b, n, _ = feats_bnd.shape
+    dev = feats_bnd.device
+    feats = feats_bnd.float()
+    u_bn = _rand((b, n), feats, generator)
+    sel_bn = u_bn < prob
+    v_bn = u_bn / prob
+    zero_bn = sel_bn & (v_bn < 0.8)
+    repl_bn = sel_bn & (v_bn >= 0.8) & (v_bn < 0.9)
+    donor_b_bn = _donor_rows(group_b, b, n, dev, generator)
+    donor_n_bn = torch.randint(0, n, (b, n), generator=generator, device=dev)
+    if dev.type == "cpu":  # sparse: touch only the replaced rows (cheap on CPU, syncs on GPU)
+        out = feats.clone()
+        out[zero_bn] = 0.0
+        out[repl_bn] = feats[donor_b_bn[repl_bn], donor_n_bn[repl_bn]]
+    else:  # dense and sync-free
+        donor = feats[donor_b_bn, donor_n_bn]
+        out = torch.where(zero_bn[..., None], torch.zeros((), device=dev), feats)
+        out = torch.where(repl_bn[..., None], donor, out)
+    return out, sel_bn.float()
+
+
+def mask_pretrain_batch(raw: dict, cfg: MaskingConfig,
+                        generator: torch.Generator | None = None) -> dict:
+    """Raw (unmasked) collated batch -> the model's batch, masking on the batch's device.
+
+    ``raw`` keys (from :class:`~lxmert_fast.data.pretrain_data.PretrainDataset`): input_ids,
+    attention_mask, token_type_ids (B, L); visual_feats (B, N, F) fp16/fp32; visual_pos (B, N, 4);
+    obj_ids, obj_conf, attr_ids, attr_conf (B, N); matched_label, ans, img_index (B,).
+    """
+    ids, labels = mask_words(raw["input_ids"], raw["attention_mask"], vocab_size=cfg.vocab_size,
+                             mask_id=cfg.mask_id, never_mask=cfg.never_mask,
+                             generator=generator, prob=cfg.word_prob)
+    feats = raw["visual_feats"].float()
+    masked, feat_mask = mask_objects(feats, prob=cfg.obj_prob, generator=generator,
+                                     group_b=raw.get("img_index"))
+    return {
+        "input_ids": ids,
+        "attention_mask": raw["attention_mask"],
+        "token_type_ids": raw["token_type_ids"],
+        "visual_feats": masked,
+        "visual_pos": raw["visual_pos"].float(),
+        "labels": labels,
+        "obj_labels": {
+            "obj": (raw["obj_ids"].long(), raw["obj_conf"].float()),
+            "attr": (raw["attr_ids"].long(), raw["attr_conf"].float()),
+            "feat": (feats, feat_mask),
+        },
+        "matched_label": raw["matched_label"],
+        "ans": raw["ans"],
+    }

@@ -1,0 +1,605 @@
+"""Pre-training items, negatives, QA targets, a resumable sharded sampler and the loader.
+
+Data flow::
+
+    data/lxmert/<split>.json  --build_pretrain_index-->  PretrainIndex (tokens.npy, img_row.npy,
+    feature store (convert.py)                            qa_ptr/qa_ans/qa_score.npy, index.json)
+        --ShardedResumableSampler--> BatchRequest --PretrainDataset.__getitems__--> raw batch
+        --(optionally on the GPU) masking.mask_pretrain_batch--> model batch
+
+An *item* is one (image, sentence) pair, flattened from ``sentf`` exactly as the released code
+does (every sentence of every source). A QA sentence (``labelf`` present for its source) carries
+its answers (normalised, pruned to the answer table, ``{answer: score}``).
+
+Batches are built by whole-batch numpy ops (one ``__getitems__`` call per batch): matching
+negatives (p 0.5: the sentence is replaced by one of another image, never the same image),
+one QA answer sampled in proportion to its score (none for negatives: -100), features read
+from the store. All randomness of a batch derives from ``(seed, epoch, rank, position)``, so a
+resumed run reproduces the remaining batches exactly, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .answers import AnswerTable, convert_ans
+from .formats import BadRowLog, DataFormatError, file_fingerprint, read_pretrain_json
+from .masking import IGNORE_INDEX, MaskingConfig, mask_pretrain_batch
+from .store import FeatureStore, StoreError, sha256_file
+from .tokenization import MAX_LEN, load_tokenizer, special_ids, tokenize_sentences
+
+INDEX_VERSION = 1
+DEFAULT_SPLITS = "mscoco_train,mscoco_nominival,vgnococo"
+# feature file of each pre-training split, relative to the data root (as in the release)
+SPLIT_FEATURE_FILES = {
+    "mscoco_train": "mscoco_imgfeat/train2014_obj36.tsv",
+    "mscoco_minival": "mscoco_imgfeat/val2014_obj36.tsv",
+    "mscoco_nominival": "mscoco_imgfeat/val2014_obj36.tsv",
+    "vgnococo": "vg_gqa_imgfeat/vg_gqa_obj36.tsv",
+}
+SOURCES = ("mscoco", "vg", "vqa", "gqa", "visual7w")
+
+
+def split_names(splits) -> list[str]:
+    names = splits.split(",") if isinstance(splits, str) else list(splits)
+    return [s.strip() for s in names if s.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the sentence index
+# ---------------------------------------------------------------------------------------------
+
+class PretrainIndex:
+    """Pre-tokenised items, memory-mapped (lazy, picklable). ``S`` items, ``M`` QA answers.
+
+    Arrays: ``tokens`` (S, L) int32, ``lengths`` (S,) int16, ``img_row`` (S,) int32 store row,
+    ``source`` (S,) int8 index into ``SOURCES``, ``qa_ptr`` (S + 1,) int64 CSR offsets into
+    ``qa_ans`` (M,) int32 / ``qa_score`` (M,) float32.
+    """
+
+    ARRAYS = ("tokens", "lengths", "img_row", "source", "qa_ptr", "qa_ans", "qa_score")
+
+    def __init__(self, path: str, meta: dict):
+        self.path = os.path.abspath(path)
+        self.meta = meta
+        self._maps: dict[str, np.ndarray] = {}
+        self._pid = os.getpid()
+
+    @classmethod
+    def open(cls, path: str) -> "PretrainIndex":
+        mp = os.path.join(path, "index.json")
+        if not os.path.exists(mp):
+            raise StoreError(f"{path}: no complete sentence index (index.json missing)")
+        with open(mp, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("version") != INDEX_VERSION:
+            raise StoreError(f"{mp}: index version {meta.get('version')} != {INDEX_VERSION}")
+        return cls(path, meta)
+
+    def __getstate__(self):
+        return {"path": self.path, "meta": self.meta}
+
+    def __setstate__(self, s):
+        self.__init__(s["path"], s["meta"])
+
+    def array(self, name: str) -> np.ndarray:
+        if self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        a = self._maps.get(name)
+        if a is None:
+            a = self._maps[name] = np.load(os.path.join(self.path, f"{name}.npy"), mmap_mode="r")
+        return a
+
+    def __getattr__(self, name):
+        if name in PretrainIndex.ARRAYS:
+            return self.array(name)
+        raise AttributeError(name)
+
+    def __len__(self) -> int:
+        return self.meta["num_items"]
+
+    @property
+    def answers(self) -> list[str]:
+        return self.meta["answers"]
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.meta["answers"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    def masking_config(self, word_prob: float = 0.15, obj_prob: float = 0.15) -> MaskingConfig:
+        sp = self.meta["special_ids"]
+        return MaskingConfig(vocab_size=self.meta["vocab_size"], mask_id=sp["mask"],
+                             never_mask=(sp["cls"], sp["sep"], sp["pad"]),
+                             word_prob=word_prob, obj_prob=obj_prob)
+
+
+def _index_key(json_paths, store: FeatureStore, vocab_path, all_ans_path, qa_sets, max_len,
+               skip_bad) -> str:
+    vocab_file = os.path.join(vocab_path, "vocab.txt") if os.path.isdir(vocab_path) else vocab_path
+    key = {
+        "version": INDEX_VERSION, "json": [file_fingerprint(p) for p in json_paths],
+        "store": {k: store.manifest["files"][k].get("sha256") or store.manifest["files"][k]["bytes"]
+                  for k in ("img_ids", "features")},
+        "store_path": store.path,
+        "vocab": sha256_file(vocab_file) if os.path.exists(vocab_file) else vocab_path,
+        "all_ans": file_fingerprint(all_ans_path), "qa_sets": sorted(qa_sets) if qa_sets else None,
+        "max_len": max_len, "skip_bad": skip_bad,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def build_pretrain_index(data_root: str, splits, store: FeatureStore, vocab: str, *,
+                         out_dir: str | None = None, all_ans: str | None = None, qa_sets=None,
+                         max_len: int = MAX_LEN, skip_bad: bool = False, rebuild: bool = False,
+                         log=print) -> PretrainIndex:
+    """Tokenise every sentence of ``splits`` once; cached by content under ``out_dir``.
+
+    ``out_dir`` defaults to ``<store>/sentences/<key>``, the key hashing the inputs (JSON files,
+    store, vocab, answer table, options). A sentence whose image has no features in ``store``
+    (or any malformed record) raises :class:`DataFormatError` naming the JSON file, the line
+    and the field, unless ``skip_bad``: then it is skipped, counted and reported.
+    """
+    names = split_names(splits)
+    json_paths = [os.path.join(data_root, "lxmert", f"{s}.json") for s in names]
+    for p in json_paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(p)
+    all_ans = all_ans or os.path.join(data_root, "lxmert", "all_ans.json")
+    qa_sets = None if qa_sets is None else (
+        [s for s in qa_sets.split(",") if s] if isinstance(qa_sets, str) else list(qa_sets))
+    key = _index_key(json_paths, store, vocab, all_ans, qa_sets, max_len, skip_bad)
+    out_dir = out_dir or os.path.join(store.path, "sentences", key)
+    if not rebuild and os.path.exists(os.path.join(out_dir, "index.json")):
+        idx = PretrainIndex.open(out_dir)
+        if idx.meta.get("key") == key:
+            return idx
+
+    table = AnswerTable(all_ans, qa_sets)
+    tok = load_tokenizer(vocab)
+    sp = special_ids(tok)
+    rows = store.index()
+    bad = BadRowLog(skip_bad)
+    sents, img_row, source, qa_ptr, qa_ans, qa_score = [], [], [], [0], [], []
+    pruned = kept = 0
+    seen_img: dict[str, str] = {}
+    for path in json_paths:
+        for line, rec in read_pretrain_json(path, bad):
+            img_id = rec["img_id"]
+            ridx = rows.get(img_id)
+            if ridx is None:
+                bad.handle(DataFormatError(path, line, "img_id",
+                                           f"img_id {img_id!r} has no features in the store "
+                                           f"{store.path}"))
+                continue
+            if img_id in seen_img:
+                bad.handle(DataFormatError(path, line, "img_id",
+                                           f"img_id {img_id!r} also in {seen_img[img_id]}"))
+                continue
+            seen_img[img_id] = path
+            for src, src_sents in rec["sentf"].items():
+                if src not in SOURCES:
+                    bad.handle(DataFormatError(path, line, f"sentf.{src}",
+                                               f"unknown source {src!r} (known: {SOURCES})"))
+                    continue
+                labels = rec.get("labelf", {}).get(src)
+                for j, sent in enumerate(src_sents):
+                    sents.append(sent)
+                    img_row.append(ridx)
+                    source.append(SOURCES.index(src))
+                    if labels is not None:
+                        lab: dict[int, float] = {}
+                        for ans, score in labels[j].items():
+                            aid = table.ans2id.get(convert_ans(ans))
+                            if aid is None:
+                                pruned += 1
+                                continue
+                            lab[aid] = float(score)  # as released: a later duplicate overwrites
+                            kept += 1
+                        qa_ans.extend(lab.keys())
+                        qa_score.extend(lab.values())
+                    qa_ptr.append(len(qa_ans))
+    if not sents:
+        raise DataFormatError(json_paths[0], None, "(file)", "no sentences with features")
+
+    tokens, lengths = tokenize_sentences(tok, sents, max_len)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{out_dir}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        arrays = {"tokens": tokens, "lengths": lengths,
+                  "img_row": np.asarray(img_row, np.int32), "source": np.asarray(source, np.int8),
+                  "qa_ptr": np.asarray(qa_ptr, np.int64), "qa_ans": np.asarray(qa_ans, np.int32),
+                  "qa_score": np.asarray(qa_score, np.float32)}
+        for name, a in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), a)
+        if len(bad):
+            bad.write_tsv(os.path.join(tmp, "skipped_records.tsv"))
+        n_qa = int((np.diff(arrays["qa_ptr"]) > 0).sum())
+        meta = {
+            "version": INDEX_VERSION, "key": key, "splits": names,
+            "json": [os.path.abspath(p) for p in json_paths], "store": store.path,
+            "num_items": len(sents), "num_images": len(seen_img), "max_len": max_len,
+            "vocab": os.path.abspath(vocab), "vocab_size": len(tok),
+            "special_ids": {"pad": sp.pad, "unk": sp.unk, "cls": sp.cls, "sep": sp.sep,
+                            "mask": sp.mask},
+            "answers": table.answers, "qa_sets": table.qa_sets, "qa_items": n_qa,
+            "answers_kept": kept, "answers_pruned": pruned, "skipped": len(bad),
+            "truncated": int((lengths >= max_len).sum()),
+            "sources": {s: int((arrays["source"] == i).sum()) for i, s in enumerate(SOURCES)},
+        }
+        with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(out_dir):  # a stale or rebuilt index
+            shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not os.path.exists(os.path.join(out_dir, "index.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process built it concurrently
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if log:
+        log(f"sentence index: {len(sents)} items of {len(seen_img)} images from {names}, "
+            f"{n_qa} with QA ({len(table)} answers; {pruned} answer entries outside the table "
+            f"pruned) -> {out_dir}")
+        if len(bad):
+            log(bad.summary())
+    return PretrainIndex.open(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler
+# ---------------------------------------------------------------------------------------------
+
+class BatchRequest(NamedTuple):
+    """What the sampler hands to the dataset: item indices and the batch's random seed."""
+
+    indices: np.ndarray   # (B,) int64
+    seed: int
+    epoch: int
+    position: int         # batch number within this rank's epoch
+
+
+class ShardedResumableSampler:
+    """Batch sampler: shards items across ranks, deterministic per seed, resumable mid-epoch.
+
+    Each epoch a permutation of all items (same on every rank) is padded by wrapping around to a
+    multiple of ``world_size`` and dealt round-robin: rank r gets positions r, r + W, ... (so
+    ranks are disjoint and together complete; with padding a few items appear twice). Batches
+    of ``batch_size`` follow; ``drop_last`` drops a final short batch. ``state_dict()`` stores
+    the epoch and the number of batches consumed; after ``load_state_dict()`` iteration yields
+    exactly the remaining batches, with the same seeds.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if num_items <= 0 or batch_size <= 0:
+            raise ValueError("num_items and batch_size must be positive")
+        self.num_items, self.batch_size = num_items, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch = 0
+        self.position = 0       # batches yielded so far in this epoch
+        self._start = 0         # where the next iteration starts
+
+    @property
+    def per_rank(self) -> int:
+        return -(-self.num_items // self.world_size)
+
+    def __len__(self) -> int:
+        n = self.per_rank
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning (a no-op for the epoch being resumed)."""
+        if epoch != self.epoch:
+            self.epoch, self._start, self.position = epoch, 0, 0
+
+    def rank_indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's item order for an epoch (before batching)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+        else:
+            order = np.arange(self.num_items)
+        total = self.per_rank * self.world_size
+        if total > self.num_items:
+            order = np.concatenate([order, order[:total - self.num_items]])
+        return order[self.rank::self.world_size]
+
+    def batch_seed(self, epoch: int, position: int) -> int:
+        ss = np.random.SeedSequence([self.seed, epoch, self.rank, position, 0x1A7E])
+        return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+    def __iter__(self):
+        idx = self.rank_indices()
+        n_batches, start, epoch = len(self), self._start, self.epoch
+        self.position = start
+        for pos in range(start, n_batches):
+            chunk = idx[pos * self.batch_size:(pos + 1) * self.batch_size]
+            self.position = pos + 1
+            yield BatchRequest(chunk.astype(np.int64), self.batch_seed(epoch, pos), epoch, pos)
+        self._start = 0  # a completed pass: iterating again restarts the epoch
+
+    def state_dict(self, position: int | None = None) -> dict:
+        return {"epoch": self.epoch, "position": self.position if position is None else position,
+                "seed": self.seed, "num_items": self.num_items, "batch_size": self.batch_size,
+                "world_size": self.world_size, "rank": self.rank, "shuffle": self.shuffle,
+                "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "num_items", "batch_size", "world_size", "shuffle", "drop_last"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"sampler state has {k}={state[k]!r}, this sampler "
+                                 f"{getattr(self, k)!r}: cannot resume")
+        self.epoch = int(state["epoch"])
+        self._start = self.position = int(state["position"])
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+# ---------------------------------------------------------------------------------------------
+
+def sample_negatives(rng: np.random.Generator, img_row_s: np.ndarray, img_b: np.ndarray,
+                     neg_b: np.ndarray, max_tries: int = 1000) -> np.ndarray:
+    """For rows with ``neg_b``, a random item index whose image differs from ``img_b``."""
+    s = len(img_row_s)
+    j_b = rng.integers(0, s, len(img_b))
+    bad = neg_b & (np.asarray(img_row_s[j_b]) == img_b)
+    for _ in range(max_tries):
+        if not bad.any():
+            return j_b
+        j_b[bad] = rng.integers(0, s, int(bad.sum()))
+        bad = neg_b & (np.asarray(img_row_s[j_b]) == img_b)
+    raise RuntimeError("could not find a sentence of another image (does one image own almost "
+                       "every sentence?)")
+
+
+def sample_answers(rng: np.random.Generator, qa_ptr: np.ndarray, qa_ans: np.ndarray,
+                   qa_score: np.ndarray, items_b: np.ndarray, use_b: np.ndarray) -> np.ndarray:
+    """One answer per item (``use_b`` rows with answers), drawn in proportion to its score.
+
+    Returns (B,) int64 with -100 where there is no answer. A label whose scores sum to 0 is
+    drawn uniformly. Vectorised: one cumulative sum + ``searchsorted`` for the whole batch.
+    """
+    out = np.full(len(items_b), IGNORE_INDEX, np.int64)
+    start = np.asarray(qa_ptr[items_b])
+    count = np.asarray(qa_ptr[items_b + 1]) - start
+    has = use_b & (count > 0)
+    if not has.any():
+        return out
+    st, ct = start[has], count[has]
+    seg_off = np.concatenate([[0], np.cumsum(ct)[:-1]])
+    seg = np.repeat(np.arange(len(ct)), ct)
+    pos = st[seg] + (np.arange(int(ct.sum())) - seg_off[seg])
+    score = np.asarray(qa_score[pos], np.float64)
+    total = np.add.reduceat(score, seg_off)
+    score = np.where(total[seg] > 0, score, 1.0)
+    total = np.where(total > 0, total, ct.astype(np.float64))
+    cs = np.cumsum(score)
+    before = cs[seg_off] - score[seg_off]
+    u = before + rng.random(len(ct)) * total
+    pick = np.searchsorted(cs, u, side="right")
+    pick = np.clip(pick, seg_off, seg_off + ct - 1)
+    out[has] = np.asarray(qa_ans[pos[pick]], np.int64)
+    return out
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """(image, sentence) items of a :class:`PretrainIndex` with features from a store.
+
+    Use with :class:`ShardedResumableSampler` as ``batch_sampler`` (see
+    :func:`make_pretrain_loader`): ``__getitems__`` builds a whole batch at once.
+
+    ``masking=None`` (default) returns the *raw* batch (``visual_feats`` in the store dtype,
+    unmasked ids; mask later, e.g. on the GPU, with :func:`mask_pretrain_batch`); a
+    :class:`MaskingConfig` masks in the worker and returns the model batch.
+    """
+
+    def __init__(self, store: FeatureStore, index: PretrainIndex, *, task_matched: bool = True,
+                 neg_prob: float = 0.5, task_qa: bool = True, seed: int = 0,
+                 masking: MaskingConfig | None = None):
+        if index.meta["store"] != store.path:
+            raise ValueError(f"index {index.path} was built for store {index.meta['store']}, "
+                             f"not {store.path}")
+        self.store, self.index = store, index
+        self.task_matched, self.neg_prob, self.task_qa = task_matched, neg_prob, task_qa
+        self.seed, self.masking = seed, masking
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def masking_config(self) -> MaskingConfig:
+        return self.index.masking_config()
+
+    def __getitem__(self, i: int) -> dict:
+        b = self.__getitems__([int(i)])
+        return _squeeze(b)
+
+    def __getitems__(self, request) -> dict:
+        if isinstance(request, BatchRequest):
+            items, seed = np.asarray(request.indices, np.int64), request.seed
+        else:  # a plain list of indices (e.g. a stock sampler): seed from the indices
+            items = np.asarray(list(request), np.int64)
+            seed = int.from_bytes(hashlib.blake2b(items.tobytes(), digest_size=8).digest(),
+                                  "little") >> 1
+        rng = np.random.default_rng([self.seed, seed])
+        return self.make_batch(items, rng, seed)
+
+    def make_batch(self, items_b: np.ndarray, rng: np.random.Generator, seed: int = 0) -> dict:
+        """Raw batch (or masked, with ``self.masking``) for item indices ``items_b``."""
+        ix = self.index
+        b = len(items_b)
+        if b and (items_b.min() < 0 or items_b.max() >= len(ix)):
+            raise IndexError(f"item index out of range [0, {len(ix)})")
+        img_row_s = ix.array("img_row")
+        img_b = np.asarray(img_row_s[items_b], np.int64)
+        neg_b = (rng.random(b) < self.neg_prob) if self.task_matched else np.zeros(b, bool)
+        sent_b = items_b.copy()
+        if neg_b.any():
+            other = sample_negatives(rng, img_row_s, img_b, neg_b)
+            sent_b[neg_b] = other[neg_b]
+        tokens_bl = np.asarray(ix.array("tokens")[sent_b], np.int64)
+        lengths_b = np.asarray(ix.array("lengths")[sent_b], np.int64)
+        ans_b = (sample_answers(rng, ix.array("qa_ptr"), ix.array("qa_ans"), ix.array("qa_score"),
+                                items_b, ~neg_b) if self.task_qa
+                 else np.full(b, IGNORE_INDEX, np.int64))
+        g = self.store.gather(img_b, ("features", "boxes", "obj_ids", "obj_conf", "attr_ids",
+                                      "attr_conf"))
+        L = tokens_bl.shape[1]
+        attn_bl = (np.arange(L)[None, :] < lengths_b[:, None]).astype(np.int64)
+        t = torch.from_numpy
+        raw = {
+            "input_ids": t(tokens_bl),
+            "attention_mask": t(attn_bl),
+            "token_type_ids": torch.zeros((b, L), dtype=torch.long),
+            "visual_feats": t(g["features"]),
+            "visual_pos": t(g["boxes"]),
+            "obj_ids": t(g["obj_ids"].astype(np.int64)),
+            "obj_conf": t(g["obj_conf"]),
+            "attr_ids": t(g["attr_ids"].astype(np.int64)),
+            "attr_conf": t(g["attr_conf"]),
+            "matched_label": t((~neg_b).astype(np.int64)),
+            "ans": t(ans_b),
+            "img_index": t(img_b),
+            "item_index": t(items_b.astype(np.int64)),
+        }
+        if self.masking is not None:
+            gen = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+            return mask_pretrain_batch(raw, self.masking, gen)
+        return raw
+
+
+def _squeeze(batch):
+    if isinstance(batch, dict):
+        return {k: _squeeze(v) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_squeeze(v) for v in batch)
+    return batch[0]
+
+
+def collate_identity(batch):
+    """``collate_fn`` for datasets whose ``__getitems__`` already returns a collated batch."""
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# loader
+# ---------------------------------------------------------------------------------------------
+
+class PretrainLoader:
+    """DataLoader + :class:`ShardedResumableSampler` whose state counts *consumed* batches.
+
+    (The sampler itself runs ahead of the training loop by the prefetch depth; this wrapper
+    records how many batches the caller actually received, so ``state_dict()`` resumes at the
+    first batch the caller has not seen.)
+    """
+
+    def __init__(self, dataset: PretrainDataset, sampler: ShardedResumableSampler,
+                 loader: torch.utils.data.DataLoader):
+        self.dataset, self.sampler, self.loader = dataset, sampler, loader
+        self._consumed = sampler.position
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self._consumed = self.sampler._start
+
+    def __iter__(self):
+        self._consumed = self.sampler._start
+        for batch in self.loader:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict(position=self._consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._consumed = self.sampler._start
+
+
+def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, *, rank: int = 0,
+                         world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                         drop_last: bool = True, num_workers: int = 2,
+                         pin_memory: bool | None = None, prefetch_factor: int = 4,
+                         persistent_workers: bool | None = None,
+                         multiprocessing_context=None) -> PretrainLoader:
+    """The pre-training loader: sharded, resumable, pinned when CUDA is available."""
+    sampler = ShardedResumableSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
+                                      seed=seed, shuffle=shuffle, drop_last=drop_last)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    kw = {}
+    if num_workers > 0:
+        kw = {"prefetch_factor": prefetch_factor,
+              "persistent_workers": bool(persistent_workers) if persistent_workers is not None
+              else True}
+        if multiprocessing_context is not None:
+            kw["multiprocessing_context"] = multiprocessing_context
+    dl = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                     collate_fn=collate_identity, pin_memory=pin_memory, **kw)
+    return PretrainLoader(dataset, sampler, dl)
+
+
+# ---------------------------------------------------------------------------------------------
+# one call from a data root to a dataset
+# ---------------------------------------------------------------------------------------------
+
+def feature_files_for(data_root: str, splits) -> list[str]:
+    """The TSV files holding the images of ``splits`` (deduplicated, in order)."""
+    out = []
+    for s in split_names(splits):
+        if s not in SPLIT_FEATURE_FILES:
+            raise ValueError(f"unknown pre-training split {s!r}; known: {sorted(SPLIT_FEATURE_FILES)}")
+        p = os.path.join(data_root, SPLIT_FEATURE_FILES[s])
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def build_pretrain_dataset(data_root: str, splits=DEFAULT_SPLITS, *, store_dir: str | None = None,
+                           vocab: str | None = None, skip_bad: bool = False, qa_sets=None,
+                           task_matched: bool = True, task_qa: bool = True, seed: int = 0,
+                           fp32: bool = False, convert_workers: int | None = None,
+                           masking: MaskingConfig | None = None, log=print) -> PretrainDataset:
+    """Data root (original layout) -> :class:`PretrainDataset`, converting and tokenising once.
+
+    ``store_dir`` defaults to ``<data_root>/lxmert_fast/store-<feature files>``; ``vocab`` to
+    ``<data_root>/vocab.txt`` (the demo world writes one; for the real data give
+    bert-base-uncased's vocab.txt). Both caches are built atomically and reused.
+    """
+    from .convert import convert_tsvs
+    tsvs = feature_files_for(data_root, splits)
+    if store_dir is None:
+        tag = "+".join(os.path.basename(p).replace("_obj36.tsv", "") for p in tsvs)
+        store_dir = os.path.join(data_root, "lxmert_fast", f"store-{tag}{'-fp32' if fp32 else ''}")
+    if not os.path.exists(os.path.join(store_dir, "manifest.json")):
+        convert_tsvs(tsvs, store_dir, fp32=fp32, skip_bad=skip_bad, workers=convert_workers,
+                     overwrite=os.path.exists(store_dir), progress=bool(log), log=log)
+    store = FeatureStore.open(store_dir)
+    vocab = vocab or os.path.join(data_root, "vocab.txt")
+    index = build_pretrain_index(data_root, splits, store, vocab, qa_sets=qa_sets,
+                                 skip_bad=skip_bad, log=log)
+    return PretrainDataset(store, index, task_matched=task_matched, task_qa=task_qa, seed=seed,
+                           masking=masking)
