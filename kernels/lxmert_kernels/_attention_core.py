@@ -337,6 +337,8 @@ def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, seed, BLOCK_M: tl.constexp
 # ----------------------------------------------------------------------------------------------
 # host side: lazy kernel variants (autotuned on GPU, one fixed config in the interpreter)
 # ----------------------------------------------------------------------------------------------
+import os  # noqa: E402
+
 import torch  # noqa: E402
 
 from ._common import is_interpreted, next_pow2  # noqa: E402
@@ -368,22 +370,48 @@ _INTERPRETER_META = dict(BLOCK_M=32, BLOCK_N=32)
 _VARIANTS: dict = {}
 
 
-def _variant(name: str, kernel, configs):
-    """The launchable kernel: autotuned when compiled, the bare interpreted function otherwise.
+def _autotune_enabled() -> bool:
+    """``LXMERT_KERNELS_AUTOTUNE=0`` replaces autotuning by a fixed heuristic config (faster
+    first calls, e.g. for short benchmark or test sessions). Read when a kernel is first used."""
+    return os.environ.get("LXMERT_KERNELS_AUTOTUNE", "1") != "0"
 
-    Built on first use, not at import, because ``triton.autotune`` with several configs does not
-    work in the interpreter.
+
+def _heuristic_meta(name: str, LQ: int, LK: int) -> dict:
+    small_q, small_k = LQ <= 32, LK <= 32
+    if name == "dkdv":
+        return dict(BLOCK_M=32 if small_q else 64, BLOCK_N=32 if small_k else 64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64 if LQ <= 64 else 128, BLOCK_N=32 if small_k else 64,
+                num_warps=4 if LQ <= 64 else 8, num_stages=2)
+
+
+def _variant(name: str, kernel, configs):
+    """(launchable kernel, meta(LQ, LK) -> launch kwargs).
+
+    Autotuned when compiled (``meta`` returns nothing: the autotuner picks BLOCK_M/BLOCK_N,
+    warps and stages), the bare interpreted function with BLOCK 32 x 32 in the interpreter.
+    Built on first use, not at import, because ``triton.autotune`` with several configs does
+    not work in the interpreter.
     """
     if name not in _VARIANTS:
         if is_interpreted(kernel):
-            _VARIANTS[name] = (kernel, dict(_INTERPRETER_META))
+            _VARIANTS[name] = (kernel, lambda LQ, LK: dict(_INTERPRETER_META))
+        elif not _autotune_enabled():
+            _VARIANTS[name] = (kernel, lambda LQ, LK: _heuristic_meta(name, LQ, LK))
         else:
             cfgs = [
                 triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in configs
             ]
-            _VARIANTS[name] = (triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(kernel), {})
+            _VARIANTS[name] = (triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(kernel), lambda LQ, LK: {})
     return _VARIANTS[name]
+
+
+def _effective_lengths(LQ, LK, two_segments, n_split):
+    """Sequence lengths one program actually sees (a segment's, for the cross op)."""
+    if two_segments:
+        seg = max(n_split, LQ - n_split)
+        return seg, seg
+    return LQ, LK
 
 
 def _strides4(t):
@@ -419,7 +447,9 @@ def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale
     lse_bhl = torch.empty((B, H, LQ), dtype=torch.float32, device=q_blhd.device)
     if B * H * LQ == 0:
         return o_blhd, lse_bhl
-    kernel, meta = _variant("fwd", _attn_fwd_kernel, _FWD_CONFIGS)
+    lq_eff, lk_eff = _effective_lengths(LQ, LK, two_segments, n_split)
+    kernel, meta_fn = _variant("fwd", _attn_fwd_kernel, _FWD_CONFIGS)
+    meta = meta_fn(lq_eff, lk_eff)
     mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
 
     if two_segments:
@@ -436,7 +466,7 @@ def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale
         smb, smn,
         H, LQ, LK, n_split,
         float(softmax_scale), float(dropout_p), int(seed),
-        next_pow2(LQ), next_pow2(LK),
+        next_pow2(lq_eff), next_pow2(lk_eff),
         **_flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D),
         **meta,
     )
@@ -469,9 +499,12 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
     )
     mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
     flags = _flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D)
-    common = (H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), int(seed), next_pow2(LQ), next_pow2(LK))
+    lq_eff, lk_eff = _effective_lengths(LQ, LK, two_segments, n_split)
+    common = (H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), int(seed),
+              next_pow2(lq_eff), next_pow2(lk_eff))
 
-    kernel, meta = _variant("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS)
+    kernel, meta_fn = _variant("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS)
+    meta = meta_fn(lq_eff, lk_eff)
     if two_segments:
         def grid_k(META):
             bn = META["BLOCK_N"]
@@ -486,7 +519,8 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
         *common, **flags, **meta,
     )
 
-    kernel, meta = _variant("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS)
+    kernel, meta_fn = _variant("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS)
+    meta = meta_fn(lq_eff, lk_eff)
     if two_segments:
         def grid_q(META):
             bm = META["BLOCK_M"]
