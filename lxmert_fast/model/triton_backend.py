@@ -1,0 +1,57 @@
+"""The `triton` attention backend: lxmert_kernels' flash attention and the one-launch cross pair.
+
+Serves CUDA tensors; CPU tensors only when named explicitly and the Triton interpreter is on
+(TRITON_INTERPRET=1, for tests): `auto` never picks the interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lxmert_fast.model.attention import AttentionBackend, AttentionBackendError, AttentionCall
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._kernels = None
+        self._import_error = None
+        try:
+            self._kernels = importlib.import_module("lxmert_kernels")
+            self._common = importlib.import_module("lxmert_kernels._common")
+        except ImportError as err:
+            self._import_error = f"cannot import lxmert_kernels (pip install ./kernels): {err}"
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        if self._kernels is None:
+            return [self._import_error]
+        reasons = []
+        if call.device_type != "cuda":
+            if call.auto:
+                reasons.append(f"{call.device_type} tensors: auto uses Triton on CUDA only")
+            elif not self._common.interpret_requested():
+                reasons.append(f"{call.device_type} tensors need CUDA, or TRITON_INTERPRET=1 for the interpreter")
+        if call.head_dim not in SUPPORTED_HEAD_DIMS:
+            reasons.append(f"head_dim {call.head_dim} not in {SUPPORTED_HEAD_DIMS}")
+        if call.need_weights:
+            reasons.append("cannot return attention probabilities (output_attentions=True)")
+        if str(call.dtype) not in ("torch.float16", "torch.bfloat16", "torch.float32"):
+            reasons.append(f"dtype {call.dtype} not in float16/bfloat16/float32")
+        return reasons
+
+    def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
+        if need_weights:
+            raise AttentionBackendError("triton cannot return attention probabilities")
+        out = self._kernels.flash_attention(q_blhd, k_blhd, v_blhd, key_padding_mask=key_padding_mask_bl,
+                                            dropout_p=dropout_p, softmax_scale=scale)
+        return out, None
+
+    def cross_pair(self, qkv_bl3hd, n_lang, key_padding_mask_bl, dropout_p, scale, need_weights=False):
+        if need_weights:
+            raise AttentionBackendError("triton cannot return attention probabilities")
+        out = self._kernels.bidirectional_cross_attention(qkv_bl3hd, n_lang, key_padding_mask=key_padding_mask_bl,
+                                                          dropout_p=dropout_p, softmax_scale=scale)
+        return out, None

@@ -1,0 +1,48 @@
+"""The whole model with the `triton` backend and fused kernels matches `eager` (Triton interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lxmert_fast import AttentionBackendError, LxmertConfig, LxmertForPreTraining
+from lxmert_fast.model.attention import AttentionDispatcher
+from tests.helpers import assert_close_scaled, no_dropout, random_batch, random_labels
+
+# head_dim 32: a size the kernels serve; one layer of each kind keeps the interpreter quick.
+CONFIG = no_dropout(LxmertConfig.preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=96,
+                                        l_layers=1, x_layers=1, r_layers=1))
+
+
+def test_model_with_triton_attention_and_kernels_matches_eager():
+    torch.manual_seed(3)
+    eager = LxmertForPreTraining(CONFIG.replace(attention_backend="eager"))
+    fast = LxmertForPreTraining(CONFIG.replace(attention_backend="triton", kernels="triton"))
+    fast.load_state_dict(eager.state_dict())
+    inputs = random_batch(CONFIG, batch=2, tokens=5, objects=7, lengths=[5, 2])
+    labels = random_labels(CONFIG, inputs)
+    out_e = eager(**inputs, **labels)
+    out_f = fast(**inputs, **labels)
+    assert_close_scaled(out_f.loss, out_e.loss, "loss", rel=1e-4)
+    for name in out_e.losses:
+        assert_close_scaled(out_f.losses[name], out_e.losses[name], f"loss {name}", rel=1e-4)
+    out_e.loss.backward()
+    out_f.loss.backward()
+    fast_params = dict(fast.named_parameters())
+    for name, param in eager.named_parameters():
+        assert_close_scaled(fast_params[name].grad, param.grad, f"grad {name}", rel=1e-4)
+
+
+def test_auto_never_picks_the_interpreter_and_explicit_triton_says_why_not():
+    q = torch.randn(1, 3, 2, 32)
+    assert AttentionDispatcher("auto").current(q) == "sdpa"
+    with pytest.raises(AttentionBackendError, match="head_dim 24"):
+        AttentionDispatcher("triton").attention(*(torch.randn(1, 3, 2, 24),) * 3, None, 0.0, 0.2)
+
+
+def test_flash_attn_backend_reports_why_it_cannot_serve():
+    # flash-attn cannot be installed without CUDA: the backend must say why it cannot serve
+    dispatcher = AttentionDispatcher("flash_attn")
+    q = torch.randn(1, 3, 2, 32)
+    with pytest.raises(AttentionBackendError, match="flash_attn"):
+        dispatcher.attention(q, q, q, None, 0.0, 0.2)
