@@ -30,6 +30,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -88,8 +89,9 @@ class _Options:
 
 def _fill_row(bufs: dict, slot: int, row, opts: _Options, file_idx: int, line: int) -> None:
     k, n = opts.num_boxes, row.num_boxes
-    for name in ("features", "boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf"):
-        bufs[name][slot] = 0
+    if n < k:  # padded image: clear the slots this row does not fill
+        for name in ("features", "boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf"):
+            bufs[name][slot, n:] = 0
     bufs["features"][slot, :n] = row.feats_nd  # casts to fp16 / fp32
     bufs["boxes"][slot, :n] = normalise_boxes(row.boxes_n4, row.img_h, row.img_w)
     bufs["obj_ids"][slot, :n] = row.obj_ids_n
@@ -154,6 +156,20 @@ def convert_segment(writer: RowWriter, path: str, file_idx: int, byte0: int, lin
 
 def _segment_task(args):
     return convert_segment(*args)
+
+
+def _worker_init() -> None:
+    """Workers die with the converter (even on SIGKILL) and leave Ctrl-C to it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() == 1:  # the parent already died
+                os._exit(1)
+        except (OSError, AttributeError):
+            pass
 
 
 def _first_row(paths: list[str], skip_bad: bool, **kw) -> tuple[int, str]:
@@ -293,8 +309,11 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
                     _test_hook("crash_after", i + 1)
                     _test_hook("interrupt_after", i + 1)
             else:
-                ctx = mp.get_context("spawn")
-                ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx)
+                # fork where available: no re-import of the package in every worker (the
+                # workers only run numpy code); spawn elsewhere
+                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx,
+                                         initializer=_worker_init)
                 try:
                     futs = {ex.submit(_segment_task, t): i for i, t in enumerate(tasks)}
                     pending, done_n = set(futs), 0

@@ -295,10 +295,17 @@ def train_vocab(sentences: list[str], path: str, vocab_size: int = 1000) -> int:
         special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
         continuing_subword_prefix="##", show_progress=False)
     tok.train_from_iterator(sentences, trainer)
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    assert [t for t, _ in vocab[:5]] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    # The trainer breaks ties between equally frequent merges in hash order, so the
+    # intermediate pieces it keeps vary from run to run. Keep what is deterministic: the
+    # whole words of the corpus and the single characters (with their ## forms), sorted.
+    words = {w for s in sentences
+             for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(s))}
+    rest = sorted(t for t in tok.get_vocab()
+                  if t not in specials and (t in words or len(t.removeprefix("##")) == 1))
+    vocab = specials + rest
     with open(path, "w", encoding="utf-8") as f:
-        for t, _ in vocab:
+        for t in vocab:
             f.write(t + "\n")
     return len(vocab)
 

@@ -75,11 +75,14 @@ def _donor_rows(group_b: torch.Tensor | None, b: int, n: int, device, generator)
 
 def mask_objects(feats_bnd: torch.Tensor, *, prob: float = 0.15,
                  generator: torch.Generator | None = None,
-                 group_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 group_b: torch.Tensor | None = None,
+                 sync_free: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Object masking. Returns ``(masked_feats_bnd float32, feat_mask_bn float32)``.
 
     ``group_b`` (B,): image id (store row) of each batch row; replacement features come from a
     row with a different image. Without it every other row counts as another image.
+    ``sync_free``: dense ``torch.where`` formulation (default on accelerators) instead of
+    boolean-index assignment (default on CPU); both give identical results.
     """
     b, n, _ = feats_bnd.shape
     dev = feats_bnd.device
@@ -91,7 +94,9 @@ def mask_objects(feats_bnd: torch.Tensor, *, prob: float = 0.15,
     repl_bn = sel_bn & (v_bn >= 0.8) & (v_bn < 0.9)
     donor_b_bn = _donor_rows(group_b, b, n, dev, generator)
     donor_n_bn = torch.randint(0, n, (b, n), generator=generator, device=dev)
-    if dev.type == "cpu":  # sparse: touch only the replaced rows (cheap on CPU, syncs on GPU)
+    if sync_free is None:
+        sync_free = dev.type != "cpu"
+    if not sync_free:  # sparse: touch only the replaced rows (cheap on CPU, syncs on GPU)
         out = feats.clone()
         out[zero_bn] = 0.0
         out[repl_bn] = feats[donor_b_bn[repl_bn], donor_n_bn[repl_bn]]

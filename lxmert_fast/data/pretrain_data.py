@@ -444,8 +444,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, seed])
         return self.make_batch(items, rng, seed)
 
-    def make_batch(self, items_b: np.ndarray, rng: np.random.Generator, seed: int = 0) -> dict:
-        """Raw batch (or masked, with ``self.masking``) for item indices ``items_b``."""
+    def sample_text(self, items_b: np.ndarray, rng: np.random.Generator) -> dict:
+        """The language side of a batch, as numpy arrays (no features read).
+
+        ``img_b`` store row of each item's image; ``matched_b`` 1 / 0; ``sent_b`` the sentence
+        used (another image's for negatives); ``tokens_bl`` / ``lengths_b`` its ids;
+        ``ans_b`` the sampled answer or -100.
+        """
         ix = self.index
         b = len(items_b)
         if b and (items_b.min() < 0 or items_b.max() >= len(ix)):
@@ -457,15 +462,21 @@ class PretrainDataset(torch.utils.data.Dataset):
         if neg_b.any():
             other = sample_negatives(rng, img_row_s, img_b, neg_b)
             sent_b[neg_b] = other[neg_b]
-        tokens_bl = np.asarray(ix.array("tokens")[sent_b], np.int64)
-        lengths_b = np.asarray(ix.array("lengths")[sent_b], np.int64)
         ans_b = (sample_answers(rng, ix.array("qa_ptr"), ix.array("qa_ans"), ix.array("qa_score"),
                                 items_b, ~neg_b) if self.task_qa
                  else np.full(b, IGNORE_INDEX, np.int64))
+        return {"img_b": img_b, "matched_b": (~neg_b).astype(np.int64), "sent_b": sent_b,
+                "tokens_bl": np.asarray(ix.array("tokens")[sent_b], np.int64),
+                "lengths_b": np.asarray(ix.array("lengths")[sent_b], np.int64), "ans_b": ans_b}
+
+    def make_batch(self, items_b: np.ndarray, rng: np.random.Generator, seed: int = 0) -> dict:
+        """Raw batch (or masked, with ``self.masking``) for item indices ``items_b``."""
+        txt = self.sample_text(items_b, rng)
+        img_b, tokens_bl = txt["img_b"], txt["tokens_bl"]
+        b, L = tokens_bl.shape
         g = self.store.gather(img_b, ("features", "boxes", "obj_ids", "obj_conf", "attr_ids",
                                       "attr_conf"))
-        L = tokens_bl.shape[1]
-        attn_bl = (np.arange(L)[None, :] < lengths_b[:, None]).astype(np.int64)
+        attn_bl = (np.arange(L)[None, :] < txt["lengths_b"][:, None]).astype(np.int64)
         t = torch.from_numpy
         raw = {
             "input_ids": t(tokens_bl),
@@ -477,10 +488,10 @@ class PretrainDataset(torch.utils.data.Dataset):
             "obj_conf": t(g["obj_conf"]),
             "attr_ids": t(g["attr_ids"].astype(np.int64)),
             "attr_conf": t(g["attr_conf"]),
-            "matched_label": t((~neg_b).astype(np.int64)),
-            "ans": t(ans_b),
+            "matched_label": t(txt["matched_b"]),
+            "ans": t(txt["ans_b"]),
             "img_index": t(img_b),
-            "item_index": t(items_b.astype(np.int64)),
+            "item_index": t(np.asarray(items_b, np.int64)),
         }
         if self.masking is not None:
             gen = torch.Generator().manual_seed(seed & ((1 << 63) - 1))

@@ -169,15 +169,28 @@ class RowWriter:
 
 def _preadv_rows(fd: int, offset: int, row_bytes: int, rows_b: np.ndarray,
                  out_b: np.ndarray) -> None:
-    """``out_b[i] = row rows_b[i]`` of a file of fixed-size rows, via positional reads."""
-    for i, r in enumerate(rows_b.tolist()):
-        view = memoryview(out_b[i]).cast("B")
-        pos = offset + r * row_bytes
+    """``out_b[i] = row rows_b[i]`` of a file of fixed-size rows, via positional reads.
+
+    Runs of consecutive rows are read with one call each.
+    """
+    rows_b = np.asarray(rows_b, np.int64)
+    if not out_b.flags.c_contiguous:
+        raise ValueError("output buffer must be C-contiguous")
+    flat = memoryview(out_b.reshape(-1)).cast("B")
+    n = len(rows_b)
+    if n == 0:
+        return
+    breaks = np.flatnonzero(np.diff(rows_b) != 1) + 1
+    starts = np.concatenate([[0], breaks]).tolist()
+    ends = np.concatenate([breaks, [n]]).tolist()
+    for s, e in zip(starts, ends):
+        view = flat[s * row_bytes:e * row_bytes]
+        pos = offset + int(rows_b[s]) * row_bytes
         while len(view):
-            n = os.preadv(fd, [view], pos)
-            if n <= 0:
+            got = os.preadv(fd, [view], pos)
+            if got <= 0:
                 raise StoreError(f"short read at byte {pos} (truncated store file?)")
-            view, pos = view[n:], pos + n
+            view, pos = view[got:], pos + got
 
 
 class FeatureStore:

@@ -1,0 +1,38 @@
+"""Data pipeline: original LXMERT files -> memory-mapped store -> batches -> masking.
+
+Modules (imported on use, so ``python -m lxmert_fast.data.convert`` stays light):
+
+* :mod:`~lxmert_fast.data.formats`   readers + strict validation of the original files
+* :mod:`~lxmert_fast.data.store`     the memory-mapped feature store (:class:`FeatureStore`)
+* :mod:`~lxmert_fast.data.convert`   ``python -m lxmert_fast.data.convert TSV ... --out DIR``
+* :mod:`~lxmert_fast.data.tokenization`  WordPiece tokenisation, once, into int32 arrays
+* :mod:`~lxmert_fast.data.answers`   the QA answer table (``all_ans.json``)
+* :mod:`~lxmert_fast.data.pretrain_data`  items, negatives, QA labels, sampler, loader
+* :mod:`~lxmert_fast.data.masking`   vectorised word / object masking (any device)
+* :mod:`~lxmert_fast.data.demo`      ``python -m lxmert_fast.data.demo --out DIR``
+"""
+
+_EXPORTS = {
+    "DataFormatError": "formats", "BadRowLog": "formats",
+    "FeatureStore": "store", "StoreError": "store",
+    "convert_tsvs": "convert",
+    "load_tokenizer": "tokenization", "tokenize_sentences": "tokenization",
+    "AnswerTable": "answers",
+    "PretrainIndex": "pretrain_data", "PretrainDataset": "pretrain_data",
+    "ShardedResumableSampler": "pretrain_data", "PretrainLoader": "pretrain_data",
+    "build_pretrain_index": "pretrain_data", "build_pretrain_dataset": "pretrain_data",
+    "make_pretrain_loader": "pretrain_data",
+    "MaskingConfig": "masking", "mask_words": "masking", "mask_objects": "masking",
+    "mask_pretrain_batch": "masking",
+    "ensure_demo_data": "demo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'lxmert_fast.data' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)

@@ -1,0 +1,170 @@
+"""Conversion round trip, parallel determinism, crash safety and store integrity checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lxmert_fast.data.convert import count_lines, convert_tsvs
+from lxmert_fast.data.formats import normalise_boxes, read_tsv
+from lxmert_fast.data.store import FeatureStore, StoreError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def rows(pretrain_tsvs):
+    out = []
+    for path in pretrain_tsvs:
+        out += read_tsv(path)
+    return out
+
+
+def _check_roundtrip(st: FeatureStore, rows, exact: bool):
+    assert st.num_images == len(rows) and st.num_boxes == 36 and st.feat_dim == 2048
+    assert list(st.img_ids) == [r.img_id for r in rows]
+    all_rows = np.arange(len(rows))
+    feats = st.read_features(all_rows)
+    g = st.gather(all_rows)
+    for i, r in enumerate(rows):
+        f = feats[i].astype(np.float32)
+        if exact:
+            np.testing.assert_array_equal(f, r.feats_nd)
+        else:  # fp16 rounding: relative 2^-11 (normal range), absolute 2^-25 (subnormals)
+            err = np.abs(f - r.feats_nd)
+            assert (err <= np.abs(r.feats_nd) * 2.0 ** -11 + 2.0 ** -24).all()
+            np.testing.assert_array_equal(feats[i], r.feats_nd.astype(np.float16))
+        np.testing.assert_array_equal(g["boxes"][i], normalise_boxes(r.boxes_n4, r.img_h, r.img_w))
+        assert (g["boxes"][i] >= 0).all() and (g["boxes"][i] <= 1).all()
+        np.testing.assert_array_equal(g["obj_ids"][i], r.obj_ids_n)
+        np.testing.assert_array_equal(g["attr_ids"][i], r.attr_ids_n)
+        np.testing.assert_array_equal(g["obj_conf"][i], r.obj_conf_n)
+        np.testing.assert_array_equal(g["attr_conf"][i], r.attr_conf_n)
+        assert (g["img_h"][i], g["img_w"][i]) == (r.img_h, r.img_w)
+    # the memmap view agrees with the pread path
+    np.testing.assert_array_equal(np.asarray(st.features[[3, 1, 2]]), st.read_features([3, 1, 2]))
+    assert st.row_of(rows[5].img_id) == 5
+
+
+def test_roundtrip_fp16(demo_store, rows):
+    assert demo_store.feat_dtype == "float16"
+    _check_roundtrip(demo_store, rows, exact=False)
+    man = demo_store.manifest
+    assert man["files"]["features"]["shape"] == [len(rows), 36, 2048]
+    assert all(len(f["sha256"]) == 64 for f in man["files"].values())
+    assert man["sources"][0]["lines"] + man["sources"][1]["lines"] + man["sources"][2]["lines"] \
+        == len(rows)
+
+
+def test_roundtrip_fp32_parallel_equals_sequential(pretrain_tsvs, rows, tmp_path, demo_store):
+    out = str(tmp_path / "fp32")
+    man = convert_tsvs(pretrain_tsvs, out, fp32=True, workers=2, seg_lines=7, progress=False,
+                       log=None)
+    st = FeatureStore.open(out, verify=True)
+    assert st.feat_dtype == "float32"
+    _check_roundtrip(st, rows, exact=True)
+    # fp16, parallel with odd segment sizes: byte-identical to the sequential fixture store
+    out16 = str(tmp_path / "fp16")
+    man16 = convert_tsvs(pretrain_tsvs, out16, workers=2, seg_lines=5, progress=False, log=None)
+    for name, f in man16["files"].items():
+        assert f["sha256"] == demo_store.manifest["files"][name]["sha256"], name
+    assert man["num_images"] == man16["num_images"]
+
+
+def test_count_lines(tmp_path):
+    p = tmp_path / "x.tsv"
+    p.write_bytes(b"a\nbb\n\nccc")  # 4 lines, the last without newline
+    n, cps = count_lines(str(p), every=2, block=3)
+    assert n == 4 and cps == [(1, 0), (3, 5)]
+    p.write_bytes(b"a\nb\n")
+    assert count_lines(str(p), every=1)[0] == 2
+    p.write_bytes(b"")
+    assert count_lines(str(p), every=1)[0] == 0
+
+
+def _run_cli(args, env_extra=None, timeout=120):
+    env = dict(os.environ, **(env_extra or {}))
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "lxmert_fast.data.convert", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize("hook,rc", [("crash_after:1", 17), ("interrupt_after:1", 130)])
+def test_interrupted_conversion_leaves_no_complete_store(pretrain_tsvs, tmp_path, hook, rc):
+    """A hard crash (os._exit mid-conversion) and a Ctrl-C (KeyboardInterrupt) both leave
+    nothing at --out that looks like a store; FeatureStore.open refuses the partial dir."""
+    out = str(tmp_path / "store")
+    r = _run_cli([*pretrain_tsvs, "--out", out, "--workers", "2", "--no-progress"],
+                 {"LXMERT_FAST_CONVERT_TEST_HOOK": hook})
+    assert r.returncode == rc, r.stderr
+    assert not os.path.exists(out)
+    with pytest.raises(StoreError):
+        FeatureStore.open(out)
+    partial = [p for p in os.listdir(tmp_path) if p.startswith("store.partial-")]
+    if hook.startswith("crash"):  # no chance to clean up: a partial dir without manifest
+        assert len(partial) == 1
+        pdir = os.path.join(tmp_path, partial[0])
+        assert not os.path.exists(os.path.join(pdir, "manifest.json"))
+        with pytest.raises(StoreError, match="incomplete"):
+            FeatureStore.open(pdir)
+    else:  # Ctrl-C: cleaned up
+        assert partial == [] and "interrupted" in r.stderr
+    # a later conversion succeeds
+    convert_tsvs(pretrain_tsvs, out, workers=2, progress=False, log=None)
+    FeatureStore.open(out, verify=True)
+
+
+def test_store_integrity_checks(demo_store, tmp_path):
+    import shutil
+    d = str(tmp_path / "copy")
+    shutil.copytree(demo_store.path, d, ignore=shutil.ignore_patterns("sentences"))
+    FeatureStore.open(d, verify=True)
+    # flip one byte: verify() catches it
+    with open(os.path.join(d, "boxes.npy"), "r+b") as f:
+        f.seek(500)
+        b = f.read(1)
+        f.seek(500)
+        f.write(bytes([b[0] ^ 0xFF]))
+    st = FeatureStore.open(d)
+    with pytest.raises(StoreError, match="sha256"):
+        st.verify()
+    # truncation: caught by open()
+    with open(os.path.join(d, "features.npy"), "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(StoreError, match="size"):
+        FeatureStore.open(d)
+    # wrong version
+    os.remove(os.path.join(d, "features.npy"))
+    with pytest.raises(StoreError, match="missing"):
+        FeatureStore.open(d)
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    m["version"] = 999
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    with pytest.raises(StoreError, match="version"):
+        FeatureStore.open(d)
+    with pytest.raises(StoreError, match="no feature store"):
+        FeatureStore.open(str(tmp_path / "nothing"))
+
+
+def test_existing_output_needs_overwrite(pretrain_tsvs, tmp_path):
+    out = str(tmp_path / "s")
+    convert_tsvs(pretrain_tsvs[:1], out, workers=1, progress=False, log=None)
+    with pytest.raises(FileExistsError):
+        convert_tsvs(pretrain_tsvs[:1], out, workers=1, progress=False, log=None)
+    man = convert_tsvs(pretrain_tsvs[1:2], out, workers=1, overwrite=True, progress=False,
+                       log=None)
+    assert FeatureStore.open(out).num_images == man["num_images"]
+    assert sorted(os.listdir(tmp_path)) == ["s"]
+
+
+def test_store_pickles_lazily(demo_store):
+    import pickle
+    st = pickle.loads(pickle.dumps(demo_store))
+    assert st._maps == {} and st._fds == {}
+    assert st.read_features([0]).shape == (1, 36, 2048)
+    assert len(pickle.dumps(demo_store)) < 20000  # manifest only, no arrays

@@ -1,0 +1,119 @@
+"""The demo world: original formats that parse strictly, determinism, cross-modal structure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from lxmert_fast.data.demo import COLORS, CLASSES, ensure_demo_data, generate, main as demo_main
+from lxmert_fast.data.formats import (iter_tsv, read_all_ans, read_ans2label, read_label2ans,
+                                      read_pretrain_json, read_task_json)
+
+
+def _tsv_ids(path):
+    return [row.img_id for _, row in iter_tsv(path)]  # strict: raises on any bad row
+
+
+def test_demo_files_parse_strictly(demo_root):
+    meta = json.load(open(os.path.join(demo_root, "demo.json")))
+    j = lambda *p: os.path.join(demo_root, *p)
+    ids = {name: _tsv_ids(j(rel)) for name, rel in meta["tsv"].items()}
+    sz = meta["split_sizes"]
+    assert len(ids["train2014"]) == sz["train2014"] and len(ids["vg"]) == sz["vg"]
+    for v in ids.values():
+        assert len(v) == len(set(v))
+    coco = set(ids["train2014"]) | set(ids["val2014"])
+    pre = {}
+    for split in ("mscoco_train", "mscoco_nominival", "mscoco_minival", "vgnococo"):
+        recs = [r for _, r in read_pretrain_json(j("lxmert", f"{split}.json"))]
+        assert recs and len(recs) == meta["pretrain_splits"][split]
+        pre[split] = recs
+    assert {r["img_id"] for r in pre["mscoco_train"]} == set(ids["train2014"])
+    assert {r["img_id"] for r in pre["vgnococo"]} == set(ids["vg"])
+    val = {r["img_id"] for s in ("mscoco_minival", "mscoco_nominival") for r in pre[s]}
+    assert val == set(ids["val2014"])
+    assert any("vqa" in r["labelf"] for r in pre["mscoco_train"])
+    assert any("gqa" in r["labelf"] for r in pre["vgnococo"])
+    all_ans = {a["ans"] for a in read_all_ans(j("lxmert", "all_ans.json"))}
+    for task, splits, pool in (("vqa", ("train", "nominival", "minival"), coco),
+                               ("gqa", ("train", "valid", "testdev"),
+                                set(ids["vg"]) | set(ids["gqa_testdev"]))):
+        a2l = read_ans2label(j(task, "trainval_ans2label.json"))
+        l2a = read_label2ans(j(task, "trainval_label2ans.json"))
+        assert all(l2a[i] == a for a, i in a2l.items())
+        for sp in splits:
+            recs = read_task_json(j(task, f"{sp}.json"), task, require_label=True)
+            assert recs and all(r["img_id"] in pool for r in recs)
+            assert all(a in a2l and a in all_ans for r in recs for a in r["label"])
+    for sp in ("train", "valid"):
+        recs = read_task_json(j("nlvr2", f"{sp}.json"), "nlvr2", require_label=True)
+        pool = set(ids[f"nlvr2_{sp}"])
+        assert all(r["img0"] in pool and r["img1"] in pool for r in recs)
+        frac_true = np.mean([r["label"] for r in recs])
+        assert 0.15 < frac_true < 0.85
+    vocab = open(j("vocab.txt")).read().split("\n")
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert set(CLASSES + COLORS) <= set(vocab)
+
+
+def test_demo_deterministic_and_cached(tmp_path):
+    def digest(root):
+        h = {}
+        for dp, _, fs in os.walk(root):
+            for f in fs:
+                if f != "demo.json":
+                    p = os.path.join(dp, f)
+                    h[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+        return h
+    generate(str(tmp_path / "a"), images=16, seed=4, log=None)
+    assert demo_main(["--out", str(tmp_path / "b"), "--images", "16", "--seed", "4"]) == 0
+    generate(str(tmp_path / "c"), images=16, seed=5, log=None)
+    da, db, dc = digest(tmp_path / "a"), digest(tmp_path / "b"), digest(tmp_path / "c")
+    assert da == db and da.keys() == dc.keys() and da != dc
+    p = ensure_demo_data(str(tmp_path / "cache"), images=16, seed=4)
+    stamp = os.path.getmtime(os.path.join(p, "demo.json"))
+    assert ensure_demo_data(str(tmp_path / "cache"), images=16, seed=4) == p
+    assert os.path.getmtime(os.path.join(p, "demo.json")) == stamp
+    assert digest(p) == da
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(p)]  # no partial dirs left
+
+
+def test_demo_has_cross_modal_structure(demo_root, demo_store):
+    """Features encode the detected class; answers are facts about the image's objects."""
+    meta = json.load(open(os.path.join(demo_root, "demo.json")))
+    cls_of_id = {oid: c for c, oid in zip(CLASSES, meta["obj_id_of_class"])}
+    col_of_id = {aid: c for c, aid in zip(COLORS, meta["attr_id_of_color"])}
+    st = demo_store
+    n = st.num_images
+    feats = st.read_features(np.arange(n)).astype(np.float32)      # (N, 36, D)
+    obj = np.asarray(st.obj_ids)
+    salient = np.isin(obj, list(cls_of_id))
+    x, y = feats[salient], obj[salient]
+    # nearest class centroid (centroids from half the images, tested on the other half)
+    half = np.repeat(np.arange(n) < n // 2, 36).reshape(n, 36)[salient]
+    labels = sorted(set(y.tolist()))
+    cent = np.stack([x[half & (y == c)].mean(0) for c in labels])
+    d = ((x[~half][:, None, :] - cent[None]) ** 2).sum(-1)
+    acc = (np.asarray(labels)[d.argmin(1)] == y[~half]).mean()
+    assert acc > 0.95, acc
+    # "what color is the <class>?" is answered by the attribute of that object in the image
+    checked = 0
+    for split in ("mscoco_train",):
+        for _, rec in read_pretrain_json(os.path.join(demo_root, "lxmert", f"{split}.json")):
+            row = st.row_of(rec["img_id"])
+            objs = {(cls_of_id.get(int(o)), col_of_id.get(int(a)))
+                    for o, a in zip(st.obj_ids[row], st.attr_ids[row]) if int(o) in cls_of_id}
+            for q, lab in zip(rec["sentf"].get("vqa", []), rec["labelf"].get("vqa", [])):
+                if q.startswith("what color is the "):
+                    c = q[len("what color is the "):-1]
+                    best = max(lab, key=lab.get)
+                    assert (c, best) in objs
+                    checked += 1
+                elif q.startswith("is there a "):
+                    c = q[len("is there a "):-1]
+                    assert (max(lab, key=lab.get) == "yes") == any(o == c for o, _ in objs)
+                    checked += 1
+    assert checked > 20
