@@ -1,0 +1,397 @@
+"""Kernel benchmark: lxmert_kernels against PyTorch peers at LXMERT shapes, in one process.
+
+    python bench/bench_kernels.py --out bench/results [--quick] [--batches 32,128,512]
+
+Measured (forward, and forward + backward):
+  * self-attention, 12 heads, D 64, 20 (language, padded) and 36 (vision) tokens:
+    ``flash_attention`` vs torch SDPA with each backend (math / efficient / flash / cudnn, forced
+    with ``torch.nn.attention.sdpa_kernel``), and flash-attn when it is installed;
+  * the cross-attention pair (20 lang + 36 vision from one packed projection):
+    ``bidirectional_cross_attention`` (one launch) vs two SDPA calls;
+  * dropout + residual + LayerNorm (768) and bias + GELU (3072) vs PyTorch eager and
+    ``torch.compile``, with achieved bandwidth (GB/s, the minimal bytes each op must move).
+Timing: warm-up, then CUDA events around every run, median of many runs. Each measurement is a
+JSON row (hardware, torch / triton versions, git commit) written to ``--out``/bench_kernels.jsonl;
+a table is printed last. ``ratio`` = peer time / ours (> 1: ours is faster).
+
+``--quick`` runs tiny shapes; without a GPU it uses the Triton interpreter (a smoke test of the
+script, not a measurement). ``run(out_dir, quick=False) -> list[dict]`` is the entry point for
+bench/run.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+HEADS, HEAD_DIM, LANG, VIS, HIDDEN, FFN = 12, 64, 20, 36, 768, 3072
+
+
+# ----------------------------------------------------------------------------------------------
+# environment
+# ----------------------------------------------------------------------------------------------
+def _import_kernels():
+    """Import lxmert_kernels (installed, or from the source tree); on a machine without CUDA
+    switch on the Triton interpreter first (it must be set before the kernels are imported)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        import lxmert_kernels  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(REPO / "kernels"))
+    import lxmert_kernels as lk
+
+    return lk
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "kernels", "bench"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+
+    if torch.cuda.is_available():
+        hw = torch.cuda.get_device_name()
+    else:
+        hw = f"cpu ({platform.processor() or platform.machine()}), Triton interpreter"
+    return {
+        "hardware": hw,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+def median_ms(fn, warmup: int, reps: int) -> float:
+    """Median wall time of fn() in ms: CUDA events around each run, or a synchronised clock."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _step(forward, inputs, dout, mode):
+    """A callable running forward (mode 'fwd') or forward + backward (mode 'fwd+bwd')."""
+    if mode == "fwd":
+        def f():
+            with torch.no_grad():
+                forward()
+    else:
+        def f():
+            out = forward()
+            torch.autograd.grad(out, inputs, dout)
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# contenders
+# ----------------------------------------------------------------------------------------------
+def _sdpa_backends():
+    """name -> context manager factory forcing one SDPA backend (those this torch knows)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # very old torch
+        return {}
+    out = {}
+    for name, attr in (("math", "MATH"), ("efficient", "EFFICIENT_ATTENTION"), ("flash", "FLASH_ATTENTION"),
+                       ("cudnn", "CUDNN_ATTENTION")):
+        if hasattr(SDPBackend, attr):
+            out[name] = (lambda b=getattr(SDPBackend, attr): sdpa_kernel(b))
+    return out
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # type: ignore
+
+        return flash_attn_func
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _sdpa(q_blhd, k_blhd, v_blhd, mask_bl, dropout_p):
+    """SDPA on (B, L, H, D) views, bool key-padding mask broadcast to (B, 1, 1, Lk)."""
+    attn_mask = None if mask_bl is None else mask_bl[:, None, None, :]
+    out_bhld = F.scaled_dot_product_attention(q_blhd.transpose(1, 2), k_blhd.transpose(1, 2),
+                                              v_blhd.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout_p)
+    return out_bhld.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark groups
+# ----------------------------------------------------------------------------------------------
+class Recorder:
+    def __init__(self, env, warmup, reps):
+        self.env, self.warmup, self.reps, self.rows = env, warmup, reps, []
+
+    def measure(self, group: dict, impl: str, fn, work: dict | None = None, ctx=None):
+        row = dict(self.env, **group, impl=impl)
+        try:
+            if ctx is not None:
+                with ctx():
+                    ms = median_ms(fn, self.warmup, self.reps)
+            else:
+                ms = median_ms(fn, self.warmup, self.reps)
+            row["ms"] = round(ms, 5)
+            if work and "bytes" in work:
+                row["GB/s"] = round(work["bytes"] / (ms * 1e-3) / 1e9, 1)
+            if work and "flops" in work:
+                row["TFLOP/s"] = round(work["flops"] / (ms * 1e-3) / 1e12, 2)
+        except Exception as e:  # noqa: BLE001  (an unsupported backend is a result too)
+            row["ms"] = None
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        self.rows.append(row)
+        return row
+
+
+def _finish_group(rows):
+    """ratio = time / ours' time for every row of one group (same op, shape, mode)."""
+    ours = [r for r in rows if r["impl"].startswith("ours") and r.get("ms")]
+    if not ours:
+        return
+    t_ours = ours[0]["ms"]
+    for r in rows:
+        if r.get("ms"):
+            r["ratio"] = round(r["ms"] / t_ours, 3)
+
+
+def bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads=HEADS):
+    flash_attn_func = _flash_attn_func()
+    gen = torch.Generator().manual_seed(0)
+    for B in batches:
+        for L, padded in ((LANG, True), (VIS, False)):
+            qkv = torch.randn(B, L, 3, heads, HEAD_DIM, generator=gen).to(device, dtype).requires_grad_(True)
+            q, k, v = qkv.unbind(dim=2)
+            mask = None
+            if padded:
+                lengths = torch.randint(6, L + 1, (B,), generator=gen)
+                mask = (torch.arange(L)[None] < lengths[:, None]).to(device)
+            dout = torch.randn(B, L, heads, HEAD_DIM, generator=gen).to(device, dtype)
+            for mode in modes:
+                for p in dropouts if mode == "fwd+bwd" else (0.0,):
+                    group = dict(op="self_attention", mode=mode, shape=f"B{B} L{L} H{heads} D{HEAD_DIM}",
+                                 dtype=str(dtype)[6:], masked=padded, dropout=p)
+                    fl = 4 * B * heads * L * L * HEAD_DIM * (3.5 if mode == "fwd+bwd" else 1.0)
+                    start = len(rec.rows)
+                    rec.measure(group, "ours flash_attention",
+                                _step(lambda: lk.flash_attention(q, k, v, mask, dropout_p=p), [qkv], dout, mode),
+                                {"flops": fl})
+                    for name, ctx in _sdpa_backends().items():
+                        rec.measure(group, f"sdpa {name}",
+                                    _step(lambda: _sdpa(q, k, v, mask, p), [qkv], dout, mode), {"flops": fl}, ctx)
+                    if flash_attn_func is not None and mask is None:
+                        rec.measure(group, "flash_attn",
+                                    _step(lambda: flash_attn_func(q, k, v, dropout_p=p), [qkv], dout, mode),
+                                    {"flops": fl})
+                    _finish_group(rec.rows[start:])
+
+
+def bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads=HEADS):
+    gen = torch.Generator().manual_seed(1)
+    L = LANG + VIS
+    for B in batches:
+        qkv = torch.randn(B, L, 3, heads, HEAD_DIM, generator=gen).to(device, dtype).requires_grad_(True)
+        q, k, v = qkv.unbind(dim=2)
+        lengths = torch.randint(6, LANG + 1, (B,), generator=gen)
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[:, :LANG] = torch.arange(LANG)[None] < lengths[:, None]
+        mask = mask.to(device)
+        dout = torch.randn(B, L, heads, HEAD_DIM, generator=gen).to(device, dtype)
+
+        def two_sdpa(p):
+            o_lang = _sdpa(q[:, :LANG], k[:, LANG:], v[:, LANG:], None, p)  # vision keys: no padding
+            o_vis = _sdpa(q[:, LANG:], k[:, :LANG], v[:, :LANG], mask[:, :LANG], p)
+            return torch.cat([o_lang, o_vis], dim=1)
+
+        for mode in modes:
+            for p in dropouts if mode == "fwd+bwd" else (0.0,):
+                group = dict(op="cross_pair", mode=mode, shape=f"B{B} {LANG}+{VIS} H{heads} D{HEAD_DIM}",
+                             dtype=str(dtype)[6:], masked=True, dropout=p)
+                fl = 2 * 4 * B * heads * LANG * VIS * HEAD_DIM * (3.5 if mode == "fwd+bwd" else 1.0)
+                start = len(rec.rows)
+                rec.measure(group, "ours bidirectional (1 launch)",
+                            _step(lambda: lk.bidirectional_cross_attention(qkv, LANG, mask, dropout_p=p), [qkv],
+                                  dout, mode), {"flops": fl})
+                rec.measure(group, "2 x sdpa (auto backend)", _step(lambda: two_sdpa(p), [qkv], dout, mode),
+                            {"flops": fl})
+                for name, ctx in _sdpa_backends().items():
+                    rec.measure(group, f"2 x sdpa {name}", _step(lambda: two_sdpa(p), [qkv], dout, mode),
+                                {"flops": fl}, ctx)
+                _finish_group(rec.rows[start:])
+
+
+def _compiled(fn, use_compile):
+    if not use_compile:
+        return None
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile):
+    gen = torch.Generator().manual_seed(2)
+
+    def torch_ln(x, r, w, b):
+        return F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-12)
+
+    compiled = _compiled(torch_ln, use_compile)
+    for B in batches:
+        M = B * (LANG + VIS)
+        x = torch.randn(M, HIDDEN, generator=gen).to(device, dtype).requires_grad_(True)
+        r = torch.randn(M, HIDDEN, generator=gen).to(device, dtype).requires_grad_(True)
+        w = torch.ones(HIDDEN, device=device, dtype=dtype, requires_grad=True)
+        b = torch.zeros(HIDDEN, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(M, HIDDEN, generator=gen).to(device, dtype)
+        e = x.element_size()
+        for mode in modes:
+            # minimal traffic: fwd reads x, r, writes y; bwd reads dy, x, r, writes dx, dr
+            nbytes = M * HIDDEN * e * (3 if mode == "fwd" else 8)
+            group = dict(op="layer_norm+residual", mode=mode, shape=f"M{M} N{HIDDEN}", dtype=str(dtype)[6:],
+                         masked=False, dropout=0.0)
+            start = len(rec.rows)
+            inputs = [x, r, w, b]
+            rec.measure(group, "ours layer_norm", _step(lambda: lk.layer_norm(x, w, b, 1e-12, r), inputs, dy, mode),
+                        {"bytes": nbytes})
+            rec.measure(group, "torch eager", _step(lambda: torch_ln(x, r, w, b), inputs, dy, mode), {"bytes": nbytes})
+            if compiled is not None:
+                rec.measure(group, "torch.compile", _step(lambda: compiled(x, r, w, b), inputs, dy, mode),
+                            {"bytes": nbytes})
+            _finish_group(rec.rows[start:])
+
+
+def bench_bias_gelu(lk, rec, batches, dtype, device, modes, use_compile):
+    gen = torch.Generator().manual_seed(3)
+
+    def torch_gelu(x, b):
+        return F.gelu(x + b)
+
+    compiled = _compiled(torch_gelu, use_compile)
+    for B in batches:
+        M = B * (LANG + VIS)
+        x = torch.randn(M, FFN, generator=gen).to(device, dtype).requires_grad_(True)
+        b = torch.randn(FFN, generator=gen).to(device, dtype).requires_grad_(True)
+        dy = torch.randn(M, FFN, generator=gen).to(device, dtype)
+        e = x.element_size()
+        for mode in modes:
+            nbytes = M * FFN * e * (2 if mode == "fwd" else 5)  # fwd: x, y; bwd: + dy, x, dx
+            group = dict(op="bias_gelu", mode=mode, shape=f"M{M} N{FFN}", dtype=str(dtype)[6:], masked=False,
+                         dropout=0.0)
+            start = len(rec.rows)
+            rec.measure(group, "ours bias_gelu", _step(lambda: lk.bias_gelu(x, b), [x, b], dy, mode),
+                        {"bytes": nbytes})
+            rec.measure(group, "torch eager", _step(lambda: torch_gelu(x, b), [x, b], dy, mode), {"bytes": nbytes})
+            if compiled is not None:
+                rec.measure(group, "torch.compile", _step(lambda: compiled(x, b), [x, b], dy, mode),
+                            {"bytes": nbytes})
+            _finish_group(rec.rows[start:])
+
+
+# ----------------------------------------------------------------------------------------------
+# entry points
+# ----------------------------------------------------------------------------------------------
+def print_table(rows) -> None:
+    cols = ["op", "mode", "shape", "dtype", "dropout", "impl", "ms", "ratio", "TFLOP/s", "GB/s"]
+    table = [[str(r.get(c, "") if r.get(c) is not None else ("-" if c != "ms" else "n/a")) for c in cols]
+             for r in rows]
+    for r, t in zip(rows, table):
+        if r.get("error"):
+            t[cols.index("ratio")] = "unsupported"
+    widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
+    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for t in table:
+        print(" | ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+def run(out_dir, quick: bool = False, batches=None, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Run the benchmark, write ``out_dir``/bench_kernels.jsonl, print a table, return the rows.
+
+    quick: tiny batches and few repetitions (and, without CUDA, the Triton interpreter on CPU).
+    """
+    lk = _import_kernels()
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    if not on_gpu:
+        dtype = torch.float32  # the interpreter smoke test: fp32, tiny shapes
+    if batches is None:
+        batches = [2] if (quick or not on_gpu) else [32, 128, 512]
+    warmup, reps = (1, 2) if not on_gpu else ((5, 20) if quick else (10, 50))
+    heads = HEADS if on_gpu else 2  # the interpreter is slow: 2 heads for the CPU smoke test
+    rec = Recorder(environment(), warmup, reps)
+    modes = ("fwd", "fwd+bwd")
+    dropouts = (0.0,) if quick else (0.0, 0.1)
+    use_compile = on_gpu
+    bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads)
+    bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads)
+    bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile)
+    bench_bias_gelu(lk, rec, batches, dtype, device, modes, use_compile)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_kernels.jsonl", "w") as fh:
+        for row in rec.rows:
+            fh.write(json.dumps(row) + "\n")
+    env = rec.env
+    print(f"\nlxmert_kernels benchmark on {env['hardware']} (torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit'][:12]}); ratio = time / ours, > 1 means ours is faster; "
+          f"rows in {out / 'bench_kernels.jsonl'}")
+    print_table(rec.rows)
+    return rec.rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory for bench_kernels.jsonl")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few runs (interpreter without a GPU)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 32,128,512)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    rows = run(args.out, quick=args.quick, batches=batches, dtype=getattr(torch, args.dtype))
+    failed_ours = [r for r in rows if r["impl"].startswith("ours") and r.get("error")]
+    return 1 if failed_ours else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
