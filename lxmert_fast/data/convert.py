@@ -45,7 +45,7 @@ _TEST_HOOK_ENV = "LXMERT_FAST_CONVERT_TEST_HOOK"  # "crash_after:<segments>" / "
 _WRITE_BLOCK_ROWS = 32
 
 
-def count_lines(path: str, every: int, block: int = 16 << 20) -> tuple[int, list[tuple[int, int]]]:
+def count_lines(path: str, every: int, block: int = 4 << 20) -> tuple[int, list[tuple[int, int]]]:
     """Number of lines and ``[(line_number, byte_offset)]`` of lines 1, 1+every, 1+2*every, ...
 
     A last line without a trailing newline counts; an empty file has 0 lines.

@@ -470,33 +470,64 @@ class PretrainDataset(torch.utils.data.Dataset):
                 "lengths_b": np.asarray(ix.array("lengths")[sent_b], np.int64), "ans_b": ans_b}
 
     def make_batch(self, items_b: np.ndarray, rng: np.random.Generator, seed: int = 0) -> dict:
-        """Raw batch (or masked, with ``self.masking``) for item indices ``items_b``."""
+        """Raw batch (or masked, with ``self.masking``) for item indices ``items_b``.
+
+        All tensors of the raw batch are views of one storage, allocated in shared memory when
+        running in a loader worker: handing the batch to the main process then passes one
+        file descriptor, with no copy (per-tensor shared-memory segments cost more than
+        reading the features).
+        """
         txt = self.sample_text(items_b, rng)
         img_b, tokens_bl = txt["img_b"], txt["tokens_bl"]
         b, L = tokens_bl.shape
-        g = self.store.gather(img_b, ("features", "boxes", "obj_ids", "obj_conf", "attr_ids",
-                                      "attr_conf"))
-        attn_bl = (np.arange(L)[None, :] < txt["lengths_b"][:, None]).astype(np.int64)
-        t = torch.from_numpy
-        raw = {
-            "input_ids": t(tokens_bl),
-            "attention_mask": t(attn_bl),
-            "token_type_ids": torch.zeros((b, L), dtype=torch.long),
-            "visual_feats": t(g["features"]),
-            "visual_pos": t(g["boxes"]),
-            "obj_ids": t(g["obj_ids"].astype(np.int64)),
-            "obj_conf": t(g["obj_conf"]),
-            "attr_ids": t(g["attr_ids"].astype(np.int64)),
-            "attr_conf": t(g["attr_conf"]),
-            "matched_label": t(txt["matched_b"]),
-            "ans": t(txt["ans_b"]),
-            "img_index": t(img_b),
-            "item_index": t(np.asarray(items_b, np.int64)),
-        }
+        st = self.store
+        n = st.num_boxes
+        f32, i64 = torch.float32, torch.long
+        raw = _alloc_views({
+            "visual_feats": ((b, n, st.feat_dim), getattr(torch, st.feat_dtype)),
+            "visual_pos": ((b, n, 4), f32),
+            "obj_ids": ((b, n), i64), "obj_conf": ((b, n), f32),
+            "attr_ids": ((b, n), i64), "attr_conf": ((b, n), f32),
+            "input_ids": ((b, L), i64), "attention_mask": ((b, L), i64),
+            "token_type_ids": ((b, L), i64),
+            "matched_label": ((b,), i64), "ans": ((b,), i64),
+            "img_index": ((b,), i64), "item_index": ((b,), i64),
+        }, shared=torch.utils.data.get_worker_info() is not None)
+        np_ = {k: v.numpy() for k, v in raw.items()}
+        st.read_features(img_b, np_["visual_feats"])
+        for name, key in (("boxes", "visual_pos"), ("obj_ids", "obj_ids"), ("obj_conf", "obj_conf"),
+                          ("attr_ids", "attr_ids"), ("attr_conf", "attr_conf")):
+            np_[key][...] = st.array(name)[img_b]
+        np_["input_ids"][...] = tokens_bl
+        np_["attention_mask"][...] = np.arange(L)[None, :] < txt["lengths_b"][:, None]
+        np_["token_type_ids"][...] = 0
+        np_["matched_label"][...] = txt["matched_b"]
+        np_["ans"][...] = txt["ans_b"]
+        np_["img_index"][...] = img_b
+        np_["item_index"][...] = items_b
         if self.masking is not None:
             gen = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
             return mask_pretrain_batch(raw, self.masking, gen)
         return raw
+
+
+def _alloc_views(specs: dict, shared: bool) -> dict[str, torch.Tensor]:
+    """``{name: uninitialised tensor}`` of the given ``(shape, dtype)``, all views of one
+    storage (64-byte aligned), in shared memory if ``shared``."""
+    offsets, total = {}, 0
+    for name, (shape, dtype) in specs.items():
+        item = torch.empty(0, dtype=dtype).element_size()
+        offsets[name] = total
+        total += -(-int(np.prod(shape)) * item // 64) * 64
+    storage = (torch.UntypedStorage._new_shared(total) if shared
+               else torch.UntypedStorage(total))
+    out = {}
+    for name, (shape, dtype) in specs.items():
+        t = torch.empty(0, dtype=dtype)
+        item = t.element_size()
+        stride = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+        out[name] = t.set_(storage, offsets[name] // item, shape, stride)
+    return out
 
 
 def _squeeze(batch):

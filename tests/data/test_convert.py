@@ -168,3 +168,32 @@ def test_store_pickles_lazily(demo_store):
     assert st._maps == {} and st._fds == {}
     assert st.read_features([0]).shape == (1, 36, 2048)
     assert len(pickle.dumps(demo_store)) < 20000  # manifest only, no arrays
+
+
+def test_conversion_memory_is_bounded(pretrain_tsvs, tmp_path):
+    """Peak allocations of a conversion do not grow with the input (streaming, pwrite)."""
+    import tracemalloc
+    from .conftest import tsv_lines
+    lines = tsv_lines(pretrain_tsvs[0])
+    small = str(tmp_path / "small_obj36.tsv")
+    with open(small, "wb") as f:  # 16 rows: already more than one read block
+        for k in range(2):
+            for ln in lines[:8]:
+                f.write(f"copy{k}_".encode() + ln)
+    big = str(tmp_path / "big_obj36.tsv")
+    with open(big, "wb") as f:  # 10x more rows (unique ids)
+        for k in range(20):
+            for ln in lines[:8]:
+                f.write(f"copy{k}_".encode() + ln)
+    peaks = []
+    for p in (small, big):
+        tracemalloc.start()
+        convert_tsvs([p], p + ".store", workers=1, seg_lines=64,
+                     progress=False, log=None, checksum=False)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    big_mb = os.path.getsize(big) / 2 ** 20
+    print(f"\npeak traced allocations: {peaks[0] / 2**20:.1f} MB for 16 rows, "
+          f"{peaks[1] / 2**20:.1f} MB for 160 rows ({big_mb:.0f} MB of TSV)")
+    assert peaks[1] < peaks[0] + 2 * 2 ** 20 and peaks[1] < 0.5 * big_mb * 2 ** 20
+    assert FeatureStore.open(big + ".store").num_images == 160

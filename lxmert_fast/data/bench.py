@@ -1,0 +1,115 @@
+"""Data-pipeline measurements: conversion MB/s, loader samples/s, masking samples/s.
+
+``python -m lxmert_fast.data.bench [--images 2000] [--workers 2] [--batch 256] [--device cpu]``
+generates (or reuses) a demo world, converts its pre-training TSVs, then times the loader and
+the batch masking. Functions are importable by the project's benchmark suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+
+def bench_convert(tsvs: list[str], out: str, *, workers: int | None = None,
+                  fp32: bool = False) -> dict:
+    """Convert ``tsvs`` into ``out`` (replaced); MB/s of TSV input, checksums included."""
+    from .convert import convert_tsvs
+    size = sum(os.path.getsize(p) for p in tsvs)
+    t0 = time.perf_counter()
+    man = convert_tsvs(tsvs, out, workers=workers, fp32=fp32, overwrite=True, progress=False,
+                       log=None)
+    dt = time.perf_counter() - t0
+    return {"what": "convert", "tsv_mb": size / 1e6, "seconds": dt, "mb_per_s": size / 1e6 / dt,
+            "images": man["num_images"], "workers": workers or os.cpu_count(),
+            "feat_dtype": man["feat_dtype"]}
+
+
+def bench_loader(dataset, *, batch_size: int = 256, num_workers: int = 2, batches: int = 40,
+                 warmup: int = 3) -> dict:
+    """Raw (unmasked) batches per second through :func:`make_pretrain_loader`."""
+    from .pretrain_data import make_pretrain_loader
+    ld = make_pretrain_loader(dataset, batch_size, num_workers=num_workers, seed=0)
+    n = t0 = 0
+    done = 0
+    epoch = 0
+    while done < warmup + batches:
+        ld.set_epoch(epoch)
+        for b in ld:
+            done += 1
+            if done == warmup:
+                t0, n = time.perf_counter(), 0
+            elif done > warmup:
+                n += b["input_ids"].shape[0]
+            if done >= warmup + batches:
+                break
+        epoch += 1
+    dt = time.perf_counter() - t0
+    return {"what": "loader", "batch": batch_size, "workers": num_workers, "samples": n,
+            "seconds": dt, "samples_per_s": n / dt}
+
+
+def bench_masking(dataset, *, batch_size: int = 256, device: str = "cpu", iters: int = 20) -> dict:
+    """Samples/s of :func:`mask_pretrain_batch` on a raw batch already on ``device``."""
+    import numpy as np
+    import torch
+    from .masking import mask_pretrain_batch
+    raw = dataset.make_batch(np.arange(batch_size) % len(dataset), np.random.default_rng(0))
+    raw = {k: v.to(device) for k, v in raw.items()}
+    cfg = dataset.masking_config
+    g = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        mask_pretrain_batch(raw, cfg, g)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        mask_pretrain_batch(raw, cfg, g)
+    sync()
+    dt = time.perf_counter() - t0
+    return {"what": "masking", "device": device, "batch": batch_size,
+            "samples_per_s": batch_size * iters / dt}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lxmert_fast.data.bench", description=__doc__)
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--workers", type=int, default=2, help="converter and loader workers")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lxmert_fast_demo"))
+    p.add_argument("--json", default=None, help="append one JSON row per measurement here")
+    a = p.parse_args(argv)
+    from .demo import ensure_demo_data
+    from .pretrain_data import build_pretrain_dataset, feature_files_for
+    root = ensure_demo_data(a.cache, images=a.images)
+    tsvs = feature_files_for(root, "mscoco_train,mscoco_nominival,vgnococo")
+    store = os.path.join(root, "bench_store")
+    rows = [bench_convert(tsvs, store, workers=a.workers)]
+    ds = build_pretrain_dataset(root, store_dir=store, log=None)
+    rows.append(bench_loader(ds, batch_size=a.batch, num_workers=a.workers, batches=a.batches))
+    rows.append(bench_masking(ds, batch_size=a.batch, device=a.device))
+    shutil.rmtree(os.path.join(store, "sentences"), ignore_errors=True)
+    meta = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if a.json:
+        with open(a.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**meta, **r}) + "\n")
+    print(f"{'what':10s} {'figure':>14s}  details")
+    for r in rows:
+        fig = (f"{r['mb_per_s']:.1f} MB/s" if "mb_per_s" in r else f"{r['samples_per_s']:.0f} smp/s")
+        rest = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                if k not in ("what", "mb_per_s", "samples_per_s")}
+        print(f"{r['what']:10s} {fig:>14s}  {rest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
