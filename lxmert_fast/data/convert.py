@@ -232,6 +232,33 @@ def _test_hook(kind: str, count: int) -> None:
         raise KeyboardInterrupt
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: str, log=print) -> list[str]:
+    """Delete ``<out_dir>.partial-<pid>`` directories left by conversions that crashed (their
+    process is gone); a hard kill leaves one behind, as big as the store."""
+    parent, base = os.path.split(os.path.abspath(out_dir))
+    removed = []
+    for name in os.listdir(parent or "."):
+        if not name.startswith(base + ".partial-"):
+            continue
+        pid = name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+            if log:
+                log(f"removed {name}: left by an interrupted conversion (process {pid} is gone)")
+    return removed
+
+
 def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
                  skip_bad: bool = False, workers: int | None = None,
                  num_boxes: int | None = None, feat_dim: int = DEFAULT_FEAT_DIM,
@@ -261,6 +288,7 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
     kw = dict(feat_dim=feat_dim, num_obj_classes=num_obj_classes,
               num_attr_classes=num_attr_classes, check_fp16=not fp32)
 
+    remove_stale_partials(out_dir, log)
     tmp = f"{out_dir}.partial-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)

@@ -69,7 +69,7 @@ class World:
         self.e_obj = r.standard_normal((n_lab, FEAT_DIM), dtype=np.float32)
         self.e_attr = (0.8 * r.standard_normal((n_att, FEAT_DIM), dtype=np.float32))
         self.e_pos = (0.5 * r.standard_normal((8, FEAT_DIM), dtype=np.float32))
-        self.noise_bank = (0.4 * r.standard_normal((4096, FEAT_DIM), dtype=np.float32))
+        self.noise_bank = (0.4 * r.standard_normal((1024, FEAT_DIM), dtype=np.float32))
 
     def make_images(self, ids: list[str]) -> dict:
         """Sample the objects of images ``ids``; arrays are (N, 36, ...)."""
@@ -144,7 +144,9 @@ def _write_all_tsv(world: World, seed: int, jobs: list[tuple[dict, str]], worker
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     jobs = sorted(jobs, key=lambda j: -len(j[0]["ids"]))
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+    # fork: the children only run numpy code and need not re-import the package (spawn would)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
         for f in [ex.submit(_write_tsv_job, seed, imgs, path) for imgs, path in jobs]:
             f.result()
 
@@ -418,8 +420,6 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
     for sp, recs in nlvr.items():
         _dump(J("nlvr2", f"{sp}.json"), recs)
 
-    vocab_size = train_vocab(sentences + [a for a in ans_count], J("vocab.txt"))
-
     tsvs = {"train2014": J("mscoco_imgfeat", "train2014_obj36.tsv"),
             "val2014": J("mscoco_imgfeat", "val2014_obj36.tsv"),
             "vg": J("vg_gqa_imgfeat", "vg_gqa_obj36.tsv"),
@@ -427,6 +427,7 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
             "nlvr2_train": J("nlvr2_imgfeat", "train_obj36.tsv"),
             "nlvr2_valid": J("nlvr2_imgfeat", "valid_obj36.tsv")}
     _write_all_tsv(world, seed, [(imgs[name], path) for name, path in tsvs.items()], workers)
+    vocab_size = train_vocab(sentences + [a for a in ans_count], J("vocab.txt"))  # after forking
 
     meta = {
         "demo_version": DEMO_VERSION, "images": images, "seed": seed,
@@ -458,6 +459,9 @@ def ensure_demo_data(cache_dir: str, images: int = 2000, seed: int = 0, log=None
     path = os.path.join(os.path.abspath(cache_dir), f"demo-v{DEMO_VERSION}-n{images}-s{seed}")
     if os.path.exists(os.path.join(path, "demo.json")):
         return path
+    from .convert import remove_stale_partials
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    remove_stale_partials(path, log)
     tmp = f"{path}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

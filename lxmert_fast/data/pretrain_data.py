@@ -215,6 +215,8 @@ def build_pretrain_index(data_root: str, splits, store: FeatureStore, vocab: str
     tokens, lengths = tokenize_sentences(tok, sents, max_len)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
+    from .convert import remove_stale_partials
+    remove_stale_partials(out_dir, log)
     tmp = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

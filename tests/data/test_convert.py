@@ -114,9 +114,10 @@ def test_interrupted_conversion_leaves_no_complete_store(pretrain_tsvs, tmp_path
             FeatureStore.open(pdir)
     else:  # Ctrl-C: cleaned up
         assert partial == [] and "interrupted" in r.stderr
-    # a later conversion succeeds
+    # a later conversion succeeds, and removes what the crashed one left
     convert_tsvs(pretrain_tsvs, out, workers=2, progress=False, log=None)
     FeatureStore.open(out, verify=True)
+    assert os.listdir(tmp_path) == ["store"]
 
 
 def test_store_integrity_checks(demo_store, tmp_path):
