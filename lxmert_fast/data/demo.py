@@ -491,9 +491,18 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.images < 8:
         p.error("--images must be at least 8")
-    if os.path.exists(a.out) and os.listdir(a.out):
+    out = os.path.abspath(a.out)
+    if os.path.exists(out) and os.listdir(out):
         p.error(f"{a.out} exists and is not empty")
-    generate(a.out, images=a.images, seed=a.seed)
+    tmp = f"{out}.partial-{os.getpid()}"  # written aside, renamed into place when complete
+    try:
+        generate(tmp, images=a.images, seed=a.seed)
+        if os.path.exists(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return 0
 
 
