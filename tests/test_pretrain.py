@@ -1,0 +1,290 @@
+"""The pre-training job end to end on CPU: 2 processes (torchrun, gloo), a small demo world, the tiny model.
+
+One torchrun launch runs every 2-process scenario in sequence (this file is also the worker:
+`torchrun ... tests/test_pretrain.py WORKDIR`), so DeepSpeed and the data caches start once:
+
+- ZeRO-2 and ZeRO-3, fp32 and bf16: the loss falls;
+- an uninterrupted run vs one stopped at step 6 and resumed: the same loss, bitwise, at every step;
+- a loss that turns NaN: the run stops with a clear message, the last good checkpoint is intact;
+- a config whose batch does not fit the world size: a clear error naming the three numbers;
+- a model whose vocab does not fit the data: a clear error before training.
+
+The tests below read the results. The grounding test is a separate single-process run.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # the torchrun worker
+    sys.path.insert(0, REPO)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEMO_IMAGES = 240
+TEST_SEED = 3
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+def _ds_config(path: str, stage: int, precision: str, **overrides) -> str:
+    with open(os.path.join(REPO, "ds_configs", "cpu.json"), encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    cfg["zero_optimization"]["stage"] = stage
+    cfg["optimizer"]["params"]["lr"] = 3e-3  # a few steps must show learning
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    cfg.update(overrides)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(cfg, fh)
+    return path
+
+
+def _run(name: str, work: str, extra: list[str]) -> dict:
+    from lxmert_fast import pretrain
+
+    common = ["--cache_dir", os.path.join(work, "cache"), "--demo_images", str(DEMO_IMAGES), "--model", "tiny",
+              "--micro_batch_size", "8", "--log_every", "1", "--eval_every", "0", "--eval_batches", "2",
+              "--no_progress", "--num_workers", "0", "--grounding_eval", "no", "--seed", str(TEST_SEED),
+              "--output_dir", os.path.join(work, name)]
+    t0 = time.time()
+    code = pretrain.main(common + extra)
+    return {"code": code, "seconds": time.time() - t0}
+
+
+def _zero_init_probe() -> str:
+    """Can our model be built inside deepspeed.zero.Init? '' if yes, else the error."""
+    import deepspeed
+
+    from lxmert_fast import LxmertConfig, LxmertForPreTraining
+
+    cfg = {"train_batch_size": 8, "zero_optimization": {"stage": 3}}
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = LxmertForPreTraining(LxmertConfig.preset("tiny"))
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            std = model.lxmert.encoder.layer[0].output.dense.weight.std().item()
+        if not 0.015 < std < 0.025:
+            return f"built, but weights have std {std:.4f}, not the initializer_range 0.02"
+        return ""
+    except Exception as err:  # noqa: BLE001 - recorded for the test to report
+        return f"{type(err).__name__}: {err}"
+
+
+def worker(work: str) -> None:
+    from lxmert_fast import engine as E
+
+    rank, world, _ = E.init_distributed()
+    results: dict = {"world": world}
+    cfg = lambda name, stage, prec, **kw: _ds_config(os.path.join(work, f"{name}.json"), stage, prec, **kw)  # noqa: E731
+    # the reference run (ZeRO-2 fp32, 12 steps, checkpoints every 6, export at the end)
+    z2 = cfg("z2_fp32", 2, "fp32")
+    results["z2_fp32"] = _run("z2_fp32", work, ["--deepspeed_config", z2, "--max_steps", "12", "--save_every", "6"])
+    # the same run stopped at step 4, then resumed in a fresh engine
+    results["stop"] = _run("resumed", work, ["--deepspeed_config", z2, "--max_steps", "12", "--save_every", "6",
+                                             "--stop_at_step", "6"])
+    results["resume"] = _run("resumed", work, ["--deepspeed_config", z2, "--max_steps", "12", "--save_every", "6",
+                                               "--resume"])
+    for name, stage, prec in (("z3_fp32", 3, "fp32"), ("z2_bf16", 2, "bf16"), ("z3_bf16", 3, "bf16")):
+        results[name] = _run(name, work, ["--deepspeed_config", cfg(name, stage, prec), "--max_steps", "12",
+                                          "--save_every", "0"] + (["--no_export"] if prec == "bf16" else []))
+    results["nan"] = _run("nan", work, ["--deepspeed_config", z2, "--max_steps", "20", "--save_every", "2",
+                                        "--max_nonfinite_steps", "3", "--debug_nonfinite_from_step", "5"])
+    bad_batch = cfg("bad_batch", 2, "fp32", train_batch_size=6, train_micro_batch_size_per_gpu=2,
+                    gradient_accumulation_steps=2)
+    results["bad_batch"] = _run("bad_batch", work, ["--deepspeed_config", bad_batch])
+    bad_vocab = os.path.join(work, "bad_vocab_config.json")
+    if rank == 0:
+        from lxmert_fast import LxmertConfig
+
+        LxmertConfig.preset("tiny", vocab_size=999, visual_feat_dim=2048).to_json(bad_vocab)
+    E.barrier()
+    results["bad_vocab"] = _run("bad_vocab", work, ["--deepspeed_config", z2, "--model_config", bad_vocab])
+    results["zero_init"] = _zero_init_probe()
+    if rank == 0:
+        with open(os.path.join(work, "results.json"), "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------- test side
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["DS_ACCELERATOR"] = "cpu"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _prepare_demo(work: str) -> str:
+    """The demo world, its feature store and sentence indices, built once before the processes start."""
+    from lxmert_fast.data.demo import ensure_demo_data
+    from lxmert_fast.data.pretrain_data import build_pretrain_dataset
+
+    root = ensure_demo_data(os.path.join(work, "cache"), images=DEMO_IMAGES, seed=0, log=None)
+    train = build_pretrain_dataset(root, "mscoco_train,mscoco_nominival,vgnococo", log=None, seed=TEST_SEED)
+    build_pretrain_dataset(root, "mscoco_minival", store_dir=train.store.path, log=None, seed=TEST_SEED)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("pretrain2p"))
+    _prepare_demo(work)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.abspath(__file__), work]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    path = os.path.join(work, "results.json")
+    assert proc.returncode == 0 and os.path.exists(path), f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
+    with open(path, encoding="utf-8") as fh:
+        results = json.load(fh)
+    return work, results, log
+
+
+def _csv(work: str, run: str, name: str) -> dict[int, float]:
+    """step -> value from the CSV monitor (the same file across a stop and a resume)."""
+    path = os.path.join(work, run, "logs", "pretrain", f"{name}.csv")
+    out: dict[int, float] = {}
+    with open(path, encoding="utf-8") as fh:
+        for row in csv.reader(fh):
+            if row and row[0] != "step":
+                out[int(row[0])] = float(row[1])
+    return out
+
+
+@pytest.mark.parametrize("run", ["z2_fp32", "z3_fp32", "z2_bf16", "z3_bf16"])
+def test_zero_stages_and_precisions_reduce_the_loss(two_process_runs, run):
+    work, results, log = two_process_runs
+    assert results["world"] == 2
+    assert results[run]["code"] == 0, log[-4000:]
+    losses = _csv(work, run, "Train_loss_total")
+    assert sorted(losses) == list(range(1, 13))
+    first = sum(losses[s] for s in (1, 2, 3)) / 3
+    last = sum(losses[s] for s in (10, 11, 12)) / 3
+    assert all(map(lambda v: v == v, losses.values()))
+    assert last < 0.93 * first, f"{run}: loss {first:.3f} -> {last:.3f}"
+    with open(os.path.join(work, run, "result.json"), encoding="utf-8") as fh:
+        result = json.load(fh)
+    assert {"mlm_acc", "matched_acc", "obj_acc", "qa_acc"} <= set(result["eval"])
+
+
+def test_resume_is_bitwise_identical(two_process_runs):
+    work, results, log = two_process_runs
+    assert results["stop"]["code"] == 0 and results["resume"]["code"] == 0, log[-4000:]
+    straight = _csv(work, "z2_fp32", "Train_loss_total")
+    resumed = _csv(work, "resumed", "Train_loss_total")
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed[step] == straight[step], f"step {step}: {resumed[step]!r} vs {straight[step]!r}"
+    for task in ("mlm", "obj", "qa"):
+        assert _csv(work, "resumed", f"Train_loss_{task}") == _csv(work, "z2_fp32", f"Train_loss_{task}")
+    ckpts = os.path.join(work, "resumed", "checkpoints")
+    assert open(os.path.join(ckpts, "latest")).read().strip() == "step00000012"
+
+
+def test_checkpoints_keep_last_k_and_latest_is_complete(two_process_runs):
+    work, _, _ = two_process_runs
+    ckpts = os.path.join(work, "nan", "checkpoints")
+    tags = sorted(d for d in os.listdir(ckpts) if d.startswith("step"))
+    assert len(tags) <= 3
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(two_process_runs):
+    work, results, log = two_process_runs
+    assert results["nan"]["code"] == 3
+    assert "non-finite (NaN/inf) for 3 steps in a row" in log
+    ckpts = os.path.join(work, "nan", "checkpoints")
+    latest = open(os.path.join(ckpts, "latest")).read().strip()
+    assert latest == "step00000004"  # steps 5.. had NaN losses: nothing after step 4 was saved
+    state = torch.load(os.path.join(ckpts, latest, "mp_rank_00_model_states.pt"), map_location="cpu",
+                       weights_only=False)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["module"].values() if torch.is_tensor(v))
+
+
+def test_config_errors_are_clear(two_process_runs):
+    _, results, log = two_process_runs
+    assert results["bad_batch"]["code"] == 2
+    assert ("train_batch_size (6) must equal train_micro_batch_size_per_gpu (2) x gradient_accumulation_steps (2) "
+            "x world size (2) = 8") in log
+    assert results["bad_vocab"]["code"] == 2
+    assert "vocab_size 999 vs the tokenizer's" in log
+
+
+def test_zero_init_construction(two_process_runs):
+    """Building our model inside deepspeed.zero.Init (the job does not: it builds, then ZeRO-3 partitions)."""
+    _, results, _ = two_process_runs
+    if results["zero_init"]:
+        pytest.xfail("LxmertForPreTraining cannot be built inside deepspeed.zero.Init: init_weights() indexes and "
+                     "initialises already-partitioned (empty) parameters: " + results["zero_init"][:300])
+
+
+@pytest.mark.parametrize("run", ["z2_fp32", "z3_fp32"])
+def test_export_loads_into_transformers_and_gives_our_outputs(two_process_runs, run):
+    import transformers
+
+    from lxmert_fast import LxmertForPreTraining
+
+    work, _, _ = two_process_runs
+    export = os.path.join(work, run, "hf")
+    assert sorted(os.listdir(export)) == ["config.json", "model.safetensors"]
+    ours = LxmertForPreTraining.from_pretrained(export).eval()
+    hf = transformers.LxmertForPreTraining.from_pretrained(export).eval()
+    g = torch.Generator().manual_seed(0)
+    cfg = ours.config
+    inputs = dict(
+        input_ids=torch.randint(5, cfg.vocab_size, (3, 20), generator=g),
+        attention_mask=torch.ones(3, 20, dtype=torch.long),
+        token_type_ids=torch.zeros(3, 20, dtype=torch.long),
+        visual_feats=torch.rand(3, 36, cfg.visual_feat_dim, generator=g),
+        visual_pos=torch.rand(3, 36, 4, generator=g),
+    )
+    inputs["attention_mask"][1, 12:] = 0
+    with torch.no_grad():
+        a, b = ours(**inputs), hf(**inputs)
+    for name in ("prediction_logits", "cross_relationship_score", "question_answering_score"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+    # the export holds the trained weights: it differs from a fresh init and matches the last checkpoint's loss curve
+    fresh = LxmertForPreTraining(cfg)
+    assert not torch.equal(fresh.lxmert.encoder.layer[0].output.dense.weight,
+                           ours.lxmert.encoder.layer[0].output.dense.weight)
+    std = ours.lxmert.encoder.x_layers[0].lang_inter.dense.weight.std().item()
+    assert 0.015 < std < 0.03, f"{run}: weights look untrained-from-a-wrong-init (std {std})"
+
+
+# ---------------------------------------------------------------------------------------------- grounding
+def test_grounding_the_model_reads_the_image(tmp_path):
+    """A short CPU pre-training on the demo world: object/colour words need the true image."""
+    work = str(tmp_path)
+    cache = os.path.join(work, "cache")
+    os.makedirs(cache)
+    cmd = [sys.executable, "-m", "lxmert_fast.pretrain", "--cache_dir", cache, "--demo_images", "600",
+           "--model", "tiny", "--max_steps", "250", "--micro_batch_size", "32", "--log_every", "50",
+           "--eval_every", "0", "--save_every", "0", "--no_export", "--no_progress", "--num_workers", "0",
+           "--grounding_eval", "yes", "--output_dir", os.path.join(work, "run"),
+           "--deepspeed_config", os.path.join(REPO, "ds_configs", "cpu.json")]
+    env = _env()
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=work)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    with open(os.path.join(work, "run", "result.json"), encoding="utf-8") as fh:
+        g = json.load(fh)["grounding"]
+    print(json.dumps(g))
+    assert g["words_true"] > 200 and g["words_shuffled"] > 200
+    assert g["word_acc_true_image"] > g["word_acc_shuffled_image"] + 0.15, g
+    assert g["matched_acc"] > 0.65, g
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
