@@ -1,6 +1,6 @@
 """Kernel benchmark: lxmert_kernels against PyTorch peers at LXMERT shapes, in one process.
 
-    python bench/bench_kernels.py --out bench/results [--quick] [--batches 32,128,512]
+    python bench/bench_kernels.py --out bench/results [--quick] [--batches 32,128,512] [--no-compile]
 
 Measured (forward, and forward + backward):
   * self-attention, 12 heads, D 64, 20 (language, padded) and 36 (vision) tokens:
@@ -344,10 +344,14 @@ def print_table(rows) -> None:
         print(" | ".join(v.ljust(w) for v, w in zip(t, widths)))
 
 
-def run(out_dir, quick: bool = False, batches=None, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+def run(out_dir, quick: bool = False, batches=None, dtype: torch.dtype = torch.bfloat16,
+        use_compile: bool = True) -> list[dict]:
     """Run the benchmark, write ``out_dir``/bench_kernels.jsonl, print a table, return the rows.
 
-    quick: tiny batches and few repetitions (and, without CUDA, the Triton interpreter on CPU).
+    quick: one small batch and few repetitions (and, without CUDA, the Triton interpreter on CPU
+    at 2 heads: a smoke test). use_compile: include the torch.compile peers (GPU only; each
+    shape costs a compilation). The first call of each of our kernels autotunes (a few seconds
+    per variant); ``LXMERT_KERNELS_AUTOTUNE=0`` skips that.
     """
     lk = _import_kernels()
     on_gpu = torch.cuda.is_available()
@@ -355,13 +359,13 @@ def run(out_dir, quick: bool = False, batches=None, dtype: torch.dtype = torch.b
     if not on_gpu:
         dtype = torch.float32  # the interpreter smoke test: fp32, tiny shapes
     if batches is None:
-        batches = [2] if (quick or not on_gpu) else [32, 128, 512]
+        batches = ([32] if on_gpu else [2]) if quick else ([32, 128, 512] if on_gpu else [2])
     warmup, reps = (1, 2) if not on_gpu else ((5, 20) if quick else (10, 50))
     heads = HEADS if on_gpu else 2  # the interpreter is slow: 2 heads for the CPU smoke test
     rec = Recorder(environment(), warmup, reps)
     modes = ("fwd", "fwd+bwd")
     dropouts = (0.0,) if quick else (0.0, 0.1)
-    use_compile = on_gpu
+    use_compile = use_compile and on_gpu
     bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads)
     bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads)
     bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile)
@@ -386,9 +390,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few runs (interpreter without a GPU)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 32,128,512)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peers")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
-    rows = run(args.out, quick=args.quick, batches=batches, dtype=getattr(torch, args.dtype))
+    rows = run(args.out, quick=args.quick, batches=batches, dtype=getattr(torch, args.dtype),
+               use_compile=not args.no_compile)
     failed_ours = [r for r in rows if r["impl"].startswith("ours") and r.get("error")]
     return 1 if failed_ours else 0
 

@@ -26,11 +26,15 @@ The backward regenerates exactly the same mask.
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from ._common import is_interpreted, next_pow2
+
+# Literal constants in the kernels: log2(e) = 1.4426950408889634, ln(2) = 0.6931471805599453.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,12 +341,6 @@ def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, seed, BLOCK_M: tl.constexp
 # ----------------------------------------------------------------------------------------------
 # host side: lazy kernel variants (autotuned on GPU, one fixed config in the interpreter)
 # ----------------------------------------------------------------------------------------------
-import os  # noqa: E402
-
-import torch  # noqa: E402
-
-from ._common import is_interpreted, next_pow2  # noqa: E402
-
 # Hopper (H100/H200) candidates. LXMERT sequences are short (20 text tokens, 36 objects), so the
 # small-block configs matter as much as the large ones.
 _FWD_CONFIGS = [
