@@ -125,8 +125,8 @@ def _attn_fwd_kernel(
     COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * head on axis 0: no 65535 grid limit
+    pid_m = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     q_start, q_len, k_start, k_len, blk = _segment(pid_m, n_split, LQ, LK, TWO_SEGMENTS, BLOCK_M)
@@ -183,8 +183,8 @@ def _attn_bwd_preprocess_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta_bhl[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d] (fp32)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * head on axis 0: no 65535 grid limit
+    pid_m = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,8 +214,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per key block: dK, dV accumulated over all query blocks (no atomics)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     k_start, k_len, q_start, q_len, blk = _segment(pid_n, n_split, LK, LQ, TWO_SEGMENTS, BLOCK_N)
@@ -281,8 +281,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per query block: dQ accumulated over all key blocks (no atomics)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch * head on axis 0: no 65535 grid limit
+    pid_m = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     q_start, q_len, k_start, k_len, blk = _segment(pid_m, n_split, LQ, LK, TWO_SEGMENTS, BLOCK_M)
@@ -327,9 +327,9 @@ def _attn_bwd_dq_kernel(
 @triton.jit(do_not_specialize=["seed", "dropout_p"])
 def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Materialise the keep mask (B*H, LQ, LK) uint8 that the attention kernels use."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
@@ -453,10 +453,10 @@ def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale
     if two_segments:
         def grid(META):
             bm = META["BLOCK_M"]
-            return (triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm), B * H)
+            return (B * H, triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm))
     else:
         def grid(META):
-            return (triton.cdiv(LQ, META["BLOCK_M"]), B * H)
+            return (B * H, triton.cdiv(LQ, META["BLOCK_M"]))
 
     kernel[grid](
         q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, mask,
@@ -492,7 +492,7 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
         return
     delta_bhl = torch.empty((B, H, LQ), dtype=torch.float32, device=q_blhd.device)
     pre_block = 32 if is_interpreted(_attn_bwd_preprocess_kernel) else 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(LQ, pre_block), B * H)](
+    _attn_bwd_preprocess_kernel[(B * H, triton.cdiv(LQ, pre_block))](
         o_blhd, do_blhd, delta_bhl, *_strides4(o_blhd), *_strides4(do_blhd), H, LQ, D=D, BLOCK_M=pre_block,
     )
     mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
@@ -506,10 +506,10 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
     if two_segments:
         def grid_k(META):
             bn = META["BLOCK_N"]
-            return (triton.cdiv(n_split, bn) + triton.cdiv(LK - n_split, bn), B * H)
+            return (B * H, triton.cdiv(n_split, bn) + triton.cdiv(LK - n_split, bn))
     else:
         def grid_k(META):
-            return (triton.cdiv(LK, META["BLOCK_N"]), B * H)
+            return (B * H, triton.cdiv(LK, META["BLOCK_N"]))
     kernel[grid_k](
         q_blhd, k_blhd, v_blhd, do_blhd, lse_bhl, delta_bhl, mask, dk_blhd, dv_blhd,
         *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(do_blhd),
@@ -522,10 +522,10 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
     if two_segments:
         def grid_q(META):
             bm = META["BLOCK_M"]
-            return (triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm), B * H)
+            return (B * H, triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm))
     else:
         def grid_q(META):
-            return (triton.cdiv(LQ, META["BLOCK_M"]), B * H)
+            return (B * H, triton.cdiv(LQ, META["BLOCK_M"]))
     kernel[grid_q](
         q_blhd, k_blhd, v_blhd, do_blhd, lse_bhl, delta_bhl, mask, dq_blhd,
         *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(do_blhd),
@@ -540,7 +540,7 @@ def dropout_keep_mask(seed: int, dropout_p: float, B: int, H: int, LQ: int, LK: 
     if out.numel() == 0:
         return out.bool()
     bm = bn = 32
-    _attn_dropout_mask_kernel[(triton.cdiv(LQ, bm), triton.cdiv(LK, bn), B * H)](
+    _attn_dropout_mask_kernel[(B * H, triton.cdiv(LQ, bm), triton.cdiv(LK, bn))](
         out, LQ, LK, float(dropout_p), int(seed), BLOCK_M=bm, BLOCK_N=bn,
     )
     return out.bool()

@@ -6,7 +6,7 @@ import torch
 
 import lxmert_kernels as lk
 from lxmert_kernels import _attention_core as core
-from lxmert_kernels.reference import attention_ref
+from lxmert_kernels.reference import attention_ref, cross_attention_ref
 
 from _helpers import DEVICE, ON_GPU, REF_DTYPE, check, grads_of, leaf, random_padding_mask
 
@@ -168,6 +168,20 @@ def test_backward_is_deterministic():
     g1 = torch.autograd.grad(out, x, dout.to(DEVICE), retain_graph=True)
     g2 = torch.autograd.grad(out, x, dout.to(DEVICE))
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="autotuning needs a GPU")
+def test_autotuned_configs_agree(monkeypatch):
+    """The autotuned kernels (every Hopper config is a candidate) match the reference too."""
+    monkeypatch.setenv("LXMERT_KERNELS_AUTOTUNE", "1")
+    monkeypatch.setattr(core, "_VARIANTS", {})
+    compare_attention(3, 20, 36, 2, 64, "full", torch.bfloat16)
+    B, nl, nv, H, D = 4, 20, 36, 12, 64
+    qkv = torch.randn(B, nl + nv, 3, H, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    out = lk.bidirectional_cross_attention(qkv, nl)
+    out.float().sum().backward()
+    ref = cross_attention_ref(qkv.detach(), nl, compute_dtype=REF_DTYPE)
+    assert (out.float() - ref.float()).abs().max().item() < 3e-2
 
 
 def test_input_errors(monkeypatch):
