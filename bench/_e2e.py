@@ -1,0 +1,485 @@
+"""End-to-end pre-training throughput: one optimizer step of batch `batch` (global), per variant.
+
+A step is what training does per optimizer step: for each of `accum` micro-batches, take a raw
+(unmasked) batch from host memory, copy it to the device (pinned, non-blocking), mask it there
+(`lxmert_fast.data.masking.mask_pretrain_batch`: 15% words, 15% objects, the released 80/10/10
+rules), forward, backward; then clip the gradients to 1.0 and take the optimizer step.
+
+Variants
+  * ``hf``: transformers' LxmertForPreTraining, eager attention, torch.optim.AdamW (its
+    default implementation), gradient clipping 1.0; bf16 autocast on GPU, fp32 on CPU. The peer.
+  * ``hf+compile``: the same model under ``torch.compile(model)``.
+  * ``ours <backend>``: lxmert_fast's LxmertForPreTraining under DeepSpeed ZeRO-2
+    (``ds_configs/zero2.json``: bf16 on GPU; ``ds_configs/cpu.json``: fp32 + torch_adam on CPU),
+    ``engine.backward`` / ``engine.step``; the ``triton`` backend also uses the fused Triton
+    LayerNorm / GELU kernels (``kernels="triton"``).
+  * ablations (the speed work, one change at a time against the best backend): the MLM decoder
+    on every token instead of the masked ones, masking on the host, pageable blocking copies,
+    the optimizer implementation (torch foreach AdamW / torch fused AdamW / DeepSpeed FusedAdam),
+    ``torch.compile`` of our model, the triton backend with the torch LayerNorm / GELU.
+
+The raw batch is ``bench/step_vs_hf.pretraining_batch``'s (20 tokens, 36 objects, half the pairs
+mismatched), with [CLS] / [SEP] added and the features in fp16, as the feature store keeps them.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from _common import (MemoryProbe, PartTimeout, StepTimer, median, short_error, synchronize, time_limit)
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for p in (str(REPO), str(BENCH), str(REPO / "kernels")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+TOKENS, OBJECTS = 20, 36
+CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0  # bert-base-uncased
+BACKENDS = ("eager", "sdpa", "triton", "flash_attn")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass
+class Settings:
+    preset: str = "base"
+    batch: int = 256              # global samples per optimizer step
+    micro_batch: int = 256        # per device
+    warmup: int = 5
+    steps: int = 20
+    device: str = "cuda"
+    world_size: int = 1
+    rank: int = 0
+    variant_timeout: Optional[float] = None
+    quick: bool = False
+    compile_mode: Optional[str] = None  # torch.compile(mode=...)
+    compile_backend: str = "inductor"
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.cuda else "fp32"
+
+    def accum(self, world: int) -> int:
+        per_step = self.micro_batch * world
+        if self.batch % per_step:
+            raise ValueError(f"batch {self.batch} is not a multiple of micro-batch {self.micro_batch} x "
+                             f"{world} device(s)")
+        return self.batch // per_step
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str                      # "hf" | "ours"
+    backend: str = "eager"         # attention backend (ours); HF is always eager
+    kernels: str = "torch"         # our elementwise ops: torch | triton
+    compile: bool = False
+    optimizer: str = "torch"       # torch (foreach AdamW) | torch_fused | ds_fused
+    masking: str = "device"        # device | host
+    copy: str = "pinned"           # pinned (non-blocking) | pageable (blocking)
+    mlm_decoder: str = "masked"    # masked | all
+    group: str = "main"            # main | ablation
+    note: str = ""
+
+    def describe(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "note")}
+
+
+def main_variants() -> list[Variant]:
+    out = [Variant("hf", "hf", note="transformers LxmertForPreTraining (peer)"),
+           Variant("hf+compile", "hf", compile=True, note="torch.compile(transformers model)")]
+    for b in BACKENDS:
+        out.append(Variant(f"ours {b}", "ours", backend=b, kernels="triton" if b == "triton" else "torch"))
+    return out
+
+
+def ablation_variants(best: str) -> list[Variant]:
+    """One change at a time against `ours <best>` (the variant the speed work is measured on)."""
+    base = Variant(f"ours {best}", "ours", backend=best, kernels="triton" if best == "triton" else "torch",
+                   group="ablation")
+    out = [
+        replace(base, name=f"ours {best} | MLM decoder on all tokens", mlm_decoder="all"),
+        replace(base, name=f"ours {best} | torch fused AdamW", optimizer="torch_fused"),
+        replace(base, name=f"ours {best} | DeepSpeed FusedAdam", optimizer="ds_fused"),
+        replace(base, name=f"ours {best} | torch.compile", compile=True),
+    ]
+    if best == "triton":
+        out.append(replace(base, name="ours triton | torch LayerNorm/GELU", kernels="torch"))
+    out += [
+        replace(base, name=f"ours {best} | masking on host", masking="host"),
+        replace(base, name=f"ours {best} | pageable blocking copy", copy="pageable"),
+    ]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- model configs
+def model_config(preset: str, backend: str = "eager", kernels: str = "torch"):
+    from lxmert_fast import LxmertConfig
+
+    overrides = {}
+    if preset == "tiny":
+        # pretraining_batch draws word ids from [1000, vocab): the tiny preset's 120 words are too few
+        overrides["vocab_size"] = 1200
+    return LxmertConfig.preset(preset, attention_backend=backend, kernels=kernels, **overrides)
+
+
+def hf_config(config):
+    import transformers
+
+    return transformers.LxmertConfig(**{k: getattr(config, k) for k in config.hf_field_names()})
+
+
+def flops_per_sample(config, mlm_decoder: str = "masked") -> int:
+    from lxmert_fast.flops import train_flops_per_sample
+
+    mlm = None if mlm_decoder == "all" else 0.15 * TOKENS
+    return train_flops_per_sample(config, TOKENS, OBJECTS, mlm_tokens=mlm)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def raw_batch(config, batch: int, seed: int) -> dict:
+    """A raw (unmasked) collated batch in the loader's layout, on the host."""
+    from step_vs_hf import pretraining_batch
+
+    b = pretraining_batch(config, batch, tokens=TOKENS, objects=OBJECTS, seed=seed)
+    ids = b["input_ids"].clone()
+    lengths = b["attention_mask"].sum(1)
+    ids[:, 0] = CLS_ID
+    ids[torch.arange(batch), lengths - 1] = SEP_ID
+    feats, _ = b["obj_labels"]["feat"]
+    obj_ids, obj_conf = b["obj_labels"]["obj"]
+    attr_ids, attr_conf = b["obj_labels"]["attr"]
+    return {
+        "input_ids": ids, "attention_mask": b["attention_mask"], "token_type_ids": b["token_type_ids"],
+        "visual_feats": feats.half(), "visual_pos": b["visual_pos"],
+        "obj_ids": obj_ids, "obj_conf": obj_conf, "attr_ids": attr_ids, "attr_conf": attr_conf,
+        "matched_label": b["matched_label"], "ans": b["ans"], "img_index": torch.arange(batch),
+    }
+
+
+def masking_config(config):
+    from lxmert_fast.data.masking import MaskingConfig
+
+    return MaskingConfig(vocab_size=config.vocab_size, mask_id=MASK_ID, never_mask=(CLS_ID, SEP_ID, PAD_ID))
+
+
+class BatchSource:
+    """Micro-batches of one variant: raw batches in (pinned) host memory, copied and masked per step."""
+
+    def __init__(self, config, s: Settings, v: Variant, micro: int, accum: int):
+        from lxmert_fast.data.masking import mask_pretrain_batch
+
+        self.mask = mask_pretrain_batch
+        self.cfg = masking_config(config)
+        self.device = torch.device(s.device)
+        self.v = v
+        raw = raw_batch(config, micro * accum, seed=1000 + s.rank)
+        pin = s.cuda and v.copy == "pinned"
+        self.micro = [{k: (t[i * micro:(i + 1) * micro].contiguous().pin_memory() if pin else
+                           t[i * micro:(i + 1) * micro].contiguous()) for k, t in raw.items()}
+                      for i in range(accum)]
+        self.non_blocking = pin
+        self.gen = torch.Generator(device=self.device).manual_seed(s.rank)
+        self.host_gen = torch.Generator().manual_seed(s.rank)
+
+    def _to(self, obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.to(self.device, non_blocking=self.non_blocking)
+        if isinstance(obj, dict):
+            return {k: self._to(x) for k, x in obj.items()}
+        if isinstance(obj, tuple):
+            return tuple(self._to(x) for x in obj)
+        return obj
+
+    def get(self, i: int) -> dict:
+        raw = self.micro[i]
+        if self.v.masking == "host":
+            return self._to(self.mask(raw, self.cfg, self.host_gen))
+        return self.mask(self._to(raw), self.cfg, self.gen)
+
+
+def model_kwargs(batch: dict, dtype: Optional[torch.dtype] = None) -> dict:
+    keys = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos", "labels",
+            "obj_labels", "matched_label", "ans")
+    out = {k: batch[k] for k in keys}
+    if dtype is not None:
+        out["visual_feats"] = out["visual_feats"].to(dtype)
+        out["visual_pos"] = out["visual_pos"].to(dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- availability
+def unavailable_reason(v: Variant, s: Settings) -> Optional[str]:
+    if v.kind != "ours":
+        return None
+    if (v.backend == "triton" or v.kernels == "triton") and not s.cuda:
+        return "triton on CPU runs in the Triton interpreter, which is not a benchmark"
+    if v.backend == "flash_attn":
+        if not s.cuda:
+            return "flash_attn needs CUDA"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "flash_attn is not importable (package not installed)"
+        try:
+            import flash_attn  # noqa: F401
+        except Exception as err:  # noqa: BLE001
+            return f"flash_attn is not importable: {short_error(err)}"
+    if v.optimizer in ("torch_fused", "ds_fused") and not s.cuda:
+        return f"optimizer {v.optimizer} needs CUDA"
+    if (v.masking == "host" or v.copy == "pageable") and not s.cuda:
+        return "host masking / copies are the same thing as the default on CPU"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- trainers
+class HFTrainer:
+    def __init__(self, config, s: Settings, v: Variant, accum: int):
+        import transformers
+
+        torch.manual_seed(0)
+        with torch.device(s.device):
+            model = transformers.LxmertForPreTraining(hf_config(config))
+        self.model = model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        kw = {"fused": True} if v.optimizer == "torch_fused" else {}
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, **kw)
+        self.forward = (torch.compile(model, backend=s.compile_backend, mode=s.compile_mode) if v.compile
+                        else model)
+        self.cuda = s.cuda
+        self.accum = accum
+        self.zero_stage = None
+        self.loss = None
+
+    def micro_step(self, batch: dict, last: bool, probe: MemoryProbe) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            loss = self.forward(**model_kwargs(batch)).loss
+        probe.sample()
+        (loss / self.accum).backward()
+        probe.sample()
+        if last:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            probe.sample()
+        self.loss = loss.detach()
+
+    def close(self) -> None:
+        self.model = self.forward = self.opt = self.params = None
+
+
+def ds_config(s: Settings, v: Variant, world: int) -> dict:
+    """The project's ZeRO-2 config for this device, with the benchmark's batch split, the
+    variant's optimizer implementation and the monitors off."""
+    from lxmert_fast.engine import load_ds_config, prepare_ds_config
+
+    cfg = load_ds_config("zero2.json" if s.cuda else "cpu.json")
+    cfg["train_batch_size"] = s.batch
+    cfg["train_micro_batch_size_per_gpu"] = s.micro_batch
+    cfg["gradient_accumulation_steps"] = "auto"
+    cfg["zero_optimization"]["stage"] = 2
+    params = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+    params.pop("fused", None)
+    if v.optimizer == "ds_fused":
+        params.pop("torch_adam", None)
+    else:
+        params["torch_adam"] = True
+        if v.optimizer == "torch_fused":
+            params["fused"] = True  # DeepSpeed passes it on to torch.optim.AdamW
+    for section in ("tensorboard", "csv_monitor", "wandb", "comet"):
+        if section in cfg:
+            cfg[section]["enabled"] = False
+    cfg["steps_per_print"] = 10**9
+    cfg["wall_clock_breakdown"] = False
+    out_dir = tempfile.mkdtemp(prefix="lxmert_bench_ds_")
+    return prepare_ds_config(cfg, world_size=world, total_steps=10**6, output_dir=out_dir,
+                             micro_batch_size=s.micro_batch)
+
+
+class OursTrainer:
+    def __init__(self, config, s: Settings, v: Variant, accum: int):
+        from lxmert_fast import LxmertForPreTraining
+        from lxmert_fast.engine import initialize
+
+        torch.manual_seed(0)
+        with torch.device(s.device):
+            model = LxmertForPreTraining(config)
+        model.train()
+        cfg = ds_config(s, v, s.world_size)
+        if v.compile:
+            model.compile(backend=s.compile_backend, mode=s.compile_mode)  # nn.Module.compile: in place, parameter names unchanged
+        self.engine = initialize(model, cfg)
+        if self.engine.train_batch_size() != s.batch or self.engine.gradient_accumulation_steps() != accum:
+            raise RuntimeError(f"engine batch {self.engine.train_batch_size()} / accumulation "
+                               f"{self.engine.gradient_accumulation_steps()} differ from the benchmark's "
+                               f"{s.batch} / {accum}")
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
+            torch.float16 if self.engine.fp16_enabled() else None)
+        self.zero_stage = int(self.engine.zero_optimization_stage())
+        self.all_logits = v.mlm_decoder == "all"
+        self.loss = None
+
+    def micro_step(self, batch: dict, last: bool, probe: MemoryProbe) -> None:
+        kw = model_kwargs(batch, self.dtype)
+        if self.all_logits:
+            kw["output_prediction_logits"] = True
+        loss = self.engine(**kw).loss
+        probe.sample()
+        self.engine.backward(loss)
+        probe.sample()
+        self.engine.step()
+        if last:
+            probe.sample()
+        self.loss = loss.detach()
+
+    def close(self) -> None:
+        eng = self.engine
+        self.engine = None
+        if eng is not None and hasattr(eng, "destroy"):
+            try:
+                eng.destroy()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+def measure(v: Variant, s: Settings, peak_tflops: Optional[float], log=print) -> dict:
+    """Build, warm up and time one variant; returns its row (status "ok", "failed: ..." or
+    "unavailable: ...")."""
+    world = s.world_size if v.kind == "ours" else 1
+    accum = s.accum(world)
+    config = model_config(s.preset, v.backend, v.kernels)
+    model_flops = flops_per_sample(config, "masked")
+    row = {
+        "part": "e2e", "variant": v.name, **v.describe(), "note": v.note,
+        "precision": s.precision, "preset": s.preset, "batch": s.batch, "micro_batch": s.micro_batch,
+        "accum": accum, "devices": world, "tokens": TOKENS, "objects": OBJECTS,
+        "warmup": s.warmup, "steps": s.steps,
+        "model_flops_per_sample": model_flops,
+        "executed_flops_per_sample": flops_per_sample(config, "all" if (v.kind == "hf" or v.mlm_decoder == "all")
+                                                      else "masked"),
+        "peak_tflops_measured": peak_tflops,
+        "framework": "transformers, torch.optim.AdamW" if v.kind == "hf" else "DeepSpeed ZeRO-2",
+        "compile_backend": s.compile_backend if v.compile else None,
+    }
+    why = unavailable_reason(v, s)
+    if why:
+        row["status"] = f"unavailable: {why}"
+        return row
+    trainer = None
+    t_build = time.perf_counter()
+    try:
+        with time_limit(s.variant_timeout, v.name):
+            probe = MemoryProbe(s.cuda)
+            trainer = (HFTrainer if v.kind == "hf" else OursTrainer)(config, s, v, accum)
+            row["zero_stage"] = trainer.zero_stage
+            source = BatchSource(config, s, v, s.micro_batch, accum)
+
+            def one_step():
+                for i in range(accum):
+                    trainer.micro_step(source.get(i), i == accum - 1, probe)
+
+            t0 = time.perf_counter()
+            for _ in range(s.warmup):
+                one_step()
+            synchronize()
+            row["build_s"] = round(t0 - t_build, 2)
+            row["warmup_s"] = round(time.perf_counter() - t0, 2)
+            timer = StepTimer(s.cuda)
+            for _ in range(s.steps):
+                with timer:
+                    one_step()
+            times = timer.seconds()
+            loss = float(trainer.loss.float().item())
+        row.update(step_s_all=[round(t, 6) for t in times], loss=loss, **probe.fields())
+        row["status"] = "ok" if math.isfinite(loss) else f"failed: loss is not finite ({loss})"
+        finalize(row, s.batch, world)
+    except PartTimeout as err:
+        row["status"] = f"failed: {err}"
+    except Exception as err:  # noqa: BLE001  (a failure to compile/run is a measured outcome)
+        row["status"] = f"failed: {short_error(err)}"
+        log(f"  {v.name}: {row['status']}")
+    finally:
+        if trainer is not None:
+            trainer.close()
+        trainer = None
+        gc.collect()
+        if s.cuda:
+            torch.cuda.empty_cache()
+        if v.compile:
+            try:
+                torch._dynamo.reset()
+            except Exception:  # noqa: BLE001
+                pass
+    return row
+
+
+def finalize(row: dict, batch: int, world: int) -> None:
+    """The figures derived from the step times (median step -> samples/s, TFLOP/s, MFU)."""
+    times = row["step_s_all"]
+    step_s = median(times)
+    rate = batch / step_s  # samples/s of all `world` devices together
+    per_dev = rate / world
+    peak = row.get("peak_tflops_measured")
+    tflops = per_dev * row["model_flops_per_sample"] / 1e12
+    row.update(step_s=step_s, step_s_min=min(times), step_s_max=max(times), samples_per_s=rate,
+               samples_per_s_per_device=per_dev, tflops_per_device=tflops,
+               mfu=(tflops / peak) if peak else None)
+
+
+def merge_rounds(rows: list[dict]) -> dict:
+    """One row from the same variant measured in several rounds (each round builds it afresh):
+    all step times pooled, the median over them; ok only if every round was."""
+    if len(rows) == 1:
+        return rows[0]
+    out = dict(rows[0])
+    bad = [r["status"] for r in rows if r.get("status") != "ok"]
+    out["rounds"] = len(rows)
+    if bad:
+        out["status"] = bad[0]
+        return out
+    out["step_s_all"] = [t for r in rows for t in r["step_s_all"]]
+    out["step_s_per_round"] = [median(r["step_s_all"]) for r in rows]
+    for k in ("peak_mem_gb", "process_max_rss_gb"):
+        if k in out:
+            out[k] = max(r.get(k) or 0 for r in rows)
+    out["loss"] = rows[-1].get("loss")
+    finalize(out, out["batch"], out["devices"])
+    return out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratio_to_peer = per-device samples/s / the HF peer's, from the same run (and to hf+compile)."""
+    by_name = {r["variant"]: r for r in rows if r.get("status") == "ok"}
+    peer = by_name.get("hf")
+    comp = by_name.get("hf+compile")
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        if peer:
+            r["ratio_to_peer"] = r["samples_per_s_per_device"] / peer["samples_per_s_per_device"]
+        if comp:
+            r["ratio_to_compiled_peer"] = r["samples_per_s_per_device"] / comp["samples_per_s_per_device"]
+
+
+def best_backend(rows: list[dict], cuda: bool) -> str:
+    """The backend the ablations run against: triton on GPU when it ran, else the fastest of ours."""
+    ok = {r["backend"]: r for r in rows if r.get("status") == "ok" and r.get("kind") == "ours"
+          and r.get("group") == "main"}
+    if cuda and "triton" in ok:
+        return "triton"
+    if ok:
+        return max(ok.values(), key=lambda r: r["samples_per_s"])["backend"]
+    return "triton" if cuda else "sdpa"

@@ -1,0 +1,363 @@
+"""The lxmert-fast benchmark suite.
+
+    python bench/run.py [--out DIR] [--quick] [--parts peak,e2e,kernels,data] [--batch 256]
+                        [--micro-batch M] [--variants "hf,ours sdpa"] [--ablations auto|on|off]
+    deepspeed --num_gpus N bench/run.py ...      # N devices, with scaling efficiency
+
+Parts (each writes JSON lines into DIR as it goes, so a part cut short keeps what it measured):
+  peak     the device's measured dense matrix rate (bf16 8192^3 on GPU, fp32 2048^3 on CPU), median
+           of several runs: the denominator of every MFU figure      -> peak.jsonl
+  e2e      end-to-end pre-training throughput of LXMERT (base config, 20 tokens, 36 objects, masking
+           per step on the device): transformers' LxmertForPreTraining (the peer; bf16 autocast on
+           GPU, fp32 on CPU), the same under torch.compile, and ours with each attention backend
+           under DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU); then the ablations of the speed work.
+           Per variant: samples/s, TFLOP/s, MFU, peak memory, ratio to the peer of this run, the
+           20-epoch recipe's wall time on 1 and N devices and the ratio to the 4x Titan Xp rate.
+           Warm-up steps, CUDA-event (GPU) or synchronised perf_counter (CPU) timing, medians -> e2e.jsonl
+  kernels  bench/bench_kernels.py (GPU; on CPU an interpreter smoke test)  -> bench_kernels.jsonl
+  data     lxmert_fast.data.bench on the demo world: conversion, loader, masking -> data.jsonl
+Then: results.json (environment + every row), summary.md, throughput.png and kernel_speedups.png
+(when matplotlib is importable), and a table printed last.
+
+Defaults: on a GPU batch 256 per optimizer step, micro-batch 256 / N per device, 5 warm-up steps,
+median of 20. Without a GPU batch 8 (a 256-sample step of the base model takes minutes on a few
+CPU cores), 1 warm-up step, median of 3. --quick: the tiny preset, batch 4 (micro 2), 1 + 2 steps,
+every part at its smallest (CI runs it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for _p in (str(BENCH), str(REPO), str(REPO / "kernels")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton decides interpreter vs compiled when @triton.jit functions are defined (DeepSpeed and
+    # transformers import triton too): without a GPU the kernel part needs the interpreter, set first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import _common as C  # noqa: E402
+import _report as R  # noqa: E402
+
+PARTS = ("peak", "e2e", "kernels", "data")
+PART_FILES = {"peak": "peak.jsonl", "e2e": "e2e.jsonl", "kernels": "bench_kernels.jsonl", "data": "data.jsonl"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(BENCH / "results"), help="output folder (default bench/results)")
+    p.add_argument("--quick", action="store_true", help="every part at tiny sizes (a smoke test, seconds)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--preset", default=None, choices=["base", "small", "tiny"],
+                   help="model size (default base; tiny with --quick)")
+    p.add_argument("--batch", type=int, default=None, help="global samples per optimizer step (GPU default 256)")
+    p.add_argument("--micro-batch", type=int, default=None, help="per-device micro-batch (default batch / devices)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (median reported)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated main variants to run (hf, hf+compile, ours eager, ours sdpa, "
+                        "ours triton, ours flash_attn); default all")
+    p.add_argument("--ablations", default="auto", choices=["auto", "on", "off"],
+                   help="the speed-work ablations (auto: on with a GPU or --quick)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (default inductor; eager, i.e. dynamo only, with --quick on CPU)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure the variants round-robin this many times (each round rebuilds them); the "
+                        "median pools every round's steps: spreads slow drifts in a shared machine's load")
+    p.add_argument("--variant-timeout", type=float, default=None, help="seconds per e2e variant (failed row after)")
+    p.add_argument("--project-devices", type=int, default=None,
+                   help="N for the recipe wall-time projection (default: the devices of this run, or 8)")
+    p.add_argument("--data-workers", type=int, default=None, help="loader / converter workers of the data part")
+    p.add_argument("--no-scaling-reference", action="store_true",
+                   help="with N > 1 devices: skip the 1-device run that scaling efficiency needs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 with --quick on CPU, where a shared, loaded "
+                        "CPU makes multi-threaded tiny ops erratic)")
+    p.add_argument("--report-only", action="store_true", help="rebuild results.json / summary / plots from DIR")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_defaults(a, world: int) -> None:
+    cuda = torch.cuda.is_available()
+    if a.preset is None:
+        a.preset = "tiny" if a.quick else "base"
+    if a.batch is None:
+        a.batch = (4 * world if a.quick else (256 if cuda else 8))
+    if a.micro_batch is None:
+        a.micro_batch = max(1, (a.batch // world) // (2 if a.quick else 1))
+    if a.warmup is None:
+        a.warmup = 1 if (a.quick or not cuda) else 5
+    if a.steps is None:
+        a.steps = 2 if a.quick else (20 if cuda else 3)
+    if a.compile_backend is None:
+        a.compile_backend = "eager" if (a.quick and not cuda) else "inductor"
+    if a.threads is None and a.quick and not cuda:
+        a.threads = 1
+    if a.project_devices is None:
+        a.project_devices = world if world > 1 else 8
+
+
+def log0(rank: int):
+    def log(*args):
+        if rank == 0:
+            print(*args, flush=True)
+    return log
+
+
+# ---------------------------------------------------------------------------------------------- parts
+def run_peak(out: Path, env: dict, quick: bool, rank: int) -> dict:
+    row = {**env, **C.measured_matmul_peak(quick)}
+    if rank == 0:
+        (out / PART_FILES["peak"]).unlink(missing_ok=True)
+        C.append_jsonl(out / PART_FILES["peak"], row)
+    return row
+
+
+def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, single: dict[str, float],
+            notes: list[str], log) -> list[dict]:
+    import _e2e as E
+
+    cuda = torch.cuda.is_available()
+    s = E.Settings(preset=a.preset, batch=a.batch, micro_batch=a.micro_batch, warmup=a.warmup, steps=a.steps,
+                   device="cuda" if cuda else "cpu", world_size=world, rank=rank,
+                   variant_timeout=a.variant_timeout, quick=a.quick, compile_mode=a.compile_mode,
+                   compile_backend=a.compile_backend)
+    if cuda:
+        s.device = f"cuda:{torch.cuda.current_device()}"
+    path = out / PART_FILES["e2e"]
+    if rank == 0:
+        path.unlink(missing_ok=True)
+    peak_tflops = peak["peak_tflops"] if peak else None
+    variants = E.main_variants()
+    if a.variants:
+        wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
+        unknown = set(wanted) - {v.name for v in variants}
+        if unknown:
+            raise SystemExit(f"--variants: unknown {sorted(unknown)}; known: {[v.name for v in variants]}")
+        variants = [v for v in variants if v.name in wanted]
+    ablate = a.ablations == "on" or (a.ablations == "auto" and (cuda or a.quick))
+    rows: list[dict] = []
+
+    def measure_all(vs) -> None:
+        per: dict[str, list[dict]] = {v.name: [] for v in vs}
+        for rnd in range(a.rounds):
+            for v in vs:
+                if per[v.name] and per[v.name][-1].get("status") != "ok":
+                    continue  # failed or unavailable: once is enough
+                log(f"[e2e] {v.name} ..." + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""))
+                t0 = time.perf_counter()
+                row = {**env, **E.measure(v, s, peak_tflops, log)}
+                row["wall_s"] = round(time.perf_counter() - t0, 1)
+                per[v.name].append(row)
+                if row["status"] == "ok":
+                    log(f"[e2e] {v.name}: {row['samples_per_s']:.4g} samples/s (median step {row['step_s']:.4g} s; "
+                        f"{row['wall_s']} s with build and warm-up)")
+                else:
+                    log(f"[e2e] {v.name}: {row['status']}")
+        for v in vs:
+            row = E.merge_rounds(per[v.name])
+            ref = single.get(row["variant"])
+            if ref and row.get("status") == "ok":
+                row["single_device_samples_per_s"] = ref
+                row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
+            rows.append(row)
+            E.add_ratios(rows)
+            if rank == 0:
+                C.append_jsonl(path, row)
+
+    measure_all(variants)
+    if ablate:
+        best = E.best_backend(rows, cuda)
+        log(f"[e2e] ablations against ours {best}")
+        abl = E.ablation_variants(best)
+        if a.quick:
+            abl = [v for v in abl if not v.compile]
+            notes.append("--quick leaves out the 'torch.compile of ours' ablation (recompiles for every new count "
+                         "of masked tokens: tens of seconds even at the tiny size)")
+        measure_all(abl)
+    E.add_ratios(rows)
+    if rank == 0:  # rewrite with the final ratios
+        path.unlink(missing_ok=True)
+        for r in rows:
+            C.append_jsonl(path, r)
+    if not cuda:
+        notes.append(f"CPU run: batch {a.batch} per optimizer step (the recipe's 256 would take minutes per step "
+                     f"here); fp32; triton / flash_attn variants are unavailable without CUDA.")
+    if a.quick:
+        notes.append(f"--quick: preset {a.preset}, batch {a.batch}; a smoke test, not a measurement"
+                     + ("; torch.compile variants use the 'eager' backend (dynamo only)" if a.compile_backend == "eager"
+                        else ""))
+    return rows
+
+
+def scaling_reference(a, out: Path, log) -> dict[str, float]:
+    """N > 1 devices: the same ours variants on one device (a child process on rank 0's device,
+    same micro-batch, so the same work per device per micro-step); {variant: samples/s}."""
+    import _e2e as E
+
+    names = [v.name for v in E.main_variants() if v.kind == "ours"]
+    if a.variants:
+        names = [n for n in names if n in a.variants.split(",")]
+    ref_out = out / "single_device"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "CROSS_RANK",
+                        "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = vis.split(",")[0] if vis else "0"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--parts", "e2e", "--out", str(ref_out),
+           "--variants", ",".join(names), "--ablations", "off", "--preset", a.preset, "--batch", str(a.batch),
+           "--micro-batch", str(a.micro_batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
+           "--compile-backend", a.compile_backend, "--project-devices", "1", "--rounds", str(a.rounds)]
+    if a.variant_timeout:
+        cmd += ["--variant-timeout", str(a.variant_timeout)]
+    log(f"[e2e] scaling reference on one device: {' '.join(cmd)}")
+    try:
+        subprocess.run(cmd, env=env, check=False, timeout=(a.variant_timeout or 1800) * (len(names) + 1),
+                       stdout=subprocess.DEVNULL if a.quick else None)
+    except subprocess.TimeoutExpired:
+        log("[e2e] scaling reference timed out")
+    return {r["variant"]: r.get("samples_per_s") for r in C.read_jsonl(ref_out / PART_FILES["e2e"])
+            if r.get("status") == "ok"}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def collect(out: Path) -> list[dict]:
+    rows = []
+    for part in PARTS:
+        for r in C.read_jsonl(out / PART_FILES[part]):
+            r.setdefault("part", part)
+            rows.append(r)
+    return rows
+
+
+def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
+    rows = collect(out)
+    R.add_projections(rows, a.project_devices)
+    pngs, why = R.plots(out, rows, env)
+    if why:
+        notes.append(why)
+    load = env.get("loadavg_1m"), env.get("loadavg_1m_end")
+    if env.get("device_kind") == "cpu" and any(x is not None and x > 0.75 * (env.get("cpu_cores") or 1)
+                                               for x in load):
+        notes.append(f"load average {load[0]} at start, {load[1]} at end on {env.get('cpu_cores')} cores: other "
+                     f"processes share this CPU, so the timings are noisy (ratios from the same run are firmer).")
+    settings = {k: v for k, v in vars(a).items() if k != "local_rank"}
+    R.write_results_json(out / "results.json", env, rows, notes, settings)
+    R.write_markdown(out / "summary.md", env, rows, notes, a.project_devices)
+    for n in notes:
+        print(f"note: {n}")
+    print(f"\nrows: {out / 'results.json'}; summary: {out / 'summary.md'}"
+          + (f"; plots: {', '.join(pngs)}" if pngs else ""))
+    ks = R.kernel_summary(rows)
+    if ks:
+        kind = next((r.get("measurement") for r in rows if r.get("part") == "kernels"), "")
+        print(f"\nkernels ({kind}): ours vs the fastest peer")
+        print(R.format_table(("op", "mode", "shape", "dtype", "dropout", "ours ms", "fastest peer", "peer ms",
+                              "speed-up"), ks))
+    ds = R.data_summary(rows)
+    if ds:
+        print("\ndata pipeline")
+        print(R.format_table(("what", "figure", "details"), ds))
+    tg = R.targets(rows, env)
+    e2e = R.e2e_table_rows(rows, a.project_devices)
+    if e2e:
+        s = next(r for r in rows if r.get("part") == "e2e")
+        peak = next((r for r in rows if r.get("part") == "peak"), None)
+        print(f"\nend-to-end pre-training, {s.get('preset')} {s.get('precision')}, batch {s.get('batch')} "
+              f"(micro {s.get('micro_batch')}), {env.get('hardware')} x {env.get('num_devices')}, commit "
+              f"{str(env.get('commit'))[:12]}; peak {peak['peak_tflops']:.4g} TFLOP/s measured" if peak else "")
+        if tg:
+            print("targets: " + "; ".join(f"{t}: {m} ({v})" for t, m, v in tg))
+        print(f"baseline {BASELINE()}; recipe days for N = {a.project_devices}: {R.e2e_basis(rows)}")
+        print(R.format_table(R.E2E_COLS, e2e))
+    return rows
+
+
+def BASELINE() -> str:  # noqa: N802
+    return (f"{C.BASELINE_NAME} = {C.BASELINE_SAMPLES_PER_S} samples/s, "
+            f"{C.RECIPE_SAMPLES / C.BASELINE_SAMPLES_PER_S / 86400:.1f} days for the recipe")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    parts = [p.strip() for p in a.parts.split(",") if p.strip()]
+    bad = set(parts) - set(PARTS)
+    if bad:
+        raise SystemExit(f"--parts: unknown {sorted(bad)}; known: {list(PARTS)}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    resolve_defaults(a, world)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = log0(rank)
+    notes: list[str] = []
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    t_start = time.perf_counter()
+
+    single: dict[str, float] = {}
+    if not a.report_only and "e2e" in parts:
+        from lxmert_fast.engine import init_distributed
+
+        if world > 1 and rank == 0 and not a.no_scaling_reference:
+            single = scaling_reference(a, out, log)  # a child process, before this one joins the group
+        rank, world, _ = init_distributed()
+        log = log0(rank)
+    if a.threads:
+        torch.set_num_threads(a.threads)  # after DeepSpeed's initialisation, which may set its own
+    env = C.environment(world)
+    if not a.report_only:
+        log(f"lxmert-fast benchmark: {env['hardware']} x {world}, torch {env['torch']}, commit {env['commit'][:12]}, "
+            f"load {env['loadavg_1m']}; parts {','.join(parts)}; out {out}")
+        peak = None
+        if "peak" in parts or "e2e" in parts:
+            peak = run_peak(out, env, a.quick, rank)
+            log(f"[peak] {peak['what']}: {peak['peak_tflops']:.4g} TFLOP/s")
+        if "e2e" in parts:
+            run_e2e(a, out, env, peak, world, rank, single, notes, log)
+        if rank != 0:
+            return 0
+        if "kernels" in parts:
+            log("[kernels] ...")
+            try:
+                from _parts import run_kernels
+
+                run_kernels(out, a.quick, env, log)
+            except Exception as err:  # noqa: BLE001
+                notes.append(f"kernels part failed: {C.short_error(err)}")
+                log(f"[kernels] failed: {C.short_error(err)}")
+        if "data" in parts:
+            log("[data] ...")
+            try:
+                from _parts import run_data
+
+                run_data(out, a.quick, env, a.data_workers, log=log)
+            except Exception as err:  # noqa: BLE001
+                notes.append(f"data part failed: {C.short_error(err)}")
+                log(f"[data] failed: {C.short_error(err)}")
+    env["loadavg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    env["suite_wall_s"] = round(time.perf_counter() - t_start, 1)
+    report(a, out, env, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

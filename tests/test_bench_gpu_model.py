@@ -1,0 +1,102 @@
+"""On a GPU: the base model with the `triton` backend and fused kernels against `eager`, in fp32,
+bf16 and fp16, forward losses and every gradient (bench/gpu_check.sh runs this; CPU: skipped).
+
+Reference: eager in fp32 with TF32 off. The triton model's relative error (norm of the
+difference / norm of the reference) is at most 2x that of PyTorch doing the same in that dtype, plus
+a small floor, for the loss, each loss term and each parameter's gradient; NaN / inf never pass.
+Needs LXMERT_KERNELS_GPU=1 (tests/conftest.py otherwise switches Triton to its interpreter).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lxmert_fast import LxmertConfig, LxmertForPreTraining
+from tests.helpers import no_dropout, random_batch, random_labels
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CONFIG = no_dropout(LxmertConfig.preset("base"))
+BATCH, TOKENS, OBJECTS = 8, 20, 36
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def _run(model: LxmertForPreTraining, inputs: dict, labels: dict, dtype: torch.dtype):
+    model.zero_grad(set_to_none=True)
+    cast = dict(inputs)
+    cast["visual_feats"] = inputs["visual_feats"].to(dtype)
+    cast["visual_pos"] = inputs["visual_pos"].to(dtype)
+    out = model(**cast, **labels)
+    out.loss.backward()
+    losses = {"loss": out.loss.detach().float(), **{k: v.detach().float() for k, v in out.losses.items()}}
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+@pytest.fixture(scope="module")
+def setup():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    with torch.device("cuda"):
+        eager = LxmertForPreTraining(CONFIG.replace(attention_backend="eager")).train()
+        fast = LxmertForPreTraining(CONFIG.replace(attention_backend="triton", kernels="triton")).train()
+    fast.load_state_dict(eager.state_dict())
+    lengths = [TOKENS - (3 * i) % 14 for i in range(BATCH)]
+    inputs = random_batch(CONFIG, batch=BATCH, tokens=TOKENS, objects=OBJECTS, lengths=lengths, generator=g)
+    labels = random_labels(CONFIG, inputs, generator=g)
+    to = lambda o: o.cuda() if isinstance(o, torch.Tensor) else (  # noqa: E731
+        {k: to(v) for k, v in o.items()} if isinstance(o, dict) else tuple(to(v) for v in o))
+    inputs, labels = to(inputs), to(labels)
+    ref = _run(eager, inputs, labels, torch.float32)
+    yield eager, fast, inputs, labels, ref
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _finite(losses, grads, what):
+    for k, v in losses.items():
+        assert torch.isfinite(v).all(), f"{what}: loss {k} not finite"
+    for k, v in grads.items():
+        assert torch.isfinite(v).all(), f"{what}: grad {k} not finite"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_triton_error_at_most_twice_pytorchs(setup, dtype):
+    """PyTorch's own run in that dtype is the yardstick: eager with TF32 matmuls for fp32 (what
+    Triton's fp32 dots may use), eager in bf16 / fp16 weights and activations for those."""
+    eager, fast, inputs, labels, (ref_l, ref_g) = setup
+    eager_lp = LxmertForPreTraining(CONFIG.replace(attention_backend="eager")).to("cuda").train()
+    eager_lp.load_state_dict(eager.state_dict())
+    eager_lp.to(dtype)
+    fast.load_state_dict(eager.state_dict())
+    fast.to(dtype)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
+        e_l, e_g = _run(eager_lp, inputs, labels, dtype)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        f_l, f_g = _run(fast, inputs, labels, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        fast.float()
+        del eager_lp
+        torch.cuda.empty_cache()
+    _finite(f_l, f_g, f"triton {dtype}")
+    floor = {torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 2e-4}[dtype]
+    bad = []
+    for k in ref_l:
+        ef, ee = _rel(f_l[k], ref_l[k]), _rel(e_l[k], ref_l[k])
+        if ef > 2 * ee + floor:
+            bad.append(f"loss {k}: triton {ef:.2e} vs eager {ee:.2e}")
+    for n in ref_g:
+        if ref_g[n].norm() == 0:
+            continue
+        ef, ee = _rel(f_g[n], ref_g[n]), _rel(e_g[n], ref_g[n])
+        if ef > 2 * ee + floor:
+            bad.append(f"grad {n}: triton {ef:.2e} vs eager {ee:.2e}")
+    assert not bad, f"{dtype}: {len(bad)} values beyond 2x PyTorch's error: " + "; ".join(bad[:10])
