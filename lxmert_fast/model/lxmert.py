@@ -19,6 +19,7 @@ from lxmert_fast.config import LxmertConfig
 from lxmert_fast.model.attention import AttentionDispatcher
 from lxmert_fast.model.fused_ops import make_ops
 from lxmert_fast.model.heads import (
+    LxmertLMPredictionHead,
     LxmertPreTrainingHeads,
     LxmertVisualAnswerHead,
     LxmertVisualObjHead,
@@ -63,24 +64,40 @@ class LxmertPreTrainedModel(nn.Module):
 
     # ----------------------------------------------------------------- init
     def init_weights(self) -> None:
-        """normal(0, initializer_range) for Linear and Embedding, zero biases, LayerNorm (1, 0)."""
-        std = self.config.initializer_range
+        """normal(0, initializer_range) for Linear and Embedding, zero biases, LayerNorm (1, 0).
+
+        Under ZeRO-3 (`deepspeed.zero.Init`) the parameters are already partitioned when this
+        runs: each module's own parameters are gathered, initialised on rank 0 and re-partitioned.
+        """
+        partitioned = any(hasattr(p, "ds_id") for p in self.parameters())
         for module in self.modules():
+            own = list(module.parameters(recurse=False))
+            if not own:
+                continue
+            if partitioned:
+                import deepspeed  # only reachable when DeepSpeed partitioned the parameters
+
+                with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                    self._init_module(module)
+            else:
+                self._init_module(module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        with torch.no_grad():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                module.weight.normal_(mean=0.0, std=std)
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                    module.bias.zero_()
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                module.weight.normal_(mean=0.0, std=std)
                 if module.padding_idx is not None:
-                    with torch.no_grad():
-                        module.weight[module.padding_idx].zero_()
+                    module.weight[module.padding_idx].zero_()
             elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        for name, param in self.named_parameters():
-            if name.endswith("predictions.bias"):
-                nn.init.zeros_(param)
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, LxmertLMPredictionHead):
+                module.bias.zero_()
 
     # ----------------------------------------------------------------- switches
     @property
