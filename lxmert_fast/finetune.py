@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training splits (default: vqa train,nominival; gqa train,valid; nlvr2 train; "
                         "none when --test is given); '' = no training")
     d.add_argument("--valid", default=None,
-                   help="evaluation split(s) (default: vqa minival; gqa testdev; nlvr2 valid); '' = none")
+                   help="evaluation split(s) (default: vqa minival; gqa testdev; nlvr2 valid; none when only "
+                        "predicting); '' = none")
     d.add_argument("--test", default=None,
                    help="splits to predict (comma list); scored too when labelled. Without --train: no training")
     d.add_argument("--features", default=None,
@@ -207,7 +208,8 @@ class FineTuner:
         self.data_root, self.is_demo = self._data_root()
         explicit_test = args.test is not None and args.test.strip() != ""
         train = args.train if args.train is not None else ("" if explicit_test else spec.train)
-        valid = args.valid if args.valid is not None else spec.valid
+        # Prediction only (--test, no training): evaluate --valid only when it is asked for.
+        valid = args.valid if args.valid is not None else (spec.valid if train else "")
         self.train_splits, self.valid_splits = T.split_list(train), T.split_list(valid)
         self.test_splits = T.split_list(args.test or "")
         vocab = args.vocab or os.path.join(self.data_root, "vocab.txt")
@@ -521,7 +523,7 @@ class FineTuner:
         splits: list[tuple[str, T.TaskDataset]] = []
         if self.valid_ds is not None:
             splits.append((",".join(self.valid_ds.examples.splits), self.valid_ds))
-        splits += list(self.test_ds.items())
+        splits += [(name, ds) for name, ds in self.test_ds.items() if name not in dict(splits)]
         for name, ds in splits:
             res, preds = self.evaluate(model, ds, dtype)
             if self.is_main:

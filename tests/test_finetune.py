@@ -258,7 +258,7 @@ def test_demo_finetune_from_pretraining_beats_majority_and_random_init(tmp_path)
     assert set(rows[0]) == {"question_id", "answer"}
     # --test with the best model: no training, the same predictions, scored on the labelled split
     again = finetune_run(["--task", "vqa", "--data_root", world, "--load", str(tmp_path / "pre" / "best"),
-                          "--test", "minival", "--valid", "", "--output_dir", str(tmp_path / "test")])
+                          "--test", "minival", "--output_dir", str(tmp_path / "test")])
     assert "history" not in again
     assert json.load(open(again["predictions"]["minival"])) == rows
     assert again["final"]["minival"]["score"] == pytest.approx(s_pre)
