@@ -281,6 +281,18 @@ def test_gqa_and_nlvr2_fine_tune_end_to_end(tmp_path):
     valid = json.load(open(os.path.join(world, "nlvr2", "valid.json")))
     assert [ln.split(",")[0] for ln in lines] == [r["identifier"] for r in valid]
     assert {ln.split(",")[1] for ln in lines} <= {"True", "False"}
+    # an unlabelled test split (the real NLVR2 test has labels withheld): predictions, no scores
+    root = tmp_path / "data"
+    os.makedirs(root / "nlvr2")
+    os.makedirs(root / "nlvr2_imgfeat")
+    os.symlink(os.path.join(world, "nlvr2_imgfeat", "valid_obj36.tsv"), root / "nlvr2_imgfeat" / "test_obj36.tsv")
+    os.symlink(os.path.join(world, "vocab.txt"), root / "vocab.txt")
+    test = [{k: v for k, v in r.items() if k != "label"} for r in valid]
+    (root / "nlvr2" / "test.json").write_text(json.dumps(test))
+    pred = finetune_run(["--task", "nlvr2", "--data_root", str(root), "--load", str(tmp_path / "nlvr2" / "best"),
+                         "--test", "test", "--output_dir", str(tmp_path / "nlvr2_test")])
+    assert pred["final"] == {"test": {}} and pred["predictions"]["test"].endswith("test_predict.csv")
+    assert open(pred["predictions"]["test"]).read() == "\n".join(lines) + "\n"  # the same model, the same answers
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
