@@ -15,7 +15,6 @@ import torch
 import transformers
 
 from lxmert_fast import CheckpointError, LxmertConfig, LxmertForPreTraining
-from lxmert_fast.data import tasks as T
 from lxmert_fast.model import task_heads as H
 from lxmert_fast.model.convert import hf_state_dict
 from tests.helpers import hf_config, no_dropout, random_batch
