@@ -111,17 +111,16 @@ def ablation_variants(best: str) -> list[Variant]:
     """One change at a time against `ours <best>` (the variant the speed work is measured on)."""
     base = Variant(f"ours {best}", "ours", backend=best, kernels="triton" if best == "triton" else "torch",
                    group="ablation")
-    out = [
-        replace(base, name=f"ours {best} | MLM decoder on all tokens", mlm_decoder="all"),
-        replace(base, name=f"ours {best} | torch fused AdamW", optimizer="torch_fused"),
-        replace(base, name=f"ours {best} | DeepSpeed FusedAdam", optimizer="ds_fused"),
-        replace(base, name=f"ours {best} | torch.compile", compile=True),
-    ]
+    out = [replace(base, name=f"ours {best} | reference", note="the unchanged variant, measured with the ablations"),
+           replace(base, name=f"ours {best} | MLM decoder on all tokens", mlm_decoder="all")]
     if best == "triton":
         out.append(replace(base, name="ours triton | torch LayerNorm/GELU", kernels="torch"))
     out += [
         replace(base, name=f"ours {best} | masking on host", masking="host"),
         replace(base, name=f"ours {best} | pageable blocking copy", copy="pageable"),
+        replace(base, name=f"ours {best} | torch fused AdamW", optimizer="torch_fused"),
+        replace(base, name=f"ours {best} | DeepSpeed FusedAdam", optimizer="ds_fused"),  # may JIT-build
+        replace(base, name=f"ours {best} | torch.compile", compile=True),  # the slowest to set up: last
     ]
     return out
 
@@ -355,75 +354,155 @@ class OursTrainer:
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-def measure(v: Variant, s: Settings, peak_tflops: Optional[float], log=print) -> dict:
-    """Build, warm up and time one variant; returns its row (status "ok", "failed: ..." or
-    "unavailable: ...")."""
+def base_row(v: Variant, s: Settings, peak_tflops: Optional[float]) -> dict:
     world = s.world_size if v.kind == "ours" else 1
-    accum = s.accum(world)
     config = model_config(s.preset, v.backend, v.kernels)
-    model_flops = flops_per_sample(config, "masked")
-    row = {
+    return {
         "part": "e2e", "variant": v.name, **v.describe(), "note": v.note,
         "precision": s.precision, "preset": s.preset, "batch": s.batch, "micro_batch": s.micro_batch,
-        "accum": accum, "devices": world, "tokens": TOKENS, "objects": OBJECTS,
+        "accum": s.accum(world), "devices": world, "tokens": TOKENS, "objects": OBJECTS,
         "warmup": s.warmup, "steps": s.steps,
-        "model_flops_per_sample": model_flops,
+        "model_flops_per_sample": flops_per_sample(config, "masked"),
         "executed_flops_per_sample": flops_per_sample(config, "all" if (v.kind == "hf" or v.mlm_decoder == "all")
                                                       else "masked"),
         "peak_tflops_measured": peak_tflops,
         "framework": "transformers, torch.optim.AdamW" if v.kind == "hf" else "DeepSpeed ZeRO-2",
         "compile_backend": s.compile_backend if v.compile else None,
+        "timing": "cuda events" if s.cuda else "perf_counter",
     }
+
+
+class Live:
+    """One built variant: its trainer, batches and memory probe; `step()` = one optimizer step."""
+
+    def __init__(self, v: Variant, s: Settings, row: dict):
+        world = s.world_size if v.kind == "ours" else 1
+        self.accum = s.accum(world)
+        config = model_config(s.preset, v.backend, v.kernels)
+        self.v, self.trainer = v, None
+        self.probe = MemoryProbe(s.cuda)
+        self.trainer = (HFTrainer if v.kind == "hf" else OursTrainer)(config, s, v, self.accum)
+        row["zero_stage"] = self.trainer.zero_stage
+        self.source = BatchSource(config, s, v, s.micro_batch, self.accum)
+
+    def step(self) -> None:
+        for i in range(self.accum):
+            self.trainer.micro_step(self.source.get(i), i == self.accum - 1, self.probe)
+
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+        self.trainer = self.source = None
+
+
+def _cleanup(s: Settings, compiled: bool) -> None:
+    gc.collect()
+    if s.cuda:
+        torch.cuda.empty_cache()
+    if compiled:
+        try:
+            torch._dynamo.reset()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def measure(v: Variant, s: Settings, peak_tflops: Optional[float], log=print) -> dict:
+    """Build, warm up and time one variant; returns its row (status "ok", "failed: ..." or
+    "unavailable: ...")."""
+    row = base_row(v, s, peak_tflops)
     why = unavailable_reason(v, s)
     if why:
         row["status"] = f"unavailable: {why}"
         return row
-    trainer = None
+    live = None
     t_build = time.perf_counter()
     try:
         with time_limit(s.variant_timeout, v.name):
-            probe = MemoryProbe(s.cuda)
-            trainer = (HFTrainer if v.kind == "hf" else OursTrainer)(config, s, v, accum)
-            row["zero_stage"] = trainer.zero_stage
-            source = BatchSource(config, s, v, s.micro_batch, accum)
-
-            def one_step():
-                for i in range(accum):
-                    trainer.micro_step(source.get(i), i == accum - 1, probe)
-
+            live = Live(v, s, row)
             t0 = time.perf_counter()
             for _ in range(s.warmup):
-                one_step()
+                live.step()
             synchronize()
             row["build_s"] = round(t0 - t_build, 2)
             row["warmup_s"] = round(time.perf_counter() - t0, 2)
             timer = StepTimer(s.cuda)
             for _ in range(s.steps):
                 with timer:
-                    one_step()
+                    live.step()
             times = timer.seconds()
-            loss = float(trainer.loss.float().item())
-        row.update(step_s_all=[round(t, 6) for t in times], loss=loss, **probe.fields())
+            loss = float(live.trainer.loss.float().item())
+        row.update(step_s_all=[round(t, 6) for t in times], loss=loss, **live.probe.fields())
         row["status"] = "ok" if math.isfinite(loss) else f"failed: loss is not finite ({loss})"
-        finalize(row, s.batch, world)
+        finalize(row, s.batch, row["devices"])
     except PartTimeout as err:
         row["status"] = f"failed: {err}"
     except Exception as err:  # noqa: BLE001  (a failure to compile/run is a measured outcome)
         row["status"] = f"failed: {short_error(err)}"
         log(f"  {v.name}: {row['status']}")
     finally:
-        if trainer is not None:
-            trainer.close()
-        trainer = None
-        gc.collect()
-        if s.cuda:
-            torch.cuda.empty_cache()
-        if v.compile:
-            try:
-                torch._dynamo.reset()
-            except Exception:  # noqa: BLE001
-                pass
+        if live is not None:
+            live.close()
+        live = None
+        _cleanup(s, v.compile)
     return row
+
+
+def measure_interleaved(vs: list[Variant], s: Settings, peak_tflops: Optional[float], log=print) -> list[dict]:
+    """All of `vs` built side by side, warmed up, then timed one optimizer step each in turn
+    (A B C A B C ...): slow drifts of a shared machine's load hit every variant alike, so the
+    ratios hold even when the absolute rates wander. Memory is not separable per variant here
+    (peak_mem_gb is left empty); a sequential run gives it."""
+    rows = {v.name: base_row(v, s, peak_tflops) for v in vs}
+    live: dict[str, Live] = {}
+    times: dict[str, list[float]] = {v.name: [] for v in vs}
+    try:
+        for v in vs:
+            row = rows[v.name]
+            why = unavailable_reason(v, s)
+            if why:
+                row["status"] = f"unavailable: {why}"
+                continue
+            t0 = time.perf_counter()
+            try:
+                with time_limit(s.variant_timeout, v.name):
+                    live[v.name] = Live(v, s, row)
+                    t1 = time.perf_counter()
+                    for _ in range(s.warmup):
+                        live[v.name].step()
+                    synchronize()
+                row.update(build_s=round(t1 - t0, 2), warmup_s=round(time.perf_counter() - t1, 2))
+                log(f"[e2e] {v.name}: built and warmed up ({time.perf_counter() - t0:.1f} s)")
+            except Exception as err:  # noqa: BLE001
+                row["status"] = f"failed: {err}" if isinstance(err, PartTimeout) else f"failed: {short_error(err)}"
+                log(f"[e2e] {v.name}: {row['status']}")
+                if v.name in live:
+                    live.pop(v.name).close()
+        for i in range(s.steps):
+            for name in list(live):
+                timer = StepTimer(s.cuda)
+                try:
+                    with timer:
+                        live[name].step()
+                    times[name] += timer.seconds()
+                except Exception as err:  # noqa: BLE001
+                    rows[name]["status"] = f"failed: {short_error(err)}"
+                    live.pop(name).close()
+            log(f"[e2e] interleaved step {i + 1}/{s.steps}: "
+                + ", ".join(f"{n} {times[n][-1]:.3g} s" for n in live if times[n]))
+        for name, lv in live.items():
+            row = rows[name]
+            loss = float(lv.trainer.loss.float().item())
+            row.update(step_s_all=[round(t, 6) for t in times[name]], loss=loss, peak_mem_gb=None,
+                       peak_mem_kind="not separable (variants interleaved in one process)",
+                       timing=row["timing"] + ", interleaved")
+            row["status"] = "ok" if math.isfinite(loss) else f"failed: loss is not finite ({loss})"
+            finalize(row, s.batch, row["devices"])
+    finally:
+        for lv in live.values():
+            lv.close()
+        live.clear()
+        _cleanup(s, any(v.compile for v in vs))
+    return [rows[v.name] for v in vs]
 
 
 def finalize(row: dict, batch: int, world: int) -> None:
@@ -461,13 +540,18 @@ def merge_rounds(rows: list[dict]) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """ratio_to_peer = per-device samples/s / the HF peer's, from the same run (and to hf+compile)."""
+    """ratio_to_peer = per-device samples/s / the HF peer's, from the same run (and to hf+compile);
+    ablation rows also get ratio_to_reference, against the unchanged variant of their group."""
     by_name = {r["variant"]: r for r in rows if r.get("status") == "ok"}
     peer = by_name.get("hf")
     comp = by_name.get("hf+compile")
     for r in rows:
         if r.get("status") != "ok":
             continue
+        if r.get("group") == "ablation":
+            ref = by_name.get(r["variant"].split(" | ")[0] + " | reference")
+            if ref:
+                r["ratio_to_reference"] = r["samples_per_s_per_device"] / ref["samples_per_s_per_device"]
         if peer:
             r["ratio_to_peer"] = r["samples_per_s_per_device"] / peer["samples_per_s_per_device"]
         if comp:

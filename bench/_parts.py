@@ -18,7 +18,7 @@ REPO = BENCH.parent
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-def run_kernels(out: Path, quick: bool, env: dict, log=print) -> list[dict]:
+def run_kernels(out: Path, quick: bool, env: dict, log=print, batches=None, use_compile: bool = True) -> list[dict]:
     """bench_kernels on a GPU (bf16; batches 32 / 128 / 512, or 32 with quick). Without a GPU the
     Triton kernels only run in the interpreter: a smoke test of the script at one tiny shape
     (batch 1, 2 heads, one timed run), marked "interpreter smoke test", never a measurement."""
@@ -30,7 +30,7 @@ def run_kernels(out: Path, quick: bool, env: dict, log=print) -> list[dict]:
 
     path = out / "bench_kernels.jsonl"
     if torch.cuda.is_available():
-        rows = bk.run(str(out), quick=quick)
+        rows = bk.run(str(out), quick=quick, batches=batches, use_compile=use_compile)
     else:
         rows = _interpreter_smoke(bk, path, log)
     for r in rows:

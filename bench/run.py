@@ -79,9 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure the variants round-robin this many times (each round rebuilds them); the "
                         "median pools every round's steps: spreads slow drifts in a shared machine's load")
+    p.add_argument("--interleave", action="store_true",
+                   help="build the variants side by side and time them one step each in turn (robust ratios on "
+                        "a loaded machine; needs the memory of all of them; no per-variant peak memory)")
     p.add_argument("--variant-timeout", type=float, default=None, help="seconds per e2e variant (failed row after)")
     p.add_argument("--project-devices", type=int, default=None,
                    help="N for the recipe wall-time projection (default: the devices of this run, or 8)")
+    p.add_argument("--kernel-batches", default=None,
+                   help="kernel part, GPU: comma-separated batch sizes (default 32,128,512; 32 with --quick)")
+    p.add_argument("--kernel-no-compile", action="store_true",
+                   help="kernel part: leave out the torch.compile peers (each shape costs a compilation)")
     p.add_argument("--data-workers", type=int, default=None, help="loader / converter workers of the data part")
     p.add_argument("--no-scaling-reference", action="store_true",
                    help="with N > 1 devices: skip the 1-device run that scaling efficiency needs")
@@ -155,31 +162,49 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
     rows: list[dict] = []
 
     def measure_all(vs) -> None:
+        if a.interleave:
+            for row in E.measure_interleaved(vs, s, peak_tflops, log):
+                row = {**env, **row}
+                ref = single.get(row["variant"])
+                if ref and row.get("status") == "ok":
+                    row["single_device_samples_per_s"] = ref
+                    row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
+                rows.append(row)
+                E.add_ratios(rows)
+                if rank == 0:
+                    C.append_jsonl(path, row)
+                log(f"[e2e] {row['variant']}: " + (f"{row['samples_per_s']:.4g} samples/s (median step "
+                                                   f"{row['step_s']:.4g} s)" if row["status"] == "ok"
+                                                   else row["status"]))
+            return
+        """Round-robin over `vs`; each variant's row (its rounds merged) is written as soon as its
+        last round is done, so a part killed by a timeout keeps every finished variant."""
         per: dict[str, list[dict]] = {v.name: [] for v in vs}
         for rnd in range(a.rounds):
+            last_round = rnd == a.rounds - 1
             for v in vs:
-                if per[v.name] and per[v.name][-1].get("status") != "ok":
-                    continue  # failed or unavailable: once is enough
-                log(f"[e2e] {v.name} ..." + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""))
-                t0 = time.perf_counter()
-                row = {**env, **E.measure(v, s, peak_tflops, log)}
-                row["wall_s"] = round(time.perf_counter() - t0, 1)
-                per[v.name].append(row)
-                if row["status"] == "ok":
-                    log(f"[e2e] {v.name}: {row['samples_per_s']:.4g} samples/s (median step {row['step_s']:.4g} s; "
-                        f"{row['wall_s']} s with build and warm-up)")
-                else:
-                    log(f"[e2e] {v.name}: {row['status']}")
-        for v in vs:
-            row = E.merge_rounds(per[v.name])
-            ref = single.get(row["variant"])
-            if ref and row.get("status") == "ok":
-                row["single_device_samples_per_s"] = ref
-                row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
-            rows.append(row)
-            E.add_ratios(rows)
-            if rank == 0:
-                C.append_jsonl(path, row)
+                done = per[v.name]
+                if not (done and done[-1].get("status") != "ok"):  # failed / unavailable: once is enough
+                    log(f"[e2e] {v.name} ..." + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""))
+                    t0 = time.perf_counter()
+                    row = {**env, **E.measure(v, s, peak_tflops, log)}
+                    row["wall_s"] = round(time.perf_counter() - t0, 1)
+                    done.append(row)
+                    if row["status"] == "ok":
+                        log(f"[e2e] {v.name}: {row['samples_per_s']:.4g} samples/s (median step "
+                            f"{row['step_s']:.4g} s; {row['wall_s']} s with build and warm-up)")
+                    else:
+                        log(f"[e2e] {v.name}: {row['status']}")
+                if last_round:
+                    row = E.merge_rounds(done)
+                    ref = single.get(row["variant"])
+                    if ref and row.get("status") == "ok":
+                        row["single_device_samples_per_s"] = ref
+                        row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
+                    rows.append(row)
+                    E.add_ratios(rows)
+                    if rank == 0:
+                        C.append_jsonl(path, row)
 
     measure_all(variants)
     if ablate:
@@ -225,6 +250,8 @@ def scaling_reference(a, out: Path, log) -> dict[str, float]:
            "--variants", ",".join(names), "--ablations", "off", "--preset", a.preset, "--batch", str(a.batch),
            "--micro-batch", str(a.micro_batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
            "--compile-backend", a.compile_backend, "--project-devices", "1", "--rounds", str(a.rounds)]
+    if a.interleave:
+        cmd.append("--interleave")
     if a.variant_timeout:
         cmd += ["--variant-timeout", str(a.variant_timeout)]
     log(f"[e2e] scaling reference on one device: {' '.join(cmd)}")
@@ -250,6 +277,7 @@ def collect(out: Path) -> list[dict]:
 def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
     rows = collect(out)
     R.add_projections(rows, a.project_devices)
+    notes.extend(R.sanity_notes(rows))
     pngs, why = R.plots(out, rows, env)
     if why:
         notes.append(why)
@@ -275,6 +303,9 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
     if ds:
         print("\ndata pipeline")
         print(R.format_table(("what", "figure", "details"), ds))
+        head = R.loader_headroom(rows)
+        if head:
+            print(head)
     tg = R.targets(rows, env)
     e2e = R.e2e_table_rows(rows, a.project_devices)
     if e2e:
@@ -340,7 +371,8 @@ def main(argv=None) -> int:
             try:
                 from _parts import run_kernels
 
-                run_kernels(out, a.quick, env, log)
+                batches = [int(b) for b in a.kernel_batches.split(",")] if a.kernel_batches else None
+                run_kernels(out, a.quick, env, log, batches=batches, use_compile=not a.kernel_no_compile)
             except Exception as err:  # noqa: BLE001
                 notes.append(f"kernels part failed: {C.short_error(err)}")
                 log(f"[kernels] failed: {C.short_error(err)}")
