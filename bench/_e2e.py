@@ -64,6 +64,7 @@ class Settings:
     quick: bool = False
     compile_mode: Optional[str] = None  # torch.compile(mode=...)
     compile_backend: str = "inductor"
+    compose_batch: Optional[int] = None  # report the step of this batch, composed from measured micro-steps
 
     @property
     def cuda(self) -> bool:
@@ -84,7 +85,7 @@ class Settings:
 @dataclass
 class Variant:
     name: str
-    kind: str                      # "hf" | "ours"
+    kind: str                      # "hf" | "ours" (DeepSpeed) | "ours_plain" (ours in the peer's plain loop)
     backend: str = "eager"         # attention backend (ours); HF is always eager
     kernels: str = "torch"         # our elementwise ops: torch | triton
     compile: bool = False
@@ -112,7 +113,9 @@ def ablation_variants(best: str) -> list[Variant]:
     base = Variant(f"ours {best}", "ours", backend=best, kernels="triton" if best == "triton" else "torch",
                    group="ablation")
     out = [replace(base, name=f"ours {best} | reference", note="the unchanged variant, measured with the ablations"),
-           replace(base, name=f"ours {best} | MLM decoder on all tokens", mlm_decoder="all")]
+           replace(base, name=f"ours {best} | MLM decoder on all tokens", mlm_decoder="all"),
+        replace(base, name=f"ours {best} | no DeepSpeed (plain loop + torch AdamW)", kind="ours_plain",
+                note="the model alone: the peer's loop (autocast bf16 on GPU) instead of the DeepSpeed engine")]
     if best == "triton":
         out.append(replace(base, name="ours triton | torch LayerNorm/GELU", kernels="torch"))
     out += [
@@ -223,7 +226,7 @@ def model_kwargs(batch: dict, dtype: Optional[torch.dtype] = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------- availability
 def unavailable_reason(v: Variant, s: Settings) -> Optional[str]:
-    if v.kind != "ours":
+    if v.kind == "hf":
         return None
     if (v.backend == "triton" or v.kernels == "triton") and not s.cuda:
         return "triton on CPU runs in the Triton interpreter, which is not a benchmark"
@@ -245,12 +248,18 @@ def unavailable_reason(v: Variant, s: Settings) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------- trainers
 class HFTrainer:
+    """A plain PyTorch training step: autocast bf16 on GPU, torch.optim.AdamW, clipping 1.0.
+    Serves transformers' model (the peer) and, for kind "ours_plain", ours without DeepSpeed."""
+
     def __init__(self, config, s: Settings, v: Variant, accum: int):
         import transformers
 
+        from lxmert_fast import LxmertForPreTraining
+
         torch.manual_seed(0)
         with torch.device(s.device):
-            model = transformers.LxmertForPreTraining(hf_config(config))
+            model = (LxmertForPreTraining(config) if v.kind == "ours_plain"
+                     else transformers.LxmertForPreTraining(hf_config(config)))
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         kw = {"fused": True} if v.optimizer == "torch_fused" else {}
@@ -357,6 +366,8 @@ class OursTrainer:
 def base_row(v: Variant, s: Settings, peak_tflops: Optional[float]) -> dict:
     world = s.world_size if v.kind == "ours" else 1
     config = model_config(s.preset, v.backend, v.kernels)
+    framework = {"hf": "transformers, torch.optim.AdamW", "ours": "DeepSpeed ZeRO-2",
+                 "ours_plain": "plain PyTorch loop (as the peer's), torch.optim.AdamW"}[v.kind]
     return {
         "part": "e2e", "variant": v.name, **v.describe(), "note": v.note,
         "precision": s.precision, "preset": s.preset, "batch": s.batch, "micro_batch": s.micro_batch,
@@ -366,7 +377,7 @@ def base_row(v: Variant, s: Settings, peak_tflops: Optional[float]) -> dict:
         "executed_flops_per_sample": flops_per_sample(config, "all" if (v.kind == "hf" or v.mlm_decoder == "all")
                                                       else "masked"),
         "peak_tflops_measured": peak_tflops,
-        "framework": "transformers, torch.optim.AdamW" if v.kind == "hf" else "DeepSpeed ZeRO-2",
+        "framework": framework,
         "compile_backend": s.compile_backend if v.compile else None,
         "timing": "cuda events" if s.cuda else "perf_counter",
     }
@@ -381,13 +392,27 @@ class Live:
         config = model_config(s.preset, v.backend, v.kernels)
         self.v, self.trainer = v, None
         self.probe = MemoryProbe(s.cuda)
-        self.trainer = (HFTrainer if v.kind == "hf" else OursTrainer)(config, s, v, self.accum)
+        self.trainer = (OursTrainer if v.kind == "ours" else HFTrainer)(config, s, v, self.accum)
         row["zero_stage"] = self.trainer.zero_stage
         self.source = BatchSource(config, s, v, s.micro_batch, self.accum)
+        self.micro_timer = StepTimer(s.cuda)
+        self.timing = False
 
     def step(self) -> None:
         for i in range(self.accum):
-            self.trainer.micro_step(self.source.get(i), i == self.accum - 1, self.probe)
+            if self.timing:
+                with self.micro_timer:
+                    self.trainer.micro_step(self.source.get(i), i == self.accum - 1, self.probe)
+            else:
+                self.trainer.micro_step(self.source.get(i), i == self.accum - 1, self.probe)
+
+    def micro_fields(self) -> dict:
+        """Each timed micro-step's time: the last of each step is the boundary one (it also takes
+        the optimizer step); the others only forward + backward (+ DeepSpeed's bookkeeping)."""
+        t = self.micro_timer.seconds()
+        nb = [x for i, x in enumerate(t) if i % self.accum != self.accum - 1]
+        b = [x for i, x in enumerate(t) if i % self.accum == self.accum - 1]
+        return {"micro_s_nonboundary_all": [round(x, 6) for x in nb], "micro_s_boundary_all": [round(x, 6) for x in b]}
 
     def close(self) -> None:
         if self.trainer is not None:
@@ -426,14 +451,15 @@ def measure(v: Variant, s: Settings, peak_tflops: Optional[float], log=print) ->
             row["build_s"] = round(t0 - t_build, 2)
             row["warmup_s"] = round(time.perf_counter() - t0, 2)
             timer = StepTimer(s.cuda)
+            live.timing = True
             for _ in range(s.steps):
                 with timer:
                     live.step()
             times = timer.seconds()
             loss = float(live.trainer.loss.float().item())
-        row.update(step_s_all=[round(t, 6) for t in times], loss=loss, **live.probe.fields())
+        row.update(step_s_all=[round(t, 6) for t in times], loss=loss, **live.probe.fields(), **live.micro_fields())
         row["status"] = "ok" if math.isfinite(loss) else f"failed: loss is not finite ({loss})"
-        finalize(row, s.batch, row["devices"])
+        finalize(row, s.batch, row["devices"], s.compose_batch)
     except PartTimeout as err:
         row["status"] = f"failed: {err}"
     except Exception as err:  # noqa: BLE001  (a failure to compile/run is a measured outcome)
@@ -471,6 +497,7 @@ def measure_interleaved(vs: list[Variant], s: Settings, peak_tflops: Optional[fl
                         live[v.name].step()
                     synchronize()
                 row.update(build_s=round(t1 - t0, 2), warmup_s=round(time.perf_counter() - t1, 2))
+                live[v.name].timing = True
                 log(f"[e2e] {v.name}: built and warmed up ({time.perf_counter() - t0:.1f} s)")
             except Exception as err:  # noqa: BLE001
                 row["status"] = f"failed: {err}" if isinstance(err, PartTimeout) else f"failed: {short_error(err)}"
@@ -492,11 +519,11 @@ def measure_interleaved(vs: list[Variant], s: Settings, peak_tflops: Optional[fl
         for name, lv in live.items():
             row = rows[name]
             loss = float(lv.trainer.loss.float().item())
-            row.update(step_s_all=[round(t, 6) for t in times[name]], loss=loss, peak_mem_gb=None,
+            row.update(step_s_all=[round(t, 6) for t in times[name]], loss=loss, peak_mem_gb=None, **lv.micro_fields(),
                        peak_mem_kind="not separable (variants interleaved in one process)",
                        timing=row["timing"] + ", interleaved")
             row["status"] = "ok" if math.isfinite(loss) else f"failed: loss is not finite ({loss})"
-            finalize(row, s.batch, row["devices"])
+            finalize(row, s.batch, row["devices"], s.compose_batch)
     finally:
         for lv in live.values():
             lv.close()
@@ -505,10 +532,32 @@ def measure_interleaved(vs: list[Variant], s: Settings, peak_tflops: Optional[fl
     return [rows[v.name] for v in vs]
 
 
-def finalize(row: dict, batch: int, world: int) -> None:
-    """The figures derived from the step times (median step -> samples/s, TFLOP/s, MFU)."""
+def finalize(row: dict, batch: int, world: int, compose_batch: Optional[int] = None) -> None:
+    """The figures derived from the step times (median step -> samples/s, TFLOP/s, MFU).
+
+    compose_batch: report a step of that many samples instead, composed from the measured
+    micro-steps: (n - 1) x median non-boundary micro-step + median boundary micro-step, with n
+    micro-batches per step (used where a full recipe-sized step is too slow to time repeatedly,
+    i.e. on CPU). The measured step of `batch` stays in measured_* fields."""
     times = row["step_s_all"]
     step_s = median(times)
+    nb, b = row.get("micro_s_nonboundary_all") or [], row.get("micro_s_boundary_all") or []
+    if nb or b:
+        row["micro_s_nonboundary"], row["micro_s_boundary"] = median(nb), median(b)
+    compose_batch = compose_batch or row.get("compose_batch")
+    if compose_batch and compose_batch != batch:
+        per_micro = row["micro_batch"] * world
+        if compose_batch % per_micro or not nb or not b:
+            raise ValueError(f"--compose-batch {compose_batch}: needs a multiple of micro-batch x devices "
+                             f"({per_micro}) and at least 2 micro-batches per measured step")
+        n = compose_batch // per_micro
+        row.update(compose_batch=compose_batch, measured_batch=batch, measured_step_s=step_s,
+                   measured_samples_per_s=batch / step_s,
+                   timing_basis=f"step of {compose_batch} composed: {n - 1} x non-boundary + 1 x boundary micro-step "
+                                f"(medians of the measured ones)")
+        step_s = (n - 1) * median(nb) + median(b)
+        batch = compose_batch
+        row["batch"] = batch
     rate = batch / step_s  # samples/s of all `world` devices together
     per_dev = rate / world
     peak = row.get("peak_tflops_measured")
@@ -530,12 +579,16 @@ def merge_rounds(rows: list[dict]) -> dict:
         out["status"] = bad[0]
         return out
     out["step_s_all"] = [t for r in rows for t in r["step_s_all"]]
+    for k in ("micro_s_nonboundary_all", "micro_s_boundary_all"):
+        out[k] = [t for r in rows for t in r.get(k, [])]
+    if out.get("measured_batch"):
+        out["batch"] = out["measured_batch"]
     out["step_s_per_round"] = [median(r["step_s_all"]) for r in rows]
     for k in ("peak_mem_gb", "process_max_rss_gb"):
         if k in out:
             out[k] = max(r.get(k) or 0 for r in rows)
     out["loss"] = rows[-1].get("loss")
-    finalize(out, out["batch"], out["devices"])
+    finalize(out, out["batch"], out["devices"], out.get("compose_batch"))
     return out
 
 

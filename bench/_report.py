@@ -96,7 +96,14 @@ E2E_COLS = ("variant", "status", "samples/s", "per device", "TFLOP/s/dev", "MFU"
             "x hf+compile", "x ref", "recipe days 1 dev", "recipe days N dev")
 
 
+def e2e_cols(rows: list[dict]) -> tuple[str, ...]:
+    if any(r.get("scaling_efficiency") for r in rows):
+        return E2E_COLS + ("1-dev samples/s", "scaling eff.")
+    return E2E_COLS
+
+
 def e2e_table_rows(rows: list[dict], project_devices: int) -> list[list[str]]:
+    scaling = len(e2e_cols(rows)) > len(E2E_COLS)
     out = []
     for r in rows:
         if r.get("part") != "e2e":
@@ -109,8 +116,10 @@ def e2e_table_rows(rows: list[dict], project_devices: int) -> list[list[str]]:
                      _f(r.get("ratio_to_compiled_peer"), "{:.2f}x"), _f(r.get("ratio_to_reference"), "{:.2f}x"),
                      _f(r.get("recipe_days_1dev"), "{:,.1f}"),
                      _f(r.get(f"recipe_days_{project_devices}dev"), "{:,.1f}")]
+            if scaling:
+                cells += [_f(r.get("single_device_samples_per_s")), _f(r.get("scaling_efficiency"), "{:.0%}")]
         else:
-            cells = [r["variant"], status[:90]] + [""] * (len(E2E_COLS) - 2)
+            cells = [r["variant"], status[:90]] + [""] * (len(e2e_cols(rows)) - 2)
         out.append(cells)
     return out
 
@@ -207,7 +216,7 @@ def write_markdown(path: Path, env: dict, rows: list[dict], notes: list[str], pr
                  f"{RECIPE_SAMPLES / 1e6:.1f}M samples = {RECIPE_SAMPLES / BASELINE_SAMPLES_PER_S / DAY:.1f} days "
                  f"at the baseline rate")
     lines += ["", "## End-to-end pre-training throughput", "",
-              md_table(E2E_COLS, e2e_table_rows(rows, project_devices)), "",
+              md_table(e2e_cols(rows), e2e_table_rows(rows, project_devices)), "",
               f"`x peer` = per-device samples/s over transformers' (same run); `x ref` (ablations) = over the "
               f"unchanged variant measured with them; recipe days for N = "
               f"{project_devices} devices: "

@@ -24,7 +24,6 @@ LOG=$OUT/gpu_check.log
 BUDGET=${GPU_CHECK_BUDGET:-450}
 export LXMERT_KERNELS_GPU=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONPATH=${PYTHONPATH:-}:$PWD:$PWD/kernels
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 # GPU_CHECK_DRY=1: check this script's plumbing on a CPU machine (tests collected only, suite --quick)
 DRY_PYTEST=() DRY_SUITE=()
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then DRY_PYTEST=(--co); DRY_SUITE=(--quick); fi
@@ -89,6 +88,10 @@ done
   for s in "${SUMMARY[@]}"; do echo "  $s"; done
   echo
   # the suite's table, printed last
-  sed -n '/^end-to-end pre-training/,$p' "$LOGS/report.log"
+  if grep -q '^end-to-end pre-training' "$LOGS/report.log"; then
+    sed -n '/^end-to-end pre-training/,$p' "$LOGS/report.log"
+  else
+    echo "end-to-end pre-training: no rows (see the e2e part above and e2e.log in results.tgz)"
+  fi
 } | tee -a "$LOG"
 rm -rf "$WORK"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", action="store_true",
                    help="build the variants side by side and time them one step each in turn (robust ratios on "
                         "a loaded machine; needs the memory of all of them; no per-variant peak memory)")
+    p.add_argument("--compose-batch", type=int, default=None,
+                   help="also report a step of this batch (e.g. the recipe's 256) composed from the measured "
+                        "micro-steps (n-1 forward+backward ones + the boundary one with the optimizer): for CPUs, "
+                        "where timing full 256-sample steps repeatedly takes too long. Needs --batch >= 2 micro-batches")
     p.add_argument("--variant-timeout", type=float, default=None, help="seconds per e2e variant (failed row after)")
     p.add_argument("--project-devices", type=int, default=None,
                    help="N for the recipe wall-time projection (default: the devices of this run, or 8)")
@@ -144,7 +149,7 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
     s = E.Settings(preset=a.preset, batch=a.batch, micro_batch=a.micro_batch, warmup=a.warmup, steps=a.steps,
                    device="cuda" if cuda else "cpu", world_size=world, rank=rank,
                    variant_timeout=a.variant_timeout, quick=a.quick, compile_mode=a.compile_mode,
-                   compile_backend=a.compile_backend)
+                   compile_backend=a.compile_backend, compose_batch=a.compose_batch)
     if cuda:
         s.device = f"cuda:{torch.cuda.current_device()}"
     path = out / PART_FILES["e2e"]
@@ -154,10 +159,13 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
     variants = E.main_variants()
     if a.variants:
         wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
-        unknown = set(wanted) - {v.name for v in variants}
+        known = {v.name: v for v in variants}
+        for b in E.BACKENDS:  # ablations can be asked for by name too ("ours sdpa | torch.compile")
+            known.update({v.name: replace(v, group="main") for v in E.ablation_variants(b) if v.name not in known})
+        unknown = [w for w in wanted if w not in known]
         if unknown:
-            raise SystemExit(f"--variants: unknown {sorted(unknown)}; known: {[v.name for v in variants]}")
-        variants = [v for v in variants if v.name in wanted]
+            raise SystemExit(f"--variants: unknown {unknown}; known: {list(known)}")
+        variants = [known[w] for w in wanted]
     ablate = a.ablations == "on" or (a.ablations == "auto" and (cuda or a.quick))
     rows: list[dict] = []
 
@@ -224,6 +232,10 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
     if not cuda:
         notes.append(f"CPU run: batch {a.batch} per optimizer step (the recipe's 256 would take minutes per step "
                      f"here); fp32; triton / flash_attn variants are unavailable without CUDA.")
+    if a.compose_batch:
+        notes.append(f"steps of {a.compose_batch} samples composed from measured micro-steps (micro-batch "
+                     f"{a.micro_batch}; measured steps of {a.batch}): n-1 forward+backward micro-steps + the boundary "
+                     f"one with the optimizer step, medians; the measured batch-{a.batch} figures are in measured_*")
     if a.quick:
         notes.append(f"--quick: preset {a.preset}, batch {a.batch}; a smoke test, not a measurement"
                      + ("; torch.compile variants use the 'eager' backend (dynamo only)" if a.compile_backend == "eager"
@@ -276,6 +288,16 @@ def collect(out: Path) -> list[dict]:
 
 def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
     rows = collect(out)
+    if a.report_only:
+        # the environment the rows were measured in (the first e2e / peak row's), not this process's
+        first = next((r for r in rows if r.get("part") in ("e2e", "peak")), None)
+        if first:
+            env = {**env, **{k: first[k] for k in env if k in first and k not in ("loadavg_1m_end",)}}
+            env["loadavg_1m_end"] = max((r.get("loadavg_1m") or 0) for r in rows if r.get("part") == "e2e") \
+                if any(r.get("part") == "e2e" for r in rows) else env.get("loadavg_1m_end")
+        if not a.project_devices_given:
+            a.project_devices = max([r.get("devices", 1) for r in rows if r.get("part") == "e2e"] + [1])
+            a.project_devices = a.project_devices if a.project_devices > 1 else 8
     R.add_projections(rows, a.project_devices)
     notes.extend(R.sanity_notes(rows))
     pngs, why = R.plots(out, rows, env)
@@ -286,7 +308,7 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
                                                for x in load):
         notes.append(f"load average {load[0]} at start, {load[1]} at end on {env.get('cpu_cores')} cores: other "
                      f"processes share this CPU, so the timings are noisy (ratios from the same run are firmer).")
-    settings = {k: v for k, v in vars(a).items() if k != "local_rank"}
+    settings = {k: v for k, v in vars(a).items() if k not in ("local_rank", "project_devices_given")}
     R.write_results_json(out / "results.json", env, rows, notes, settings)
     R.write_markdown(out / "summary.md", env, rows, notes, a.project_devices)
     for n in notes:
@@ -317,7 +339,10 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
         if tg:
             print("targets: " + "; ".join(f"{t}: {m} ({v})" for t, m, v in tg))
         print(f"baseline {BASELINE()}; recipe days for N = {a.project_devices}: {R.e2e_basis(rows)}")
-        print(R.format_table(R.E2E_COLS, e2e))
+        print(R.format_table(R.e2e_cols(rows), e2e))
+    else:
+        print("\nend-to-end pre-training: no rows in " + str(out / PART_FILES["e2e"])
+              + ("" if "e2e" not in a.parts else " (the part failed or was cut short: see its log)"))
     return rows
 
 
@@ -335,6 +360,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--parts: unknown {sorted(bad)}; known: {list(PARTS)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    a.project_devices_given = a.project_devices is not None
     resolve_defaults(a, world)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
