@@ -67,13 +67,14 @@ part() {
 cat "$LOG"
 
 # 1. tests on the GPU
-part kernel_tests 100 python3 -m pytest kernels/tests -q --maxfail=5 -p no:cacheprovider "${DRY_PYTEST[@]}"
-part model_tests 80 python3 -m pytest tests/test_bench_gpu_model.py -q -rs -p no:cacheprovider "${DRY_PYTEST[@]}"
+part kernel_tests 90 python3 -m pytest kernels/tests -q --maxfail=5 -p no:cacheprovider "${DRY_PYTEST[@]}"
+part model_tests 70 python3 -m pytest tests/test_bench_gpu_model.py -q -rs -p no:cacheprovider "${DRY_PYTEST[@]}"
 
 # 2. the suite
-part e2e 230 python3 bench/run.py --out "$RES" --parts peak,e2e --warmup 3 --steps 10 --variant-timeout 100 "${DRY_SUITE[@]}"
-part kernels 70 python3 bench/run.py --out "$RES" --parts kernels --kernel-batches 32,128,512 "${DRY_SUITE[@]}"
-part data 40 python3 bench/run.py --out "$RES" --parts data --data-workers 8 "${DRY_SUITE[@]}"
+part e2e 170 python3 bench/run.py --out "$RES" --parts peak,e2e --ablations off --warmup 3 --steps 10 --variant-timeout 110 "${DRY_SUITE[@]}"
+part ablations 100 python3 bench/run.py --out "$RES" --parts e2e --ablations only --warmup 3 --steps 10 --variant-timeout 60 "${DRY_SUITE[@]}"
+part kernels 60 python3 bench/run.py --out "$RES" --parts kernels --kernel-batches 32,128,512 "${DRY_SUITE[@]}"
+part data 30 python3 bench/run.py --out "$RES" --parts data --data-workers 8 "${DRY_SUITE[@]}"
 timeout 60 python3 bench/run.py --out "$RES" --report-only > "$LOGS/report.log" 2>&1
 cat "$LOGS/report.log" >> "$LOG"
 

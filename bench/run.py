@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None,
                    help="comma-separated main variants to run (hf, hf+compile, ours eager, ours sdpa, "
                         "ours triton, ours flash_attn); default all")
-    p.add_argument("--ablations", default="auto", choices=["auto", "on", "off"],
-                   help="the speed-work ablations (auto: on with a GPU or --quick)")
+    p.add_argument("--ablations", default="auto", choices=["auto", "on", "off", "only"],
+                   help="the speed-work ablations (auto: on with a GPU or --quick; only: just them, added to the "
+                        "e2e rows already in DIR, against their best backend)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default inductor; eager, i.e. dynamo only, with --quick on CPU)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
@@ -153,8 +154,13 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
     if cuda:
         s.device = f"cuda:{torch.cuda.current_device()}"
     path = out / PART_FILES["e2e"]
+    only = a.ablations == "only"
+    # --ablations only: add to the rows already in DIR (their peer and best backend), keep them
+    earlier = [r for r in C.read_jsonl(path) if r.get("group") == "main"] if only else []
     if rank == 0:
         path.unlink(missing_ok=True)
+        for r in earlier:
+            C.append_jsonl(path, r)
     peak_tflops = peak["peak_tflops"] if peak else None
     variants = E.main_variants()
     if a.variants:
@@ -166,8 +172,8 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; known: {list(known)}")
         variants = [known[w] for w in wanted]
-    ablate = a.ablations == "on" or (a.ablations == "auto" and (cuda or a.quick))
-    rows: list[dict] = []
+    ablate = a.ablations in ("on", "only") or (a.ablations == "auto" and (cuda or a.quick))
+    rows: list[dict] = list(earlier)
 
     def measure_all(vs) -> None:
         if a.interleave:
@@ -214,7 +220,11 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
                     if rank == 0:
                         C.append_jsonl(path, row)
 
-    measure_all(variants)
+    if not only:
+        # the most important first (a part cut short by its timeout keeps them): the peer, ours, then
+        # the compiled peer, whose compilation takes the longest; rows are written in the usual order below
+        first = [v for v in variants if not v.compile] + [v for v in variants if v.compile]
+        measure_all(first)
     if ablate:
         best = E.best_backend(rows, cuda)
         log(f"[e2e] ablations against ours {best}")
@@ -225,6 +235,8 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
                          "of masked tokens: tens of seconds even at the tiny size)")
         measure_all(abl)
     E.add_ratios(rows)
+    order = {v.name: i for i, v in enumerate(E.main_variants())}
+    rows.sort(key=lambda r: (r.get("group") != "main", order.get(r["variant"], len(order))))
     if rank == 0:  # rewrite with the final ratios
         path.unlink(missing_ok=True)
         for r in rows:
