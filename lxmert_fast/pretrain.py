@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--epochs", type=int, default=None, help="default: 20 with --data_root, else as --max_steps needs")
     r.add_argument("--max_steps", type=int, default=None,
-                   help="optimizer steps (sets the LR schedule's length; default 300 on the demo world)")
+                   help="optimizer steps (sets the LR schedule's length; default 200 on the demo world)")
     r.add_argument("--stop_at_step", type=int, default=None,
                    help="stop (after a checkpoint) at this step, keeping the full run's schedule; resume later")
     r.add_argument("--micro_batch_size", type=int, default=None,
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grounding_eval", choices=("auto", "yes", "no"), default="auto",
                    help="at the end, compare masked object/colour word accuracy with true vs shuffled images "
                         "(auto: on the demo world)")
+    r.add_argument("--grounding_batches", type=int, default=8, help="held-out batches per process for the grounding check")
     r.add_argument("--debug_nonfinite_from_step", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
@@ -289,12 +290,18 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
     )
 
 
-def build_model(config: LxmertConfig, args):
+def build_model(config: LxmertConfig, args, ds_config: dict):
+    """Our model (never transformers' classes) - under ZeRO-3 built inside deepspeed.zero.Init, so that
+    no process ever holds the full model; pretrained weights are loaded whole, then partitioned."""
     from lxmert_fast import LxmertForPreTraining
 
     if args.from_pretrained:
         return LxmertForPreTraining.from_pretrained(args.from_pretrained, config=config)
-    # Not inside deepspeed.zero.Init: our init_weights runs on the full tensors after construction.
+    if E.zero_stage_of(ds_config) == 3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            return LxmertForPreTraining(config)
     return LxmertForPreTraining(config)
 
 
@@ -369,7 +376,7 @@ class Trainer:
                              f"({micro} x {accum} x {self.world} samples)")
         is_demo = self.data.is_demo
         if args.max_steps is None and args.epochs is None:
-            max_steps = 300 if is_demo else None
+            max_steps = 200 if is_demo else None
             epochs = 20
         else:
             max_steps, epochs = args.max_steps, args.epochs
@@ -392,8 +399,8 @@ class Trainer:
             E.atomic_write_json(os.path.join(self.out_dir, "ds_config.json"), self.ds_config)
             self.config.to_json(os.path.join(self.out_dir, "model_config.json"))
         E.seed_everything(args.seed)
-        model = build_model(self.config, args)
-        n_params = sum(p.numel() for p in model.parameters())
+        model = build_model(self.config, args, self.ds_config)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         self.engine = E.initialize(model, self.ds_config)
         self.settings = E.optim_settings(self.engine)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.precision, torch.float32)
@@ -580,8 +587,8 @@ class Trainer:
         self.engine.eval()
         try:
             with preserved_rng():
-                batches = (raw for i, raw in enumerate(loader)
-                           if self.args.eval_batches is None or i < self.args.eval_batches)
+                limit = self.args.grounding_batches
+                batches = (raw for i, raw in enumerate(loader) if limit is None or i < limit)
                 counts = grounding_counts(lambda **kw: self.engine(**kw), batches, torch.tensor(ids),
                                           self.mask_cfg.mask_id, self.device, self.dtype)
         finally:
