@@ -402,6 +402,7 @@ class Trainer:
         model = build_model(self.config, args, self.ds_config)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         self.engine = E.initialize(model, self.ds_config)
+        E.seed_everything(args.seed + 1_000_003 * self.rank)  # same init everywhere, per-rank dropout streams
         self.settings = E.optim_settings(self.engine)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.precision, torch.float32)
         self.mask_gen = torch.Generator(device=self.device)
@@ -744,7 +745,7 @@ class Trainer:
             events.append(("Train/mfu", mfu, step))
         self.engine.monitor.write_events(events)
         mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-        tf_s = f"{tflops:.3f}" if self.peak or self.device.type == "cuda" else f"{tflops:.3f} (n/a: CPU)"
+        tf_s = f"{tflops:.3f}"
         self.log(
             f"step {step}/{self.total_steps} ep {epoch} | loss {means['total']:.4f} ("
             + " ".join(f"{n} {means[n]:.3f}" for n in LOSS_NAMES if n in self._active_losses())
