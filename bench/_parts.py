@@ -29,17 +29,25 @@ def run_kernels(out: Path, quick: bool, env: dict, log=print, batches=None, use_
     import bench_kernels as bk
 
     path = out / "bench_kernels.jsonl"
-    if torch.cuda.is_available():
-        rows = bk.run(str(out), quick=quick, batches=batches, use_compile=use_compile)
-    else:
-        rows = _interpreter_smoke(bk, path, log)
-    for r in rows:
-        r["part"] = "kernels"
-        r.setdefault("measurement", "cuda events" if torch.cuda.is_available() else "interpreter smoke test")
-        r["batch"] = batch_of(r)
     path.unlink(missing_ok=True)
-    for r in rows:
-        append_jsonl(path, r)
+
+    def keep(rows):
+        for r in rows:
+            r["part"] = "kernels"
+            r.setdefault("measurement", "cuda events" if torch.cuda.is_available() else "interpreter smoke test")
+            r["batch"] = batch_of(r)
+            append_jsonl(path, r)
+        return rows
+
+    if not torch.cuda.is_available():
+        return keep(_interpreter_smoke(bk, path, log))
+    if batches is None:
+        batches = [32] if quick else [32, 128, 512]
+    rows = []
+    # one batch size at a time, each kept as soon as it is done (a timeout keeps the finished ones)
+    with tempfile.TemporaryDirectory(prefix="lxmert_bench_kernels_") as tmp:
+        for b in batches:
+            rows += keep(bk.run(tmp, quick=quick, batches=[b], use_compile=use_compile))
     return rows
 
 

@@ -54,6 +54,10 @@ def targets(rows: list[dict], env: dict) -> list[tuple[str, str, str]]:
     ok = {r["variant"]: r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"
           and r.get("group") == "main"}
     out = []
+    presets = {r.get("preset") for r in rows if r.get("part") == "e2e"}
+    if presets and presets != {"base"}:
+        return [("targets (stated for the base config)", f"preset {', '.join(sorted(map(str, presets)))}",
+                 "n/a")]
     if env.get("device_kind") == "cuda":
         t = ok.get("ours triton")
         if "H200" not in str(env.get("hardware")):

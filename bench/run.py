@@ -20,9 +20,11 @@ Then: results.json (environment + every row), summary.md, throughput.png and ker
 (when matplotlib is importable), and a table printed last.
 
 Defaults: on a GPU batch 256 per optimizer step, micro-batch 256 / N per device, 5 warm-up steps,
-median of 20. Without a GPU batch 8 (a 256-sample step of the base model takes minutes on a few
-CPU cores), 1 warm-up step, median of 3. --quick: the tiny preset, batch 4 (micro 2), 1 + 2 steps,
-every part at its smallest (CI runs it).
+median of 20. Without a GPU (a 256-sample step of the base model takes minutes on a few cores):
+steps of 2 micro-batches of 8, 1 warm-up step, median of 3, reported as the recipe's 256-sample
+step composed from the measured micro-steps (--compose-batch 256). On a shared, loaded CPU use
+--threads 1 and --interleave (see bench/RESULTS.md). --quick: the tiny preset, batch 4 (micro 2),
+1 + 2 steps, every part at its smallest (CI runs it).
 """
 from __future__ import annotations
 
@@ -110,10 +112,14 @@ def resolve_defaults(a, world: int) -> None:
     cuda = torch.cuda.is_available()
     if a.preset is None:
         a.preset = "tiny" if a.quick else "base"
+    cpu_full = not cuda and not a.quick
     if a.batch is None:
-        a.batch = (4 * world if a.quick else (256 if cuda else 8))
+        # CPU: 2 micro-batches of 8 per measured step, reported as the recipe's 256 (composed)
+        a.batch = 4 * world if a.quick else (256 if cuda else 16 * world)
+        if cpu_full and a.compose_batch is None and a.micro_batch is None:
+            a.compose_batch = 256
     if a.micro_batch is None:
-        a.micro_batch = max(1, (a.batch // world) // (2 if a.quick else 1))
+        a.micro_batch = max(1, (a.batch // world) // (1 if (cuda and not a.quick) else 2))
     if a.warmup is None:
         a.warmup = 1 if (a.quick or not cuda) else 5
     if a.steps is None:
@@ -276,6 +282,10 @@ def scaling_reference(a, out: Path, log) -> dict[str, float]:
            "--compile-backend", a.compile_backend, "--project-devices", "1", "--rounds", str(a.rounds)]
     if a.interleave:
         cmd.append("--interleave")
+    if a.compose_batch:
+        cmd += ["--compose-batch", str(a.compose_batch)]
+    if a.threads:
+        cmd += ["--threads", str(a.threads)]
     if a.variant_timeout:
         cmd += ["--variant-timeout", str(a.variant_timeout)]
     log(f"[e2e] scaling reference on one device: {' '.join(cmd)}")
@@ -305,11 +315,16 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
         first = next((r for r in rows if r.get("part") in ("e2e", "peak")), None)
         if first:
             env = {**env, **{k: first[k] for k in env if k in first and k not in ("loadavg_1m_end",)}}
-            env["loadavg_1m_end"] = max((r.get("loadavg_1m") or 0) for r in rows if r.get("part") == "e2e") \
-                if any(r.get("part") == "e2e" for r in rows) else env.get("loadavg_1m_end")
         if not a.project_devices_given:
             a.project_devices = max([r.get("devices", 1) for r in rows if r.get("part") == "e2e"] + [1])
             a.project_devices = a.project_devices if a.project_devices > 1 else 8
+    # notes of the runs that wrote the rows (each part may run in its own process), then this one's
+    notes_file = out / "notes.txt"
+    earlier = notes_file.read_text(encoding="utf-8").splitlines() if notes_file.is_file() else []
+    if not a.report_only and notes:
+        with open(notes_file, "a", encoding="utf-8") as fh:
+            fh.write("".join(n + "\n" for n in notes))
+    notes[:] = list(dict.fromkeys([n for n in earlier + notes if n.strip()]))
     R.add_projections(rows, a.project_devices)
     notes.extend(R.sanity_notes(rows))
     pngs, why = R.plots(out, rows, env)
@@ -347,7 +362,7 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
         peak = next((r for r in rows if r.get("part") == "peak"), None)
         print(f"\nend-to-end pre-training, {s.get('preset')} {s.get('precision')}, batch {s.get('batch')} "
               f"(micro {s.get('micro_batch')}), {env.get('hardware')} x {env.get('num_devices')}, commit "
-              f"{str(env.get('commit'))[:12]}; peak {peak['peak_tflops']:.4g} TFLOP/s measured" if peak else "")
+              f"{str(env.get('commit'))[:12]}" + (f"; peak {peak['peak_tflops']:.4g} TFLOP/s measured" if peak else ""))
         if tg:
             print("targets: " + "; ".join(f"{t}: {m} ({v})" for t, m, v in tg))
         print(f"baseline {BASELINE()}; recipe days for N = {a.project_devices}: {R.e2e_basis(rows)}")
@@ -378,6 +393,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = log0(rank)
     notes: list[str] = []
+    if not a.report_only and "e2e" in parts and a.ablations != "only" and rank == 0:
+        (out / "notes.txt").unlink(missing_ok=True)  # a fresh measurement: the notes of older runs go
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     t_start = time.perf_counter()
