@@ -9,8 +9,9 @@ Variants
   * ``hf``: transformers' LxmertForPreTraining, eager attention, torch.optim.AdamW (its
     default implementation), gradient clipping 1.0; bf16 autocast on GPU, fp32 on CPU. The peer.
   * ``hf+compile``: the same model under ``torch.compile(model)``.
-  * ``ours <backend>``: lxmert_fast's LxmertForPreTraining under DeepSpeed ZeRO-2
-    (``ds_configs/zero2.json``: bf16 on GPU; ``ds_configs/cpu.json``: fp32 + torch_adam on CPU),
+  * ``ours <backend>``: lxmert_fast's LxmertForPreTraining under DeepSpeed with the project's config
+    (``ds_configs/zero2.json``: ZeRO-2, bf16 on GPU; ``ds_configs/cpu.json``: ZeRO-1, fp32, torch's
+    fused AdamW on CPU),
     ``engine.backward`` / ``engine.step``; the ``triton`` backend also uses the fused Triton
     LayerNorm / GELU kernels (``kernels="triton"``).
   * ablations (the speed work, one change at a time against the best backend): the MLM decoder
@@ -89,7 +90,7 @@ class Variant:
     backend: str = "eager"         # attention backend (ours); HF is always eager
     kernels: str = "torch"         # our elementwise ops: torch | triton
     compile: bool = False
-    optimizer: str = "torch"       # torch (foreach AdamW) | torch_fused | ds_fused
+    optimizer: str = "torch"       # torch (GPU: foreach AdamW; CPU: fused, as cpu.json) | torch_fused | ds_fused
     masking: str = "device"        # device | host
     copy: str = "pinned"           # pinned (non-blocking) | pageable (blocking)
     mlm_decoder: str = "masked"    # masked | all
@@ -239,8 +240,10 @@ def unavailable_reason(v: Variant, s: Settings) -> Optional[str]:
             import flash_attn  # noqa: F401
         except Exception as err:  # noqa: BLE001
             return f"flash_attn is not importable: {short_error(err)}"
-    if v.optimizer in ("torch_fused", "ds_fused") and not s.cuda:
-        return f"optimizer {v.optimizer} needs CUDA"
+    if v.optimizer == "ds_fused" and not s.cuda:
+        return "optimizer ds_fused needs CUDA"
+    if v.optimizer == "torch_fused" and not s.cuda:
+        return "torch fused AdamW is the default on CPU (cpu.json): the same thing as the reference"
     if (v.masking == "host" or v.copy == "pageable") and not s.cuda:
         return "host masking / copies are the same thing as the default on CPU"
     return None
@@ -289,23 +292,23 @@ class HFTrainer:
 
 
 def ds_config(s: Settings, v: Variant, world: int) -> dict:
-    """The project's ZeRO-2 config for this device, with the benchmark's batch split, the
-    variant's optimizer implementation and the monitors off."""
+    """The project's config for this device (GPU: zero2.json, ZeRO-2; CPU: cpu.json, ZeRO-1 and
+    torch's fused AdamW), with the benchmark's batch split, the variant's optimizer implementation
+    and the monitors off."""
     from lxmert_fast.engine import load_ds_config, prepare_ds_config
 
     cfg = load_ds_config("zero2.json" if s.cuda else "cpu.json")
     cfg["train_batch_size"] = s.batch
     cfg["train_micro_batch_size_per_gpu"] = s.micro_batch
     cfg["gradient_accumulation_steps"] = "auto"
-    cfg["zero_optimization"]["stage"] = 2
     params = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
     params.pop("fused", None)
     if v.optimizer == "ds_fused":
         params.pop("torch_adam", None)
     else:
         params["torch_adam"] = True
-        if v.optimizer == "torch_fused":
-            params["fused"] = True  # DeepSpeed passes it on to torch.optim.AdamW
+        if v.optimizer == "torch_fused" or not s.cuda:
+            params["fused"] = True  # DeepSpeed passes it on to torch.optim.AdamW (CPU: cpu.json's choice)
     for section in ("tensorboard", "csv_monitor", "wandb", "comet"):
         if section in cfg:
             cfg[section]["enabled"] = False
@@ -366,7 +369,7 @@ class OursTrainer:
 def base_row(v: Variant, s: Settings, peak_tflops: Optional[float]) -> dict:
     world = s.world_size if v.kind == "ours" else 1
     config = model_config(s.preset, v.backend, v.kernels)
-    framework = {"hf": "transformers, torch.optim.AdamW", "ours": "DeepSpeed ZeRO-2",
+    framework = {"hf": "transformers, torch.optim.AdamW", "ours": "DeepSpeed (GPU: ZeRO-2; CPU: ZeRO-1, fused AdamW)",
                  "ours_plain": "plain PyTorch loop (as the peer's), torch.optim.AdamW"}[v.kind]
     return {
         "part": "e2e", "variant": v.name, **v.describe(), "note": v.note,

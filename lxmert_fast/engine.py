@@ -4,7 +4,9 @@
   `python -m lxmert_fast.pretrain` works, then `deepspeed.init_distributed`.
 - `prepare_ds_config`: the DeepSpeed config owns batch size, precision, optimizer, scheduler,
   clipping and ZeRO; the script only fills the values marked "auto" (batch split, scheduler step
-  counts, monitor paths) and checks that the batch fits the world size.
+  counts, monitor paths) and checks that the batch fits the world size. Without a GPU it requires
+  `torch_adam` and, unless the config chooses "fused" / "foreach" itself, asks for torch's fused
+  AdamW (see bench/RESULTS.md for the optimizer-step figures behind that).
 - `param_groups`: no weight decay on biases and LayerNorm weights.
 - `CheckpointManager`: DeepSpeed checkpoints with client state (step, epoch, sampler position,
   per-rank RNG states), `latest` written atomically after the tag is complete, last K kept.
@@ -276,6 +278,13 @@ def prepare_ds_config(
             )
         if precision_of(cfg) == "fp16":
             raise DSConfigError("DeepSpeed config: fp16 needs a GPU; on CPU use fp32 or bf16")
+        params = opt.get("params", {})
+        if params.get("torch_adam") and "fused" not in params and "foreach" not in params:
+            # DeepSpeed hands these on to torch.optim.AdamW, whose CPU default is the per-tensor loop:
+            # on ZeRO's flat fp32 partition that loop allocates and streams several model-sized
+            # temporaries (measured 5.2 s of a 6.6 s step, base model, 1 thread); the fused CPU kernel
+            # updates in one pass. A config that names "fused" or "foreach" keeps its choice.
+            params["fused"] = True
     return cfg
 
 
