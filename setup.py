@@ -17,7 +17,7 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
-        "dev": ["pytest", "tensorboard"],
+        "dev": ["pytest", "tensorboard", "matplotlib"],
     },
     entry_points={"console_scripts": []},
 )

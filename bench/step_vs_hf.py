@@ -34,7 +34,8 @@ def pretraining_batch(config: LxmertConfig, batch: int, tokens: int = 20, object
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(6, tokens + 1, (batch,), generator=g)
     attention_mask = (torch.arange(tokens)[None] < lengths[:, None]).long()
-    input_ids = torch.randint(1000, config.vocab_size, (batch, tokens), generator=g) * attention_mask
+    low = min(1000, config.vocab_size // 2)  # past BERT's special / unused ids; small vocabularies too
+    input_ids = torch.randint(low, config.vocab_size, (batch, tokens), generator=g) * attention_mask
     word_pick = (torch.rand(batch, tokens, generator=g) < 0.15) & attention_mask.bool()
     labels = torch.where(word_pick, input_ids, torch.full_like(input_ids, -100))
     feats = torch.randn(batch, objects, config.visual_feat_dim, generator=g).relu()
