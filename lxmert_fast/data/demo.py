@@ -14,14 +14,19 @@ layout of airsplay/lxmert's ``data/`` folder (same file names, same formats)::
     vocab.txt                                          # WordPiece vocab trained on the world
     demo.json                                          # parameters, counts, label maps
 
-The world: each image holds 36 detected objects, 2-5 of them "salient" (one of 20 classes, one
-of 8 colours, a box), the rest background clutter. A 2048-d object feature is
-``relu(E_obj[label] + E_attr[attr] + pos(box) + noise)`` with fixed random embeddings
-(deterministic per seed); the detector ids / confidences are written as Faster R-CNN's would be
-(object ids < 1600, attribute ids < 400). Captions ("a red dog left of a blue car"), questions
-("what color is the dog?" -> "red", "how many cars are there?" -> "2", "is there a cat?" -> "no")
-and NLVR2 statements about image pairs are generated from the objects, so their object words and
-answers can only be known from the image: a model has something cross-modal to learn.
+The world: each image holds 2-4 distinct objects (one of 20 classes, one of 8 colours, a box),
+each reported several times as a detector does (20-28 of the 36 boxes, jittered around the
+object), the other boxes small background clutter. A 2048-d object feature is
+``E_obj[label] + E_attr[attr] + pos(box) + noise`` with fixed random embeddings centred over the
+labels (deterministic per seed; unlike ReLU RoI features they have no common offset, which would
+hide the class signal from a fresh model and make grounding emerge too slowly for a CPU demo).
+The detector ids / confidences are written as Faster R-CNN's would be (object ids < 1600,
+attribute ids < 400). Captions ("a red dog left of a blue car"), questions ("what color is the
+dog?" -> "red", "how many cars are there?" -> "2", "is there a cat?" -> "no") and NLVR2
+statements are generated from the objects, so their object words and answers can only be known
+from the image: a model has something cross-modal to learn. NLVR2 comes in sets, as the real
+data: each sentence is judged on 4 image pairs whose images share 3 classes and 3 colours
+(identifiers ``split-set-pair-sentence``; consistency groups the pairs of a sentence).
 
 :func:`ensure_demo_data` generates once (atomically, in a temporary directory renamed into place)
 and reuses after.
@@ -50,7 +55,12 @@ NUM_BG_CLASSES = 30      # background detector labels ("thing", clutter)
 NUM_BG_ATTRS = 12
 NUM_OBJECTS = 36
 FEAT_DIM = 2048
-DEMO_VERSION = 1
+MIN_PRIMARY, MAX_PRIMARY = 2, 4      # distinct objects per image
+SALIENT_DETECTIONS = (20, 28)        # of the 36 detections, how many report a primary object
+NLVR2_PAIRS = 4                      # image pairs per NLVR2 set (each sentence is judged on all)
+NLVR2_SENTENCES = 2                  # sentences per set
+NLVR2_POOL = 3                       # classes / colours a set's images draw from
+DEMO_VERSION = 2
 
 
 def plural(cls: str, n: int) -> str:
@@ -66,26 +76,52 @@ class World:
         n_lab, n_att = len(CLASSES) + NUM_BG_CLASSES, len(COLORS) + NUM_BG_ATTRS
         self.obj_id_of_label = r.choice(1600, n_lab, replace=False).astype(np.int64)
         self.attr_id_of_attr = r.choice(400, n_att, replace=False).astype(np.int64)
-        self.e_obj = r.standard_normal((n_lab, FEAT_DIM), dtype=np.float32)
-        self.e_attr = (0.8 * r.standard_normal((n_att, FEAT_DIM), dtype=np.float32))
+        # Embeddings centred over labels, so features have no common component: a shared offset
+        # (as ReLU features have) hides the class signal from a freshly initialised model, and
+        # grounding then takes far longer to emerge than a CPU demo can afford.
+        e_obj = r.standard_normal((n_lab, FEAT_DIM), dtype=np.float32)
+        self.e_obj = e_obj - e_obj.mean(0, keepdims=True)
+        e_attr = 0.8 * r.standard_normal((n_att, FEAT_DIM), dtype=np.float32)
+        self.e_attr = e_attr - e_attr.mean(0, keepdims=True)
         self.e_pos = (0.5 * r.standard_normal((8, FEAT_DIM), dtype=np.float32))
         self.noise_bank = (0.4 * r.standard_normal((1024, FEAT_DIM), dtype=np.float32))
 
-    def make_images(self, ids: list[str]) -> dict:
-        """Sample the objects of images ``ids``; arrays are (N, 36, ...)."""
+    def make_images(self, ids: list[str], class_pool: np.ndarray | None = None,
+                    color_pool: np.ndarray | None = None) -> dict:
+        """Sample the objects of images ``ids``; arrays are (N, 36, ...).
+
+        Each image has 2-4 distinct "primary" objects (one of 20 classes, one of 8 colours).
+        As a real detector does, it reports each of them several times (boxes jittered around
+        the object, fresh feature noise): ``salient`` marks every detection of a primary object,
+        ``primary`` its first detection; the remaining slots are small background clutter.
+        ``class_pool`` / ``color_pool`` (N, m): draw image i's primary objects from these only
+        (NLVR2 sets: the pairs of one sentence share a few classes and colours).
+        """
         rng, n, k = self.rng, len(ids), NUM_OBJECTS
         h = rng.integers(300, 481, n)
         w = rng.integers(400, 641, n)
-        n_sal = rng.integers(2, 6, n)
-        salient = np.arange(k)[None, :] < n_sal[:, None]                      # (N, 36)
-        label = np.where(salient, rng.integers(0, len(CLASSES), (n, k)),
-                         len(CLASSES) + rng.integers(0, NUM_BG_CLASSES, (n, k)))
-        attr = np.where(salient, rng.integers(0, len(COLORS), (n, k)),
-                        len(COLORS) + rng.integers(0, NUM_BG_ATTRS, (n, k)))
-        # boxes: salient ones large, clutter small; in fractions first
-        size = np.where(salient[..., None], rng.uniform(0.15, 0.45, (n, k, 2)),
-                        rng.uniform(0.03, 0.15, (n, k, 2)))
-        centre = rng.uniform(0.1, 0.9, (n, k, 2))
+        n_prim = rng.integers(MIN_PRIMARY, MAX_PRIMARY + 1, n)
+        n_sal = rng.integers(SALIENT_DETECTIONS[0], SALIENT_DETECTIONS[1] + 1, n)
+        slot = np.arange(k)[None, :]
+        primary = slot < n_prim[:, None]                                      # (N, 36)
+        salient = slot < n_sal[:, None]
+        # detection slot -> the primary object it reports (itself for primaries)
+        owner = np.where(primary, slot, (rng.random((n, k)) * n_prim[:, None]).astype(np.int64))
+        p_label = rng.integers(0, len(CLASSES), (n, k))
+        p_attr = rng.integers(0, len(COLORS), (n, k))
+        if class_pool is not None:
+            p_label = np.take_along_axis(class_pool, rng.integers(0, class_pool.shape[1], (n, k)), 1)
+        if color_pool is not None:
+            p_attr = np.take_along_axis(color_pool, rng.integers(0, color_pool.shape[1], (n, k)), 1)
+        p_size = rng.uniform(0.15, 0.45, (n, k, 2))
+        p_centre = rng.uniform(0.15, 0.85, (n, k, 2))
+        own = lambda a: np.take_along_axis(a, owner.reshape(owner.shape + (1,) * (a.ndim - 2)), 1)
+        label = np.where(salient, own(p_label), len(CLASSES) + rng.integers(0, NUM_BG_CLASSES, (n, k)))
+        attr = np.where(salient, own(p_attr), len(COLORS) + rng.integers(0, NUM_BG_ATTRS, (n, k)))
+        jitter = np.where(primary[..., None], 1.0, rng.uniform(0.7, 1.3, (n, k, 2)))
+        size = np.where(salient[..., None], own(p_size) * jitter, rng.uniform(0.03, 0.12, (n, k, 2)))
+        shift = np.where(primary[..., None], 0.0, rng.uniform(-0.06, 0.06, (n, k, 2)))
+        centre = np.where(salient[..., None], own(p_centre) + shift, rng.uniform(0.1, 0.9, (n, k, 2)))
         lo = np.clip(centre - size / 2, 0, 1)
         hi = np.clip(centre + size / 2, 0, 1)
         frac = np.concatenate([lo, hi], -1)                                   # x1 y1 x2 y2
@@ -98,8 +134,9 @@ class World:
         # shuffle object order within each image (detections are not sorted by salience)
         perm = np.argsort(rng.random((n, k)), axis=1)
         take = lambda a: np.take_along_axis(a, perm.reshape(perm.shape + (1,) * (a.ndim - 2)), 1)
-        return {"ids": list(ids), "h": h, "w": w, "salient": take(salient), "label": take(label),
-                "attr": take(attr), "boxes": take(boxes), "frac": take(frac.astype(np.float32)),
+        return {"ids": list(ids), "h": h, "w": w, "salient": take(salient), "primary": take(primary),
+                "label": take(label), "attr": take(attr), "boxes": take(boxes),
+                "frac": take(frac.astype(np.float32)),
                 "obj_conf": take(obj_conf), "attr_conf": take(attr_conf),
                 "noise_idx": rng.integers(0, len(self.noise_bank), (n, k)),
                 "noise_sign": rng.choice(np.array([-1.0, 1.0], np.float32), (n, k))}
@@ -115,8 +152,9 @@ class World:
         tmp = np.empty(shape, np.float32) if tmp is None else tmp[:n]
         cx, cy = (frac[..., 0] + frac[..., 2]) / 2, (frac[..., 1] + frac[..., 3]) / 2
         bw, bh = frac[..., 2] - frac[..., 0], frac[..., 3] - frac[..., 1]
-        pos = np.stack([cx, cy, bw, bh, np.sin(np.pi * cx), np.cos(np.pi * cx),
-                        np.sin(np.pi * cy), np.cos(np.pi * cy)], -1).astype(np.float32)
+        pos = np.stack([cx - 0.5, cy - 0.5, bw - 0.2, bh - 0.2, np.sin(np.pi * cx) - 0.6,
+                        np.cos(np.pi * cx), np.sin(np.pi * cy) - 0.6, np.cos(np.pi * cy)],
+                       -1).astype(np.float32)                                  # about zero-mean
         np.matmul(pos.reshape(-1, 8), self.e_pos, out=out.reshape(-1, FEAT_DIM))  # 2-D: BLAS
         np.take(self.e_obj, imgs["label"][sl], axis=0, out=tmp, mode="clip")
         out += tmp
@@ -125,7 +163,6 @@ class World:
         np.take(self.noise_bank, imgs["noise_idx"][sl], axis=0, out=tmp, mode="clip")
         tmp *= imgs["noise_sign"][sl][..., None]
         out += tmp
-        np.maximum(out, 0, out=out)
         return out
 
 
@@ -172,9 +209,9 @@ def write_tsv(world: World, imgs: dict, path: str, chunk: int = 32) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _objects(imgs: dict, i: int) -> list[tuple[str, str, float, float]]:
-    """Salient objects of image i: (class, colour, cx, cy)."""
+    """Distinct (primary) objects of image i: (class, colour, cx, cy)."""
     out = []
-    for j in np.flatnonzero(imgs["salient"][i]).tolist():
+    for j in np.flatnonzero(imgs["primary"][i]).tolist():
         fr = imgs["frac"][i, j]
         out.append((CLASSES[imgs["label"][i, j]], COLORS[imgs["attr"][i, j]],
                     float(fr[0] + fr[2]) / 2, float(fr[1] + fr[3]) / 2))
@@ -247,23 +284,23 @@ def questions(rng, objs, n: int, style: str) -> list[tuple[str, dict, str, str]]
     return out
 
 
-def nlvr2_statement(rng, objs0, objs1) -> tuple[str, int]:
-    c0, c1 = Counter(o[0] for o in objs0), Counter(o[0] for o in objs1)
-    cc0 = {(o[1], o[0]) for o in objs0}
-    t = rng.integers(0, 3)
+def nlvr2_statement(rng, classes, colours):
+    """A statement about an image pair from a set's class / colour pools: ``(sentence, truth)``,
+    ``truth(objs_left, objs_right) -> 0/1`` (as in NLVR2, one sentence is judged on several pairs)."""
+    cls = CLASSES[classes[rng.integers(0, len(classes))]]
+    col = COLORS[colours[rng.integers(0, len(colours))]]
+    t = int(rng.integers(0, 4))
+    counts = lambda objs: Counter(o[0] for o in objs)
     if t == 0:
-        pool = sorted(cc0)
-        col, cls = ((COLORS[rng.integers(0, len(COLORS))], CLASSES[rng.integers(0, len(CLASSES))])
-                    if rng.random() < 0.5 else pool[rng.integers(0, len(pool))])
-        return f"the left image contains a {col} {cls}", int((col, cls) in cc0)
+        return (f"the left image contains a {col} {cls}",
+                lambda o0, o1: int((cls, col) in {(o[0], o[1]) for o in o0}))
     if t == 1:
-        pool = sorted(set(c0) | set(c1))
-        cls = pool[rng.integers(0, len(pool))]
-        return f"both images contain a {cls}", int(cls in c0 and cls in c1)
-    pool = sorted(set(c0) | set(c1))
-    cls = pool[rng.integers(0, len(pool))]
+        return (f"the right image contains a {col} {cls}",
+                lambda o0, o1: int((cls, col) in {(o[0], o[1]) for o in o1}))
+    if t == 2:
+        return f"both images contain a {cls}", lambda o0, o1: int(cls in counts(o0) and cls in counts(o1))
     return (f"there are more {PLURALS[cls]} in the left image than in the right image",
-            int(c0[cls] > c1[cls]))
+            lambda o0, o1: int(counts(o0)[cls] > counts(o1)[cls]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +320,7 @@ def _split_sizes(images: int) -> dict:
     n_minival = max(2, int(n_val * 0.4))
     return {"train2014": n_train, "val2014": n_val, "minival": n_minival,
             "nominival": n_val - n_minival, "vg": n_vg,
-            "gqa_testdev": max(2, images // 20), "nlvr2_pairs": max(4, images // 10)}
+            "gqa_testdev": max(2, images // 20), "nlvr2_pairs": max(8, images // 5)}
 
 
 def train_vocab(sentences: list[str], path: str, vocab_size: int = 1000) -> int:
@@ -329,13 +366,23 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
         "vg": [str(2300000 + i) for i in range(sz["vg"])],
         "gqa_testdev": [f"n{100000 + i}" for i in range(sz["gqa_testdev"])],
     }
-    n_pairs = sz["nlvr2_pairs"]
-    n_pairs_valid = max(2, n_pairs // 5)
-    nlvr_split = {"train": n_pairs - n_pairs_valid, "valid": n_pairs_valid}
+    # NLVR2: sets of NLVR2_PAIRS image pairs; each sentence of a set is judged on every pair
+    # (identifier split-set-pair-sentence, as the real data: consistency groups by sentence)
+    n_sets = max(2, sz["nlvr2_pairs"] // NLVR2_PAIRS)
+    n_sets_valid = max(1, n_sets // 5)
+    nlvr_split = {"train": n_sets - n_sets_valid, "valid": n_sets_valid}
     for sp, n in nlvr_split.items():
-        ids[f"nlvr2_{sp}"] = [f"{'dev' if sp == 'valid' else sp}-{p}-0-img{k}"
-                              for p in range(n) for k in (0, 1)]
-    imgs = {name: world.make_images(v) for name, v in ids.items()}
+        ids[f"nlvr2_{sp}"] = [f"{'dev' if sp == 'valid' else sp}-{s}-{p}-img{k}"
+                              for s in range(n) for p in range(NLVR2_PAIRS) for k in (0, 1)]
+    imgs = {name: world.make_images(v) for name, v in ids.items() if not name.startswith("nlvr2_")}
+    nlvr_pools = {}
+    for sp, n in nlvr_split.items():
+        per_img = 2 * NLVR2_PAIRS
+        cls_pool = np.stack([rng.choice(len(CLASSES), NLVR2_POOL, replace=False) for _ in range(n)])
+        col_pool = np.stack([rng.choice(len(COLORS), NLVR2_POOL, replace=False) for _ in range(n)])
+        nlvr_pools[sp] = (cls_pool, col_pool)
+        imgs[f"nlvr2_{sp}"] = world.make_images(ids[f"nlvr2_{sp}"], np.repeat(cls_pool, per_img, 0),
+                                                np.repeat(col_pool, per_img, 0))
 
     sentences = []
     pre = {"mscoco_train": [], "mscoco_nominival": [], "mscoco_minival": [], "vgnococo": []}
@@ -395,14 +442,17 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
     for sp, n in nlvr_split.items():
         recs, name = [], f"nlvr2_{sp}"
         tag = "dev" if sp == "valid" else sp
-        for p in range(n):
-            o0, o1 = _objects(imgs[name], 2 * p), _objects(imgs[name], 2 * p + 1)
-            for k in range(2):
-                sent, label = nlvr2_statement(rng, o0, o1)
-                recs.append({"identifier": f"{tag}-{p}-0-{k}", "img0": ids[name][2 * p],
-                             "img1": ids[name][2 * p + 1], "label": label, "sent": sent,
-                             "uid": f"nlvr2_{tag}_{len(recs)}"})
+        cls_pool, col_pool = nlvr_pools[sp]
+        for st in range(n):
+            for k in range(NLVR2_SENTENCES):
+                sent, truth = nlvr2_statement(rng, cls_pool[st], col_pool[st])
                 sentences.append(sent)
+                for p in range(NLVR2_PAIRS):
+                    i = 2 * (st * NLVR2_PAIRS + p)
+                    label = truth(_objects(imgs[name], i), _objects(imgs[name], i + 1))
+                    recs.append({"identifier": f"{tag}-{st}-{p}-{k}", "img0": ids[name][i],
+                                 "img1": ids[name][i + 1], "label": label, "sent": sent,
+                                 "uid": f"nlvr2_{tag}_{len(recs)}"})
         nlvr[sp] = recs
 
     # answer tables: all_ans (pre-training, by frequency) and per task

@@ -117,3 +117,27 @@ def test_demo_has_cross_modal_structure(demo_root, demo_store):
                     assert (max(lab, key=lab.get) == "yes") == any(o == c for o, _ in objs)
                     checked += 1
     assert checked > 20
+
+
+def test_demo_features_have_no_common_offset(demo_store):
+    """Features are centred: a shared offset (as ReLU features have) hides the class signal from a
+    fresh model and grounding then emerges far too slowly for a CPU demo."""
+    feats = demo_store.read_features(np.arange(min(64, demo_store.num_images))).astype(np.float32)
+    per_dim_mean = feats.reshape(-1, feats.shape[-1]).mean(0)
+    assert np.abs(per_dim_mean).mean() < 0.25 * feats.std(), (np.abs(per_dim_mean).mean(), feats.std())
+
+
+def test_demo_nlvr2_sentences_are_judged_on_several_pairs(demo_root):
+    """As in NLVR2, a sentence is paired with several image pairs (identifier split-set-pair-sentence),
+    so consistency groups hold several examples, with true and false ones."""
+    from lxmert_fast.data.demo import NLVR2_PAIRS
+    from lxmert_fast.data.tasks import nlvr2_group
+
+    recs = read_task_json(os.path.join(demo_root, "nlvr2", "train.json"), "nlvr2", require_label=True)
+    groups: dict = {}
+    for r in recs:
+        groups.setdefault(nlvr2_group(r["identifier"]), []).append(r)
+    assert all(len(g) == NLVR2_PAIRS and len({r["sent"] for r in g}) == 1 for g in groups.values())
+    assert all(len({(r["img0"], r["img1"]) for r in g}) == NLVR2_PAIRS for g in groups.values())
+    mixed = sum(len({r["label"] for r in g}) == 2 for g in groups.values())
+    assert mixed >= len(groups) // 4, (mixed, len(groups))
