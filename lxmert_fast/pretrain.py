@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max_nonfinite_steps", type=int, default=10,
                    help="stop when the loss has been non-finite this many steps in a row")
     r.add_argument("--no_progress", action="store_true", help="no progress bar")
+    r.add_argument("--cpu_threads", type=int, default=None,
+                   help="torch threads per process on CPU (default: the cores divided among the local processes; "
+                        "1 is far faster on a CPU shared with other jobs)")
     r.add_argument("--grounding_eval", choices=("auto", "yes", "no"), default="auto",
                    help="at the end, compare masked object/colour word accuracy with true vs shuffled images "
                         "(auto: on the demo world)")
@@ -337,12 +340,26 @@ def preserved_rng():
 
 
 # ---------------------------------------------------------------------------------------------- the job
+def cpu_threads(requested: Optional[int]) -> int:
+    """Torch threads for one CPU process: ``requested``, else the cores this process may use divided
+    among the processes of this node (oversubscribed OpenMP threads crawl)."""
+    if requested is not None:
+        if requested < 1:
+            raise UsageError(f"--cpu_threads must be at least 1, got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // max(1, local))
+
+
 class Trainer:
     def __init__(self, args):
         self.args = args
         self.rank, self.world, self.device = E.init_distributed()
         self.is_main = self.rank == 0
         self.log_lines: list[str] = []
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(args.cpu_threads))
 
     # -- output ---------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -702,6 +719,11 @@ class Trainer:
             if not args.no_export:
                 export_dir = os.path.join(self.out_dir, "hf")
                 E.export_hf(engine, lambda: __import__("lxmert_fast").LxmertForPreTraining(self.config), export_dir)
+                if self.is_main and self.config.task_qa:
+                    # the QA head's rows by answer, so fine-tuning copies the rows of shared answers
+                    from lxmert_fast.model.task_heads import ANSWERS_FILE
+
+                    E.atomic_write_json(os.path.join(export_dir, ANSWERS_FILE), list(self.data.index.answers))
                 self.log(f"exported the model to {export_dir} (config.json + model.safetensors; "
                          f"transformers.LxmertForPreTraining.from_pretrained loads it)")
                 result["export_dir"] = export_dir
@@ -730,8 +752,8 @@ class Trainer:
         samples = interval["steps"] * self.settings.train_batch_size
         sps = samples / elapsed
         tflops, mfu = throughput(sps, self.flops_per_sample, self.world, self.peak)
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (no ZeRO, fp32)
+        grad_norm = float(grad_norm) if grad_norm is not None else None
         lr = self.engine.get_lr()[0]
         row = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, "samples_per_s": sps,
                "tflops": tflops, "mfu": mfu, "data_wait": interval["data_s"] / elapsed,
@@ -739,7 +761,9 @@ class Trainer:
         if self.settings.precision == "fp16":
             row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
         events = [(f"Train/loss/{n}", means[n], step) for n in names if n == "total" or n in self._active_losses()]
-        events += [("Train/lr", lr, step), ("Train/grad_norm", grad_norm, step), ("Train/samples_per_s", sps, step),
+        if grad_norm is not None:
+            events.append(("Train/grad_norm", grad_norm, step))
+        events += [("Train/lr", lr, step), ("Train/samples_per_s", sps, step),
                    ("Train/data_wait_share", row["data_wait"], step), ("Train/tflops_per_device", tflops, step)]
         if mfu is not None:
             events.append(("Train/mfu", mfu, step))
@@ -749,7 +773,7 @@ class Trainer:
         self.log(
             f"step {step}/{self.total_steps} ep {epoch} | loss {means['total']:.4f} ("
             + " ".join(f"{n} {means[n]:.3f}" for n in LOSS_NAMES if n in self._active_losses())
-            + f") | lr {lr:.2e} | gnorm {grad_norm:.3f} | {sps:.1f} samples/s | TFLOP/s {tf_s} | MFU {mfu_s}"
+            + f") | lr {lr:.2e} | gnorm {'n/a' if grad_norm is None else f'{grad_norm:.3f}'} | {sps:.1f} samples/s | TFLOP/s {tf_s} | MFU {mfu_s}"
             f" | data wait {100 * row['data_wait']:.1f}%"
         )
         if self.bar is not None:

@@ -220,7 +220,7 @@ def test_our_pretraining_output_export_and_deepspeed_checkpoints_load_the_same_w
         for k, v in export.encoder.items():
             assert torch.equal(ck.encoder[k], v), k
     answers, where = H.find_head_answers(export, data_root=demo_world())
-    assert where.endswith("all_ans.json") and len(answers) == export.qa_rows
+    assert where == os.path.join(out, "hf", "answers.json") and len(answers) == export.qa_rows  # written by the export
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

@@ -93,7 +93,8 @@ def worker(work: str) -> None:
     results["resume"] = _run("resumed", work, ["--deepspeed_config", z2, "--max_steps", "12", "--save_every", "6",
                                                "--resume"])
     for name, stage, prec in (("z3_fp32", 3, "fp32"), ("z2_bf16", 2, "bf16"), ("z3_bf16", 3, "bf16")):
-        extra = ["--no_export", "--qa_from_epoch", "1"] if name == "z2_bf16" else []  # the paper's 2-stage QA
+        extra = (["--no_export", "--qa_from_epoch", "1"] if name == "z2_bf16" else  # the paper's 2-stage QA
+                 ["--qa_sets", "gqa"] if name == "z3_fp32" else [])
         results[name] = _run(name, work, ["--deepspeed_config", cfg(name, stage, prec), "--max_steps", "12",
                                           "--save_every", "0"] + extra)
     results["nan"] = _run("nan", work, ["--deepspeed_config", z2, "--max_steps", "20", "--save_every", "2",
@@ -244,8 +245,17 @@ def test_export_loads_into_transformers_and_gives_our_outputs(two_process_runs, 
 
     work, _, _ = two_process_runs
     export = os.path.join(work, run, "hf")
-    assert sorted(os.listdir(export)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(export)) == ["answers.json", "config.json", "model.safetensors"]
     ours = LxmertForPreTraining.from_pretrained(export).eval()
+    # answers.json: the QA head's answer by row (restricted by --qa_sets gqa in the ZeRO-3 run)
+    with open(os.path.join(export, "answers.json"), encoding="utf-8") as fh:
+        answers = json.load(fh)
+    assert len(answers) == ours.config.num_qa_labels == len(set(answers))
+    data_root = glob.glob(os.path.join(work, "cache", "demo-v*"))[0]
+    with open(os.path.join(data_root, "lxmert", "all_ans.json"), encoding="utf-8") as fh:
+        dsets = {e["ans"]: e["dsets"] for e in json.load(fh)}
+    want = [a for a in dsets if run != "z3_fp32" or "gqa" in dsets[a]]
+    assert answers == want and (run != "z3_fp32" or len(want) < len(dsets))
     hf = transformers.LxmertForPreTraining.from_pretrained(export).eval()
     g = torch.Generator().manual_seed(0)
     cfg = ours.config
