@@ -140,7 +140,9 @@ config = LxmertConfig.preset("tiny")
 base = E.load_ds_config("cpu.json")
 for section in ("tensorboard", "csv_monitor"):
     base[section]["enabled"] = False
-base.update(train_batch_size=4, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
+world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+base.update(train_batch_size=4 * world, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
 
 def run(stage, **opt):
     cfg = copy.deepcopy(base)
@@ -148,7 +150,7 @@ def run(stage, **opt):
     params = cfg["optimizer"]["params"]
     params.pop("fused", None)
     params.update(opt)
-    cfg = E.prepare_ds_config(cfg, world_size=1, total_steps=10, output_dir=sys.argv[1])
+    cfg = E.prepare_ds_config(cfg, world_size=world, total_steps=10, output_dir=sys.argv[1])
     torch.manual_seed(0)
     model = LxmertForPreTraining(config)
     model.train()
@@ -158,7 +160,7 @@ def run(stage, **opt):
     engine = E.initialize(model, cfg)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     kind = "fused" if inner.defaults.get("fused") else ("foreach" if inner.defaults.get("foreach") else "loop")
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data: the reduction matters
     for _ in range(3 * 2):
         b = 2
         ids = torch.randint(5, config.vocab_size, (b, 8), generator=gen)
@@ -173,20 +175,27 @@ def run(stage, **opt):
     engine.destroy()
     return kind, state
 
-kind_new, new = run(1)                    # cpu.json: ZeRO-1, fused filled in by prepare_ds_config
-kind_old, old = run(2, fused=False)       # the former cpu.json: ZeRO-2, torch's per-tensor loop
-diff = max((new[k].double() - old[k].double()).abs().max().item() for k in new)
-torch.manual_seed(0)
-init = LxmertForPreTraining(config).state_dict()
-weights = [k for k in new if k.endswith(".weight")]
-moved = sum((new[k] - init[k]).abs().max().item() > 1e-4 for k in weights) / len(weights)
-print(json.dumps({"new": kind_new, "old": kind_old, "max_abs_diff": diff, "weights_moved": moved}))
+stage_new = base["zero_optimization"]["stage"]
+kind_new, new = run(stage_new)            # cpu.json: no ZeRO (stage 0), fused filled in by prepare_ds_config
+kind_z1, z1 = run(1)                      # cpu.json of 7d87844: ZeRO-1, fused AdamW
+kind_old, old = run(2, fused=False)       # the cpu.json before: ZeRO-2, torch's per-tensor loop
+if rank == 0:
+    diff = lambda a, b: max((a[k].double() - b[k].double()).abs().max().item() for k in a)  # noqa: E731
+    torch.manual_seed(0)
+    init = LxmertForPreTraining(config).state_dict()
+    weights = [k for k in new if k.endswith(".weight")]
+    moved = sum((new[k] - init[k]).abs().max().item() > 1e-4 for k in weights) / len(weights)
+    print(json.dumps({"world": world, "stage": stage_new, "new": kind_new, "z1": kind_z1, "old": kind_old,
+                      "max_abs_diff": diff(new, old), "max_abs_diff_z1": diff(new, z1), "weights_moved": moved}))
 """
 
 
-def test_cpu_config_steps_like_zero2_with_the_loop_adamw(tmp_path):
-    """cpu.json (ZeRO-1, torch's fused AdamW) takes the same optimizer steps, gradient accumulation and
-    clipping included, as ZeRO-2 with torch's per-tensor AdamW loop (the config it replaced for speed)."""
+@pytest.mark.parametrize("world", [1, 2])
+def test_cpu_config_steps_like_zero1_and_zero2(tmp_path, world):
+    """cpu.json (no ZeRO, torch's fused AdamW) takes the same optimizer steps, gradient accumulation and
+    clipping included, as ZeRO-1 with fused AdamW and ZeRO-2 with torch's per-tensor AdamW loop (the configs
+    it replaced for speed); in one process (where the engine skips its identity all-reduce) and in two
+    (gloo, each rank its own data: the gradients are averaged across ranks)."""
     import subprocess
     import sys
 
@@ -199,10 +208,17 @@ def test_cpu_config_steps_like_zero2_with_the_loop_adamw(tmp_path):
         env.pop(key, None)
     if torch.cuda.is_available():
         pytest.skip("checks the CPU config")
-    proc = subprocess.run([sys.executable, "-c", _SAME_STEPS_SCRIPT, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=str(tmp_path))
+    if world == 1:
+        cmd = [sys.executable, "-c", _SAME_STEPS_SCRIPT, str(tmp_path)]
+    else:
+        script = tmp_path / "same_steps.py"
+        script.write_text(_SAME_STEPS_SCRIPT, encoding="utf-8")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (res["new"], res["old"]) == ("fused", "loop"), res
+    res = json.loads([ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")][-1])
+    assert res["world"] == world and res["stage"] == 0, res
+    assert (res["new"], res["z1"], res["old"]) == ("fused", "fused", "loop"), res
     assert res["weights_moved"] > 0.5, res  # the steps were taken (heads without labels get no gradient)
-    assert res["max_abs_diff"] < 1e-5, res
+    assert res["max_abs_diff"] < 1e-5 and res["max_abs_diff_z1"] < 1e-5, res
