@@ -10,7 +10,7 @@ Variants
     default implementation), gradient clipping 1.0; bf16 autocast on GPU, fp32 on CPU. The peer.
   * ``hf+compile``: the same model under ``torch.compile(model)``.
   * ``ours <backend>``: lxmert_fast's LxmertForPreTraining under DeepSpeed with the project's config
-    (``ds_configs/zero2.json``: ZeRO-2, bf16 on GPU; ``ds_configs/cpu.json``: ZeRO-1, fp32, torch's
+    (``ds_configs/zero2.json``: ZeRO-2, bf16 on GPU; ``ds_configs/cpu.json``: no ZeRO, fp32, torch's
     fused AdamW on CPU),
     ``engine.backward`` / ``engine.step``; the ``triton`` backend also uses the fused Triton
     LayerNorm / GELU kernels (``kernels="triton"``).
@@ -292,7 +292,7 @@ class HFTrainer:
 
 
 def ds_config(s: Settings, v: Variant, world: int) -> dict:
-    """The project's config for this device (GPU: zero2.json, ZeRO-2; CPU: cpu.json, ZeRO-1 and
+    """The project's config for this device (GPU: zero2.json, ZeRO-2; CPU: cpu.json, no ZeRO and
     torch's fused AdamW), with the benchmark's batch split, the variant's optimizer implementation
     and the monitors off."""
     from lxmert_fast.engine import load_ds_config, prepare_ds_config
@@ -369,7 +369,7 @@ class OursTrainer:
 def base_row(v: Variant, s: Settings, peak_tflops: Optional[float]) -> dict:
     world = s.world_size if v.kind == "ours" else 1
     config = model_config(s.preset, v.backend, v.kernels)
-    framework = {"hf": "transformers, torch.optim.AdamW", "ours": "DeepSpeed (GPU: ZeRO-2; CPU: ZeRO-1, fused AdamW)",
+    framework = {"hf": "transformers, torch.optim.AdamW", "ours": "DeepSpeed (GPU: ZeRO-2; CPU: no ZeRO, fused AdamW)",
                  "ours_plain": "plain PyTorch loop (as the peer's), torch.optim.AdamW"}[v.kind]
     return {
         "part": "e2e", "variant": v.name, **v.describe(), "note": v.note,

@@ -10,7 +10,7 @@ Parts (each writes JSON lines into DIR as it goes, so a part cut short keeps wha
   e2e      end-to-end pre-training throughput of LXMERT (base config, 20 tokens, 36 objects, masking
            per step on the device): transformers' LxmertForPreTraining (the peer; bf16 autocast on
            GPU, fp32 on CPU), the same under torch.compile, and ours with each attention backend
-           under DeepSpeed (zero2.json: ZeRO-2, bf16 on GPU; cpu.json: ZeRO-1, fp32, torch's fused AdamW
+           under DeepSpeed (zero2.json: ZeRO-2, bf16 on GPU; cpu.json: no ZeRO, fp32, torch's fused AdamW
            on CPU); then the ablations of the speed work.
            Per variant: samples/s, TFLOP/s, MFU, peak memory, ratio to the peer of this run, the
            20-epoch recipe's wall time on 1 and N devices and the ratio to the 4x Titan Xp rate.
