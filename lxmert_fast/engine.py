@@ -534,6 +534,14 @@ def export_hf(engine, build_model: Callable[[], nn.Module], directory: str) -> O
     return directory if rank == 0 else None
 
 
+def grad_norm(parameters: Iterable[nn.Parameter]) -> Optional[float]:
+    """The global L2 norm of the gradients (all ranks hold the same ones without ZeRO); None if there are none."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
 def atomic_write_json(path: str, obj: Any) -> None:
     from lxmert_fast.utils import atomic_write_text
 

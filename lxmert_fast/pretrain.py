@@ -625,6 +625,9 @@ class Trainer:
             step, start_epoch = self.restore()
         eval_every = args.eval_every if args.eval_every is not None else max(1, self.total_steps // 2)
         stop_at = min(self.total_steps, args.stop_at_step) if args.stop_at_step else self.total_steps
+        # Without ZeRO and in fp32 DeepSpeed computes no gradient norm: measure it on logging steps.
+        self.own_grad_norm = E.zero_stage_of(self.ds_config) == 0 and self.settings.precision == "fp32"
+        self.last_grad_norm: Optional[float] = None
         self.streak = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_since_save = torch.zeros((), dtype=torch.int64, device=self.device)
         loss_names = ("total",) + LOSS_NAMES
@@ -663,6 +666,8 @@ class Trainer:
                     if args.debug_nonfinite_from_step is not None and step + 1 >= args.debug_nonfinite_from_step:
                         loss = loss * float("nan")
                     engine.backward(loss)
+                    if self.own_grad_norm and consumed % self.accum == 0 and (step + 1) % args.log_every == 0:
+                        self.last_grad_norm = E.grad_norm(engine.module.parameters())  # before step() clips/zeroes
                     engine.step()
                     detached = loss.detach().to(torch.float64)
                     finite = torch.isfinite(detached)
@@ -753,7 +758,7 @@ class Trainer:
         sps = samples / elapsed
         tflops, mfu = throughput(sps, self.flops_per_sample, self.world, self.peak)
         grad_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (no ZeRO, fp32)
-        grad_norm = float(grad_norm) if grad_norm is not None else None
+        grad_norm = float(grad_norm) if grad_norm is not None else self.last_grad_norm
         lr = self.engine.get_lr()[0]
         row = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, "samples_per_s": sps,
                "tflops": tflops, "mfu": mfu, "data_wait": interval["data_s"] / elapsed,
