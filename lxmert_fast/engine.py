@@ -230,8 +230,11 @@ def prepare_ds_config(
     micro_batch_size: Optional[int] = None,
     warmup_ratio: float = 0.05,
     job_name: str = "pretrain",
+    on_gpu: Optional[bool] = None,
 ) -> dict:
-    """A copy of `cfg` with every "auto" filled; raises DSConfigError on what cannot be filled or fit."""
+    """A copy of `cfg` with every "auto" filled; raises DSConfigError on what cannot be filled or fit.
+
+    `on_gpu` (default: whether CUDA is available) decides the CPU checks and defaults."""
     cfg = copy.deepcopy(cfg)
     total, micro, accum = resolve_batch_size(cfg, world_size, micro_batch_size)
     cfg["train_batch_size"] = total
@@ -267,7 +270,9 @@ def prepare_ds_config(
     left = _find_auto(cfg)
     if left:
         raise DSConfigError(f"DeepSpeed config: cannot fill \"auto\" for {left}")
-    if not torch.cuda.is_available():
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    if not on_gpu:
         opt = cfg.get("optimizer", {})
         offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
         if opt.get("type", "").lower() in ("adam", "adamw") and not opt.get("params", {}).get("torch_adam") \
