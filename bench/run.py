@@ -182,24 +182,29 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
     ablate = a.ablations in ("on", "only") or (a.ablations == "auto" and (cuda or a.quick))
     rows: list[dict] = list(earlier)
 
+    def record(row: dict) -> None:
+        """Add a finished variant's row: scaling against the single-device run, ratios, the JSONL file."""
+        ref = single.get(row["variant"])
+        if ref and row.get("status") == "ok":
+            row["single_device_samples_per_s"] = ref
+            row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
+        rows.append(row)
+        E.add_ratios(rows)
+        if rank == 0:
+            C.append_jsonl(path, row)
+
     def measure_all(vs) -> None:
+        """Each variant's row is written as soon as it is done, so a part killed by a timeout keeps every
+        finished variant. Interleaved: the variants alternate step by step; else round-robin over `vs`,
+        each variant's rounds merged."""
         if a.interleave:
             for row in E.measure_interleaved(vs, s, peak_tflops, log):
                 row = {**env, **row}
-                ref = single.get(row["variant"])
-                if ref and row.get("status") == "ok":
-                    row["single_device_samples_per_s"] = ref
-                    row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
-                rows.append(row)
-                E.add_ratios(rows)
-                if rank == 0:
-                    C.append_jsonl(path, row)
+                record(row)
                 log(f"[e2e] {row['variant']}: " + (f"{row['samples_per_s']:.4g} samples/s (median step "
                                                    f"{row['step_s']:.4g} s)" if row["status"] == "ok"
                                                    else row["status"]))
             return
-        """Round-robin over `vs`; each variant's row (its rounds merged) is written as soon as its
-        last round is done, so a part killed by a timeout keeps every finished variant."""
         per: dict[str, list[dict]] = {v.name: [] for v in vs}
         for rnd in range(a.rounds):
             last_round = rnd == a.rounds - 1
@@ -217,15 +222,7 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
                     else:
                         log(f"[e2e] {v.name}: {row['status']}")
                 if last_round:
-                    row = E.merge_rounds(done)
-                    ref = single.get(row["variant"])
-                    if ref and row.get("status") == "ok":
-                        row["single_device_samples_per_s"] = ref
-                        row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
-                    rows.append(row)
-                    E.add_ratios(rows)
-                    if rank == 0:
-                        C.append_jsonl(path, row)
+                    record(E.merge_rounds(done))
 
     if not only:
         # the most important first (a part cut short by its timeout keeps them): the peer, ours, then
