@@ -666,7 +666,8 @@ class Trainer:
                     if args.debug_nonfinite_from_step is not None and step + 1 >= args.debug_nonfinite_from_step:
                         loss = loss * float("nan")
                     engine.backward(loss)
-                    if self.own_grad_norm and consumed % self.accum == 0 and (step + 1) % args.log_every == 0:
+                    if self.own_grad_norm and consumed % self.accum == 0 and (
+                            (step + 1) % args.log_every == 0 or step + 1 == stop_at):
                         self.last_grad_norm = E.grad_norm(engine.module.parameters())  # before step() clips/zeroes
                     engine.step()
                     detached = loss.detach().to(torch.float64)
