@@ -151,6 +151,39 @@ class LxmertConfig:
             raise ConfigError(f"unknown LxmertConfig preset {name!r}: expected one of {sorted(presets)}")
         return cls(**{**presets[name], **overrides})
 
+    # Fields a --config_overrides string may set (as HF's run_mlm.py --config_overrides): the model's
+    # shape and initialisation. Task switches, losses and kernels have their own flags.
+    OVERRIDABLE = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_dropout_prob",
+                   "attention_probs_dropout_prob", "initializer_range", "l_layers", "x_layers", "r_layers",
+                   "visual_loss_normalizer")
+
+    @classmethod
+    def parse_overrides(cls, text: str) -> dict[str, Any]:
+        """``"hidden_size=128,initializer_range=0.05"`` -> ``{"hidden_size": 128, "initializer_range": 0.05}``.
+
+        Each value is converted to the field's type; an unknown or non-overridable field, a missing
+        ``=`` or a value of the wrong type is a :class:`ConfigError` naming the item.
+        """
+        out: dict[str, Any] = {}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            key, sep, raw = item.partition("=")
+            key, raw = key.strip(), raw.strip()
+            if not sep or not raw:
+                raise ConfigError(f"config override {item!r}: expected field=value")
+            if key not in cls.OVERRIDABLE:
+                raise ConfigError(f"config override {item!r}: {key!r} cannot be overridden; expected one of "
+                                  f"{', '.join(cls.OVERRIDABLE)}")
+            kind = int if types[key] in (int, "int") else float
+            try:
+                out[key] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"config override {item!r}: expected {'an integer' if kind is int else 'a number'}"
+                                  ) from None
+        return out
+
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -38,7 +38,7 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
 
 from lxmert_fast import engine as E  # noqa: E402
-from lxmert_fast.config import LxmertConfig  # noqa: E402
+from lxmert_fast.config import ConfigError, LxmertConfig  # noqa: E402
 from lxmert_fast.flops import device_name, peak_tflops_for, throughput, train_flops_per_sample  # noqa: E402
 
 TASKS = ("mlm", "matched", "obj", "qa")
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--xlayers", type=int, default=None)
     m.add_argument("--rlayers", type=int, default=None)
     m.add_argument("--model_config", default=None, help="a config.json (ours or HF's) instead of a preset")
+    m.add_argument("--config_overrides", default=None,
+                   help="change the preset's or --model_config's shape or initialisation, as HF's run_mlm.py: "
+                        "\"hidden_size=128,intermediate_size=512,initializer_range=0.05\" (not with --from_pretrained)")
     m.add_argument("--from_pretrained", "--loadLXMERT", default=None,
                    help="initial weights: HF dir, original .pth or ours")
     m.add_argument("--fromScratch", action="store_true", help="accepted for the original command line (the default)")
@@ -259,6 +262,13 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
     layers = {k: v for k, v in (("l_layers", args.llayers), ("x_layers", args.xlayers), ("r_layers", args.rlayers))
               if v is not None}
     feat_dim = data.train.store.feat_dim
+    try:
+        overrides = LxmertConfig.parse_overrides(args.config_overrides or "")
+    except ConfigError as err:
+        raise UsageError(f"--config_overrides: {err}") from None
+    if overrides and args.from_pretrained:
+        raise UsageError("--config_overrides cannot change a --from_pretrained model (its weights fix the shape)")
+    layers.update(overrides)
     if args.from_pretrained or args.model_config:
         source = args.from_pretrained or args.model_config
         if args.model_config:
@@ -272,8 +282,12 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
                 raw, cfg_path = read_checkpoint(source)
                 config = LxmertConfig.from_json(cfg_path) if cfg_path else infer_config(
                     original_to_hf(raw) if detect_layout(raw) == "original" else raw)
-        if layers:
-            raise UsageError("--llayers/--xlayers/--rlayers cannot change a --model_config/--from_pretrained model")
+        if layers and not args.model_config:
+            raise UsageError("--llayers/--xlayers/--rlayers cannot change a --from_pretrained model")
+        try:
+            config = config.replace(**layers)
+        except ConfigError as err:
+            raise UsageError(f"{source} with --config_overrides/--llayers/--xlayers/--rlayers: {err}") from None
         problems = []
         if config.vocab_size != index.vocab_size:
             problems.append(f"vocab_size {config.vocab_size} vs the tokenizer's {index.vocab_size} ({data.vocab})")
@@ -285,12 +299,15 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
             raise UsageError(f"the model ({source}) does not fit the data: " + "; ".join(problems))
         return config.replace(**switches)
     preset = args.model or ("small" if data.is_demo else "base")
-    return LxmertConfig.preset(
-        preset, vocab_size=index.vocab_size, visual_feat_dim=feat_dim,
-        num_qa_labels=max(1, index.num_answers), num_object_labels=DEFAULT_NUM_OBJ_CLASSES,
-        num_attr_labels=DEFAULT_NUM_ATTR_CLASSES, max_position_embeddings=max(512, index.meta["max_len"]),
-        **layers, **switches,
-    )
+    try:
+        return LxmertConfig.preset(
+            preset, vocab_size=index.vocab_size, visual_feat_dim=feat_dim,
+            num_qa_labels=max(1, index.num_answers), num_object_labels=DEFAULT_NUM_OBJ_CLASSES,
+            num_attr_labels=DEFAULT_NUM_ATTR_CLASSES, max_position_embeddings=max(512, index.meta["max_len"]),
+            **layers, **switches,
+        )
+    except ConfigError as err:
+        raise UsageError(f"--model {preset} with --config_overrides/--llayers/--xlayers/--rlayers: {err}") from None
 
 
 def build_model(config: LxmertConfig, args, ds_config: dict):

@@ -83,6 +83,20 @@ def test_presets():
         LxmertConfig.preset("huge")
 
 
+
+def test_config_overrides_are_typed_and_checked():
+    assert LxmertConfig.parse_overrides(" hidden_size=128, initializer_range=0.05,l_layers=2 ,") == {
+        "hidden_size": 128, "initializer_range": 0.05, "l_layers": 2}
+    assert LxmertConfig.parse_overrides("") == {}
+    for text, match in (("hidden_size", "expected field=value"), ("hidden_size=", "expected field=value"),
+                        ("hidden_size=1.5", "an integer"), ("initializer_range=big", "a number"),
+                        ("vocab_size=3", "'vocab_size' cannot be overridden"), ("foo=1", "'foo' cannot")):
+        with pytest.raises(ConfigError, match=match):
+            LxmertConfig.parse_overrides(text)
+    # the values still go through the config's own validation
+    with pytest.raises(ConfigError, match="not divisible"):
+        LxmertConfig.preset("tiny", **LxmertConfig.parse_overrides("hidden_size=33"))
+
 # ------------------------------------------------------------------------------------ attention
 def _qkv(batch=3, length=11, heads=2, dim=8):
     return torch.randn(batch, length, 3, heads, dim, requires_grad=True)

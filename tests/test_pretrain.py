@@ -9,7 +9,8 @@ One torchrun launch runs every 2-process scenario in sequence (this file is also
 - a config whose batch does not fit the world size: a clear error naming the three numbers;
 - a model whose vocab does not fit the data: a clear error before training.
 
-The tests below read the results. The grounding test is a separate, opt-in single-process run (see its reason).
+The tests below read the results. The grounding tests are separate single-process runs: the word gap in the
+suite (about 6-7 minutes on 2 cores), matching opt-in (see its reason).
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def worker(work: str) -> None:
     E.barrier()
     results["bad_vocab"] = _run("bad_vocab", work, ["--deepspeed_config", z2, "--model_config", bad_vocab])
     results["no_data"] = _run("no_data", work, ["--deepspeed_config", z2, "--data_root", os.path.join(work, "nowhere")])
+    results["bad_override"] = _run("bad_override", work, ["--deepspeed_config", z2, "--config_overrides",
+                                                          "hidden_size=33"])
     results["zero_init"] = _zero_init_probe()
     if rank == 0:
         with open(os.path.join(work, "results.json"), "w", encoding="utf-8") as fh:
@@ -223,6 +226,8 @@ def test_config_errors_are_clear(two_process_runs):
     assert "vocab_size 999 vs the tokenizer's" in log
     assert results["no_data"]["code"] == 2
     assert "nowhere: no such directory" in log
+    assert results["bad_override"]["code"] == 2
+    assert "--model tiny with --config_overrides/--llayers/--xlayers/--rlayers" in log and "not divisible" in log
 
 
 def test_qa_from_epoch_holds_qa_back(two_process_runs):
@@ -282,37 +287,71 @@ def test_export_loads_into_transformers_and_gives_our_outputs(two_process_runs, 
 
 
 # ---------------------------------------------------------------------------------------------- grounding
-GROUNDING_OPT_IN = "LXMERT_FAST_GROUNDING_TEST"
+# The grounding runs use the demo's small model at hidden 128, 2 layers per encoder, and initializer_range 0.05
+# instead of BERT's 0.02 (about 1/sqrt(fan-in) at this width). Measured on demo world v2 (batch 32, lr 1e-3,
+# the full recipe): with 0.02 the word gap opens at 2000-2500 steps; with 0.05 at 750-1000 steps (0.19 vs 0.07,
+# 0.24 vs 0.08), and at 1500 steps 0.31 vs 0.08. Matching stays at chance (0.49-0.52) at every length measured.
+GROUNDING_MODEL = ["--model", "small", "--config_overrides", "hidden_size=128,intermediate_size=512,initializer_range=0.05",
+                   "--llayers", "2", "--xlayers", "2", "--rlayers", "2"]
 
 
-@pytest.mark.skipif(
-    os.environ.get(GROUNDING_OPT_IN) != "1",
-    reason=f"opt-in ({GROUNDING_OPT_IN}=1, LXMERT_FAST_GROUNDING_STEPS=N): with the full recipe (mlm,matched,obj,qa) "
-           "grounding does not emerge within a CPU budget this suite can afford. Measured on demo world v2 (hidden-128, "
-           "batch 32, 1 thread): MLM alone opens the gap at 400-500 steps (object/colour words 0.16-0.20 with the true "
-           "image vs 0.04-0.09 shuffled), but with the recipe's matching, object and QA losses (lr 1e-3 to 3e-3, "
-           "obj_label_loss all or masked) there is no gap after 600-1500 steps; the word gap opens at 2000-2500 steps "
-           "(0.16 vs 0.04, then 0.27 vs 0.08; 13 min on 2 threads) while matching stays at 0.48-0.53. "
-           "The check itself is tested in test_pretrain_metrics.py; every demo run reports it at the end.",
-)
-def test_grounding_the_model_reads_the_image(tmp_path):
-    """A CPU pre-training on the demo world: object/colour words need the true image; matching is learnt."""
-    work = str(tmp_path)
+def _grounding_run(work: str, steps: int) -> dict:
+    """A single-process CPU pre-training on the demo world with the full recipe; its result.json."""
     cache = os.path.join(work, "cache")
-    os.makedirs(cache)
-    steps = os.environ.get("LXMERT_FAST_GROUNDING_STEPS", "3000")
-    cmd = [sys.executable, "-m", "lxmert_fast.pretrain", "--cache_dir", cache, "--model", "small",
-           "--max_steps", steps, "--micro_batch_size", "32", "--log_every", "100", "--eval_every", "0",
+    os.makedirs(cache, exist_ok=True)
+    ds_config = _ds_config(os.path.join(work, "ds.json"), 0, "fp32")
+    with open(ds_config, encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    cfg["optimizer"]["params"]["lr"] = 1e-3
+    with open(ds_config, "w", encoding="utf-8") as fh:
+        json.dump(cfg, fh)
+    cmd = [sys.executable, "-m", "lxmert_fast.pretrain", "--cache_dir", cache, *GROUNDING_MODEL,
+           "--max_steps", str(steps), "--micro_batch_size", "32", "--log_every", "100", "--eval_every", "0",
            "--save_every", "0", "--no_export", "--no_progress", "--grounding_eval", "yes", "--grounding_batches", "16",
-           "--output_dir", os.path.join(work, "run"), "--deepspeed_config", os.path.join(REPO, "ds_configs", "cpu.json")]
+           "--output_dir", os.path.join(work, "run"), "--deepspeed_config", ds_config]
     env = _env()
     env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     with open(os.path.join(work, "run", "result.json"), encoding="utf-8") as fh:
-        g = json.load(fh)["grounding"]
-    print(json.dumps(g))
+        result = json.load(fh)
+    with open(os.path.join(work, "run", "model_config.json"), encoding="utf-8") as fh:
+        result["model_config"] = json.load(fh)
+    print(json.dumps(result["grounding"]))
+    return result
+
+
+def test_grounding_words_need_the_true_image(tmp_path):
+    """A short CPU pre-training (full recipe) on the demo world: masked object/colour words are predicted
+    far better with the true image than with the images shuffled across the batch: the model reads the image."""
+    result = _grounding_run(str(tmp_path), 1200)
+    cfg = result["model_config"]  # --config_overrides and the layer flags reached the model; the full recipe ran
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["initializer_range"]) == (128, 512, 0.05)
+    assert (cfg["l_layers"], cfg["x_layers"], cfg["r_layers"]) == (2, 2, 2)
+    assert all(cfg[k] for k in ("task_mask_lm", "task_matched", "task_obj_predict", "task_qa"))
+    g = result["grounding"]
     assert g["words_true"] > 200 and g["words_shuffled"] > 200
+    assert g["word_acc_true_image"] > g["word_acc_shuffled_image"] + 0.10, g
+    assert g["word_acc_true_image"] > 2 * g["word_acc_shuffled_image"], g
+    assert 0.0 <= g["matched_acc"] <= 1.0
+
+
+GROUNDING_OPT_IN = "LXMERT_FAST_GROUNDING_TEST"
+
+
+@pytest.mark.skipif(
+    os.environ.get(GROUNDING_OPT_IN) != "1",
+    reason=f"opt-in ({GROUNDING_OPT_IN}=1, LXMERT_FAST_GROUNDING_STEPS=N, default 6000): matching above 0.65 has not "
+           "been reached within any CPU budget measured. On demo world v2 with the full recipe, matching stays at "
+           "0.45-0.53 after 1500 steps (initializer_range 0.05) and 2500 steps (0.02), while the word gap is clear "
+           "(test_grounding_words_need_the_true_image). Matching depends only on how caption and image go together "
+           "(each side alone has the same distribution in matched and mismatched pairs), and a fresh model escapes "
+           "that plateau slowly: a toy with one class per image and a one-word caption takes 150-350 steps, and "
+           "3 classes per image do not escape within 400-600.",
+)
+def test_grounding_matching_is_learnt(tmp_path):
+    result = _grounding_run(str(tmp_path), int(os.environ.get("LXMERT_FAST_GROUNDING_STEPS", "6000")))
+    g = result["grounding"]
     assert g["word_acc_true_image"] > g["word_acc_shuffled_image"] + 0.15, g
     assert g["matched_acc"] > 0.65, g
 
