@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import transformers
 
@@ -83,3 +85,20 @@ def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, what: str, rel: f
     scale = ref.abs().max().item()
     diff = (ours.double() - ref.double()).abs().max().item()
     assert diff <= rel * max(scale, floor), f"{what}: max abs diff {diff:.3e} > {rel} x scale {scale:.3e}"
+
+
+DISTRIBUTED_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env() -> dict:
+    """os.environ for a child process, without the torch.distributed variables.
+
+    Tests that initialise torch.distributed in the pytest process (a single-process job) leave RANK,
+    WORLD_SIZE and MASTER_PORT set, with that store still listening on the port: a child that
+    inherited them would fail to bind it (EADDRINUSE) or join the wrong group.
+    """
+    env = dict(os.environ)
+    for key in DISTRIBUTED_ENV_KEYS:
+        env.pop(key, None)
+    return env
+

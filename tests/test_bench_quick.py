@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -24,7 +26,7 @@ E2E_OK_FIELDS = ("variant", "status", "samples_per_s", "samples_per_s_per_device
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_quick")
-    env = dict(os.environ)
+    env = child_env()  # without the torch.distributed variables earlier in-process tests left set
     env.pop("TRITON_INTERPRET", None)  # run.py sets what it needs itself
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -204,13 +204,13 @@ def test_cpu_config_steps_like_zero1_and_zero2(tmp_path, world):
     import subprocess
     import sys
 
-    env = dict(os.environ)
+    from tests.helpers import child_env
+
+    env = child_env()
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["DS_ACCELERATOR"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
     env.setdefault("OMP_NUM_THREADS", "1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     if world == 1:  # CPU even on a GPU machine: CUDA is hidden from the subprocess
         cmd = [sys.executable, "-c", _SAME_STEPS_SCRIPT, str(tmp_path)]
     else:

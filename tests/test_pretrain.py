@@ -121,7 +121,9 @@ def worker(work: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- test side
 def _env() -> dict:
-    env = dict(os.environ)
+    from tests.helpers import child_env
+
+    env = child_env()  # without the torch.distributed variables earlier in-process tests left set
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["DS_ACCELERATOR"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
