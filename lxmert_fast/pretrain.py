@@ -259,7 +259,7 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
         visual_feat_loss="feat" in vlosses, obj_label_loss=args.obj_label_loss,
         attention_backend=args.attention_backend, kernels=args.kernels,
     )
-    layers = {k: v for k, v in (("l_layers", args.llayers), ("x_layers", args.xlayers), ("r_layers", args.rlayers))
+    shape = {k: v for k, v in (("l_layers", args.llayers), ("x_layers", args.xlayers), ("r_layers", args.rlayers))
               if v is not None}
     feat_dim = data.train.store.feat_dim
     try:
@@ -268,7 +268,7 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
         raise UsageError(f"--config_overrides: {err}") from None
     if overrides and args.from_pretrained:
         raise UsageError("--config_overrides cannot change a --from_pretrained model (its weights fix the shape)")
-    layers.update(overrides)
+    shape.update(overrides)
     if args.from_pretrained or args.model_config:
         source = args.from_pretrained or args.model_config
         if args.model_config:
@@ -282,10 +282,10 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
                 raw, cfg_path = read_checkpoint(source)
                 config = LxmertConfig.from_json(cfg_path) if cfg_path else infer_config(
                     original_to_hf(raw) if detect_layout(raw) == "original" else raw)
-        if layers and not args.model_config:
+        if shape and not args.model_config:
             raise UsageError("--llayers/--xlayers/--rlayers cannot change a --from_pretrained model")
         try:
-            config = config.replace(**layers)
+            config = config.replace(**shape)
         except ConfigError as err:
             raise UsageError(f"{source} with --config_overrides/--llayers/--xlayers/--rlayers: {err}") from None
         problems = []
@@ -304,7 +304,7 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
             preset, vocab_size=index.vocab_size, visual_feat_dim=feat_dim,
             num_qa_labels=max(1, index.num_answers), num_object_labels=DEFAULT_NUM_OBJ_CLASSES,
             num_attr_labels=DEFAULT_NUM_ATTR_CLASSES, max_position_embeddings=max(512, index.meta["max_len"]),
-            **layers, **switches,
+            **shape, **switches,
         )
     except ConfigError as err:
         raise UsageError(f"--model {preset} with --config_overrides/--llayers/--xlayers/--rlayers: {err}") from None

@@ -1,0 +1,49 @@
+"""pretrain.build_model_config: presets, --model_config, --config_overrides and the layer flags."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from lxmert_fast import LxmertConfig
+from lxmert_fast.pretrain import UsageError, build_model_config, build_parser
+
+
+def _data(vocab=40, answers=5):
+    index = SimpleNamespace(vocab_size=vocab, num_answers=answers, meta={"max_len": 20})
+    return SimpleNamespace(index=index, train=SimpleNamespace(store=SimpleNamespace(feat_dim=2048)),
+                           vocab="vocab.txt", is_demo=True)
+
+
+def _config(argv):
+    return build_model_config(build_parser().parse_args(argv), _data())
+
+
+def test_overrides_and_layer_flags_reach_a_preset():
+    cfg = _config(["--model", "small", "--config_overrides", "hidden_size=128,intermediate_size=512,initializer_range=0.05",
+                   "--llayers", "2", "--rlayers", "1"])
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range) == (128, 512, 0.05)
+    assert (cfg.l_layers, cfg.x_layers, cfg.r_layers) == (2, 2, 1)     # x from the preset
+    assert (cfg.vocab_size, cfg.num_qa_labels, cfg.visual_feat_dim) == (40, 5, 2048)  # from the data
+
+
+def test_overrides_and_layer_flags_reach_a_model_config(tmp_path):
+    path = tmp_path / "config.json"
+    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(path)
+    cfg = _config(["--model_config", str(path), "--config_overrides", "hidden_dropout_prob=0.0", "--xlayers", "3"])
+    assert (cfg.hidden_dropout_prob, cfg.x_layers, cfg.hidden_size) == (0.0, 3, 32)
+
+
+def test_bad_overrides_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="--config_overrides: config override 'vocab_size=9'"):
+        _config(["--config_overrides", "vocab_size=9"])
+    with pytest.raises(UsageError, match="--model small with --config_overrides.*not divisible"):
+        _config(["--model", "small", "--config_overrides", "hidden_size=130"])
+    with pytest.raises(UsageError, match="cannot change a --from_pretrained model"):
+        _config(["--from_pretrained", str(tmp_path), "--config_overrides", "hidden_size=64"])
+    with pytest.raises(UsageError, match="--llayers/--xlayers/--rlayers cannot change a --from_pretrained model"):
+        hf = tmp_path / "hf"
+        hf.mkdir()
+        LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(hf / "config.json")
+        _config(["--from_pretrained", str(hf), "--llayers", "1"])
