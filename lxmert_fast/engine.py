@@ -544,7 +544,7 @@ def grad_norm(parameters: Iterable[nn.Parameter]) -> Optional[float]:
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

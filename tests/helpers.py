@@ -101,4 +101,3 @@ def child_env() -> dict:
     for key in DISTRIBUTED_ENV_KEYS:
         env.pop(key, None)
     return env
-

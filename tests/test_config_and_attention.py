@@ -83,7 +83,6 @@ def test_presets():
         LxmertConfig.preset("huge")
 
 
-
 def test_config_overrides_are_typed_and_checked():
     assert LxmertConfig.parse_overrides(" hidden_size=128, initializer_range=0.05,l_layers=2 ,") == {
         "hidden_size": 128, "initializer_range": 0.05, "l_layers": 2}
@@ -96,6 +95,7 @@ def test_config_overrides_are_typed_and_checked():
     # the values still go through the config's own validation
     with pytest.raises(ConfigError, match="not divisible"):
         LxmertConfig.preset("tiny", **LxmertConfig.parse_overrides("hidden_size=33"))
+
 
 # ------------------------------------------------------------------------------------ attention
 def _qkv(batch=3, length=11, heads=2, dim=8):

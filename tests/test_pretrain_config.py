@@ -42,8 +42,8 @@ def test_bad_overrides_are_usage_errors(tmp_path):
         _config(["--model", "small", "--config_overrides", "hidden_size=130"])
     with pytest.raises(UsageError, match="cannot change a --from_pretrained model"):
         _config(["--from_pretrained", str(tmp_path), "--config_overrides", "hidden_size=64"])
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(hf / "config.json")
     with pytest.raises(UsageError, match="--llayers/--xlayers/--rlayers cannot change a --from_pretrained model"):
-        hf = tmp_path / "hf"
-        hf.mkdir()
-        LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(hf / "config.json")
         _config(["--from_pretrained", str(hf), "--llayers", "1"])
