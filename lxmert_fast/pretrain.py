@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -203,7 +204,9 @@ def _store_dir(data_root: str, splits: list[str], cache_dir: Optional[str]) -> O
     from lxmert_fast.data.pretrain_data import feature_files_for
 
     tag = "+".join(os.path.basename(p).replace("_obj36.tsv", "") for p in feature_files_for(data_root, splits))
-    key = os.path.basename(os.path.abspath(data_root))
+    root = os.path.abspath(data_root)
+    # the root's name for people, a hash of its path so two roots of one name never share a store
+    key = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}"
     return os.path.join(cache_dir, "stores", f"{key}-{tag}")
 
 

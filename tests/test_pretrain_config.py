@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -47,3 +48,16 @@ def test_bad_overrides_are_usage_errors(tmp_path):
     LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(hf / "config.json")
     with pytest.raises(UsageError, match="--llayers/--xlayers/--rlayers cannot change a --from_pretrained model"):
         _config(["--from_pretrained", str(hf), "--llayers", "1"])
+
+
+def test_store_cache_dirs_of_two_roots_of_one_name_differ(tmp_path):
+    """--cache_dir keeps converted stores by data root: two roots with the same folder name must not share one."""
+    from lxmert_fast.pretrain import _store_dir
+    a, b = tmp_path / "x" / "data", tmp_path / "y" / "data"
+    for root in (a, b):
+        (root / "mscoco_imgfeat").mkdir(parents=True)
+    cache = str(tmp_path / "cache")
+    da, db = (_store_dir(str(r), ["mscoco_minival"], cache) for r in (a, b))
+    assert da != db and os.path.basename(da).startswith("data-") and da.endswith("-val2014")
+    assert _store_dir(str(a), ["mscoco_minival"], cache) == da       # stable
+    assert _store_dir(str(a), ["mscoco_minival"], None) is None      # no cache: the store lives under the root

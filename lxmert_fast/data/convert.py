@@ -39,7 +39,8 @@ import numpy as np
 
 from .formats import (DEFAULT_FEAT_DIM, DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OBJ_CLASSES,
                       BadRowLog, DataFormatError, normalise_boxes, parse_tsv_line)
-from .store import MANIFEST, RowWriter, StoreError, _preadv_rows, finalize_store, fsync_dir
+from .store import (MANIFEST, RowWriter, StoreError, _preadv_rows, finalize_store, fsync_dir,
+                    source_fingerprint)
 
 _TEST_HOOK_ENV = "LXMERT_FAST_CONVERT_TEST_HOOK"  # "crash_after:<segments>" / "interrupt_after:<n>"
 _WRITE_BLOCK_ROWS = 32
@@ -389,7 +390,8 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
             writer = _compact(writer, tmp, rows, opts, progress)
             img_ids = [img_ids[r] for r in rows.tolist()]
         extra = {
-            "sources": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "lines": c[0]}
+            "sources": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "lines": c[0],
+                         "fingerprint": source_fingerprint(p)}
                         for p, c in zip(tsv_paths, counts)],
             "skipped_rows": len(bad),
             "num_obj_classes": num_obj_classes, "num_attr_classes": num_attr_classes,

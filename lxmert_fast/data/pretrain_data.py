@@ -642,6 +642,7 @@ def build_pretrain_dataset(data_root: str, splits=DEFAULT_SPLITS, *, store_dir: 
         convert_tsvs(tsvs, store_dir, fp32=fp32, skip_bad=skip_bad, workers=convert_workers,
                      overwrite=os.path.exists(store_dir), progress=bool(log), log=log)
     store = FeatureStore.open(store_dir)
+    store.check_sources(tsvs)
     vocab = vocab or os.path.join(data_root, "vocab.txt")
     index = build_pretrain_index(data_root, splits, store, vocab, qa_sets=qa_sets,
                                  skip_bad=skip_bad, log=log)

@@ -101,6 +101,23 @@ def sha256_files(paths: Iterable[str], threads: int = 4) -> list[str]:
         return list(ex.map(sha256_file, paths))
 
 
+def source_fingerprint(path: str, chunk: int = 1 << 20) -> str:
+    """Content fingerprint of a source file: sha256 of its size, first and last ``chunk`` bytes.
+
+    Cheap (2 MiB read) and independent of the path and mtime, so a store still matches its data
+    after the data folder is moved or copied, and no longer matches a re-generated or replaced
+    file (whose feature rows differ from the first line on).
+    """
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(chunk, size - chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
 def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -245,6 +262,40 @@ class FeatureStore:
         if verify:
             store.verify()
         return store
+
+    def check_sources(self, tsv_paths: Iterable[str]) -> None:
+        """Raise :class:`StoreError` unless every file of ``tsv_paths`` is one this store was
+        converted from (matched by file name, then by content fingerprint; by size for stores
+        written before fingerprints were recorded).
+
+        A store directory is reused by name, so without this check a store converted from other
+        data (a re-generated demo world, another data root with the same file names) would be read
+        silently, pairing sentences with the wrong images.
+        """
+        sources = self.manifest.get("sources") or []
+        by_name: dict[str, list[dict]] = {}
+        for src in sources:
+            by_name.setdefault(os.path.basename(src["path"]), []).append(src)
+        built_from = ", ".join(s["path"] for s in sources) or "(no sources recorded)"
+        for p in tsv_paths:
+            cands = by_name.get(os.path.basename(p), [])
+            if not cands:
+                raise StoreError(f"{self.path}: this store was converted from {built_from}, which does "
+                                 f"not include {p}; delete the store directory or give another one")
+            size = os.path.getsize(p)
+            fp = None
+            for src in cands:
+                if "fingerprint" in src:
+                    fp = fp or source_fingerprint(p)
+                    if src["fingerprint"] == fp:
+                        break
+                elif src.get("bytes") == size and os.path.abspath(p) == src["path"]:
+                    break
+            else:
+                raise StoreError(f"{self.path}: this store was converted from another {os.path.basename(p)} "
+                                 f"({cands[0]['path']}, {cands[0].get('bytes')} bytes) than {p} ({size} bytes; "
+                                 f"the content differs: re-generated or replaced?); delete the store "
+                                 f"directory to convert again, or give another one")
 
     def verify(self) -> None:
         """Recompute the sha256 of every file and compare with the manifest."""

@@ -270,7 +270,9 @@ def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad
             raise TaskDataError(f"feature file {tsv_path} not found")
         convert_tsvs([tsv_path], out, fp32=fp32, skip_bad=skip_bad, workers=workers,
                      overwrite=os.path.exists(out), progress=bool(log), log=log)
-    return FeatureStore.open(out)
+    store = FeatureStore.open(out)
+    store.check_sources([tsv_path])
+    return store
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -450,6 +452,7 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
             stores[tsv] = ensure_store(tsv, store_root, fp32=fp32, skip_bad=skip_bad, log=log)
         else:
             stores[tsv] = FeatureStore.open(store_dir_for(tsv, store_root, fp32))
+            stores[tsv].check_sources([tsv])
     tokens, lengths = tokenize_sentences(tokenizer, ex.sents, max_len)
     ds = TaskDataset(spec, ex, stores, tokens, lengths, answers, skip=skip)
     if len(skip) and log:

@@ -198,3 +198,40 @@ def test_conversion_memory_is_bounded(pretrain_tsvs, tmp_path):
           f"{peaks[1] / 2**20:.1f} MB for 160 rows ({big_mb:.0f} MB of TSV)")
     assert peaks[1] < peaks[0] + 2 * 2 ** 20 and peaks[1] < 0.5 * big_mb * 2 ** 20
     assert FeatureStore.open(big + ".store").num_images == 160
+
+
+def test_store_of_other_data_is_refused(demo_root, demo_store, pretrain_tsvs, tmp_path):
+    """A store directory is reused by name: one converted from other data (a re-generated world, another
+    root with the same file names) must be refused, never read with the wrong images."""
+    import shutil
+    from lxmert_fast.data.pretrain_data import build_pretrain_dataset
+    from .conftest import tsv_lines, write_lines
+    # the same data moved elsewhere: still this store's data
+    moved = str(tmp_path / "moved")
+    shutil.copytree(demo_root, moved, ignore=shutil.ignore_patterns("lxmert_fast"))
+    ds = build_pretrain_dataset(moved, store_dir=demo_store.path, log=None)
+    assert ds.store.path == demo_store.path
+    # the same file names, other content (one feature character changed: same size)
+    tsv = os.path.join(moved, os.path.relpath(pretrain_tsvs[0], demo_root))
+    lines = tsv_lines(tsv)
+    first = bytearray(lines[0])
+    at = first.rindex(b"\t") + 10          # inside the base64 features of the first row
+    first[at] = ord("A") if first[at] != ord("A") else ord("B")
+    lines[0] = bytes(first)
+    write_lines(tsv, lines)
+    assert os.path.getsize(tsv) == os.path.getsize(pretrain_tsvs[0])
+    with pytest.raises(StoreError, match=r"another train2014_obj36.tsv .*content differs"):
+        build_pretrain_dataset(moved, store_dir=demo_store.path, log=None)
+    # a file the store was not converted from
+    with pytest.raises(StoreError, match=r"does not include .*nlvr2"):
+        demo_store.check_sources([os.path.join(demo_root, "nlvr2_imgfeat", "train_obj36.tsv")])
+    # a store written before fingerprints were recorded: matched by path and size
+    d = str(tmp_path / "old")
+    shutil.copytree(demo_store.path, d, ignore=shutil.ignore_patterns("sentences"))
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    for src in m["sources"]:
+        del src["fingerprint"]
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    FeatureStore.open(d).check_sources(pretrain_tsvs)
+    with pytest.raises(StoreError, match="content differs"):
+        FeatureStore.open(d).check_sources([tsv])
