@@ -149,8 +149,9 @@ def hf_config(config):
 def flops_per_sample(config, mlm_decoder: str = "masked") -> int:
     from lxmert_fast.flops import train_flops_per_sample
 
-    mlm = None if mlm_decoder == "all" else 0.15 * TOKENS
-    return train_flops_per_sample(config, TOKENS, OBJECTS, mlm_tokens=mlm)
+    if mlm_decoder == "all":  # transformers' model: every token, every object
+        return train_flops_per_sample(config, TOKENS, OBJECTS)
+    return train_flops_per_sample(config, TOKENS, OBJECTS, mlm_tokens=0.15 * TOKENS, masked_objects=0.15 * OBJECTS)
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -6,7 +6,10 @@ is counted, attention scores (Q K^T) and the attention-weighted values (P V) inc
 element-wise work (softmax, LayerNorm, GELU, dropout, losses) is not.
 
 LXMERT-base at 20 tokens / 36 objects: ~35.5 GFLOP per sample with the MLM decoder on every
-token, ~33 GFLOP with it only on the masked 15% (what our model does while training).
+token (transformers' model), ~33 GFLOP with it only on the masked 15%, and ~32.2 GFLOP for what our
+model computes while training: besides, the last cross layer's language side runs only at [CLS]
+and the masked words (the rows the heads read), and the feature-regression decoder only at the
+masked objects (the only ones its loss weighs).
 """
 
 from __future__ import annotations
@@ -71,42 +74,64 @@ def _self_layer_macs(tokens: int, hidden: int, inter: int) -> int:
     return projections + scores + ffn
 
 
-def _cross_layer_macs(lang: int, objs: int, hidden: int, inter: int) -> int:
-    """One cross-modality layer: shared bidirectional cross-attention, two self-attentions, two FFNs."""
+def _rows_self_layer_macs(tokens: int, rows: float, hidden: int, inter: int) -> float:
+    """A self-attention layer + FFN whose output is needed at `rows` of its `tokens` positions:
+    QKV for every token (keys and values); queries, scores, output projection and FFN at the rows."""
+    return 3 * tokens * hidden * hidden + rows * (hidden * hidden + 2 * tokens * hidden + 2 * hidden * inter)
+
+
+def _cross_layer_macs(lang: int, objs: int, hidden: int, inter: int, lang_rows: Optional[float] = None) -> float:
+    """One cross-modality layer: shared bidirectional cross-attention, two self-attentions, two FFNs.
+    `lang_rows`: the language side's output is computed at that many positions only (None = all)."""
     joint = lang + objs
     cross = 4 * joint * hidden * hidden + 2 * (2 * lang * objs * hidden)  # QKV+out on [lang; vis]; both directions
-    return cross + _self_layer_macs(lang, hidden, inter) + _self_layer_macs(objs, hidden, inter)
+    lang_side = (_self_layer_macs(lang, hidden, inter) if lang_rows is None
+                 else _rows_self_layer_macs(lang, lang_rows, hidden, inter))
+    return cross + lang_side + _self_layer_macs(objs, hidden, inter)
 
 
 def flop_breakdown(config: LxmertConfig, seq_len: int = 20, num_objects: int = 36,
-                   mlm_tokens: Optional[float] = None) -> FlopBreakdown:
+                   mlm_tokens: Optional[float] = None, masked_objects: Optional[float] = None) -> FlopBreakdown:
     """Forward multiply-adds per sample.
 
-    `mlm_tokens`: how many positions the MLM decoder runs on; None = every token (`seq_len`).
-    Our model, while training, decodes the masked positions only: pass `word_mask_rate * seq_len`.
+    `mlm_tokens`: how many positions the MLM decoder runs on; None = every token (`seq_len`), as
+    transformers' model. Given, it counts what our model computes while training: the decoder at
+    those positions and the last cross layer's language side at them plus [CLS].
+    `masked_objects`: how many objects the masked-only object outputs (feat; obj and attr too with
+    obj_label_loss="masked") are decoded at; None = every object (transformers' model).
+    Ours while training: `word_mask_rate * seq_len` and `obj_mask_rate * num_objects`.
     The heads of disabled tasks cost nothing.
     """
     d, inter = config.hidden_size, config.intermediate_size
     t, n = seq_len, num_objects
     mlm_n = float(t if mlm_tokens is None else mlm_tokens)
+    lang_rows = None if mlm_tokens is None else 1.0 + (mlm_n if config.task_mask_lm else 0.0)
     embeddings = n * (config.visual_feat_dim + config.visual_pos_dim) * d
     language = config.l_layers * _self_layer_macs(t, d, inter)
     vision = config.r_layers * _self_layer_macs(n, d, inter)
-    cross = config.x_layers * _cross_layer_macs(t, n, d, inter)
+    cross = 0.0
+    for i in range(config.x_layers):
+        cross += _cross_layer_macs(t, n, d, inter, lang_rows if i == config.x_layers - 1 else None)
     pooler = d * d
     mlm = int(round(mlm_n * (d * d + d * config.vocab_size))) if config.task_mask_lm else 0
     matching = 2 * d if config.task_matched else 0
-    obj = 0
+    obj = 0.0
     if config.task_obj_predict and config.visual_losses:
-        obj = n * (d * d + d * sum(config.visual_loss_dims().values()))
+        dims = config.visual_loss_dims()
+        masked_names = {"feat"} | ({"obj", "attr"} if config.obj_label_loss == "masked" else set())
+        at_masked = float(n if masked_objects is None else masked_objects)
+        dense = sum(v for k, v in dims.items() if k not in masked_names)
+        sparse = sum(v for k, v in dims.items() if k in masked_names)
+        transform_rows = n if dense else at_masked
+        obj = transform_rows * d * d + n * d * dense + at_masked * d * sparse
     qa = (d * 2 * d + 2 * d * config.num_qa_labels) if config.task_qa else 0
-    return FlopBreakdown(embeddings, language, vision, cross, pooler, mlm, matching, obj, qa)
+    return FlopBreakdown(embeddings, language, vision, int(round(cross)), pooler, mlm, matching, int(round(obj)), qa)
 
 
 def train_flops_per_sample(config: LxmertConfig, seq_len: int = 20, num_objects: int = 36,
-                           mlm_tokens: Optional[float] = None) -> int:
+                           mlm_tokens: Optional[float] = None, masked_objects: Optional[float] = None) -> int:
     """Training FLOPs (forward + backward) for one sample; see `flop_breakdown`."""
-    return flop_breakdown(config, seq_len, num_objects, mlm_tokens).train_flops
+    return flop_breakdown(config, seq_len, num_objects, mlm_tokens, masked_objects).train_flops
 
 
 def peak_tflops_for(device_name: str) -> Optional[float]:

@@ -447,6 +447,7 @@ class Trainer:
         self.flops_per_sample = train_flops_per_sample(
             self.config, seq_len=self.data.index.meta["max_len"], num_objects=self.data.train.store.num_boxes,
             mlm_tokens=args.word_mask_rate * self.data.index.meta["max_len"],
+            masked_objects=args.obj_mask_rate * self.data.train.store.num_boxes,
         )
         self.peak = args.peak_tflops or (peak_tflops_for(device_name()) if self.device.type == "cuda" else None)
         self.log(

@@ -210,3 +210,70 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     assert not torch.allclose(a, b)
     model.eval()
     assert torch.equal(model(**inputs).pooled_output, model(**inputs).pooled_output)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heads_read_rows_only_same_loss_and_grads_as_the_full_model(backend):
+    """Training with labels, the last cross layer's language side runs at [CLS] and the masked words only and the
+    object decoders of masked-only outputs at the masked objects: the loss and every gradient equal the full
+    computation's. Padded sentences, a one-token sentence, a row with no masked word, padded objects."""
+    config = no_dropout(CONFIGS["wide-heads"])
+    model = LxmertForPreTraining(config).train()
+    model.set_attention_backend(backend)
+    inputs = random_batch(config, batch=4, tokens=9, objects=11, lengths=[9, 1, 5, 7])
+    inputs["visual_attention_mask"] = torch.ones(4, 11, dtype=torch.long)
+    inputs["visual_attention_mask"][2, 6:] = 0
+    labels = random_labels(config, inputs)
+    labels["labels"][3] = -100                                   # nothing to predict in row 3
+    labels["obj_labels"]["feat"][1][1] = 0.0                      # no masked object in row 1
+    labels["obj_labels"]["feat"][1][0, :3] = torch.tensor([0.5, 2.0, 1.0])  # weights other than 1 count as given
+    grads = []
+    for full in (False, True):
+        model.zero_grad()
+        out = model(**inputs, **labels, output_prediction_logits=full)
+        assert (out.language_output is None) != full and (out.prediction_logits is None) != full
+        out.loss.backward()
+        grads.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (rows, g_rows), (ref, g_ref) = grads
+    assert set(rows.losses) == set(ref.losses) == {"mlm", "matched", "obj", "attr", "feat", "qa"}
+    for name in ref.losses:
+        assert_close_scaled(rows.losses[name], ref.losses[name], f"loss {name}")
+    assert_close_scaled(rows.pooled_output, ref.pooled_output, "pooled_output")
+    assert_close_scaled(rows.vision_output, ref.vision_output, "vision_output")
+    assert set(g_rows) == set(g_ref)
+    for name, ref_grad in g_ref.items():
+        assert_close_scaled(g_rows[name], ref_grad, f"grad {name}")
+
+
+def test_language_rows_of_the_base_model():
+    """LxmertModel(language_rows=...): the last layer's language states at those rows; the pooled output exact."""
+    config = no_dropout(CONFIGS["wide-heads"])
+    model = LxmertModel(config).eval()
+    inputs = random_batch(config, batch=3, tokens=6, objects=5, lengths=[6, 3, 1])
+    full = model(**inputs)
+    rows = torch.tensor([0, 2, 5, 6, 12, 13])
+    part = model(**inputs, language_rows=rows)
+    assert part.language_output.shape == (6, config.hidden_size)
+    assert_close_scaled(part.language_output, full.language_output.reshape(-1, config.hidden_size)[rows], "rows")
+    assert_close_scaled(part.pooled_output, full.pooled_output, "pooled_output")
+    assert_close_scaled(part.vision_output, full.vision_output, "vision_output")
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        model(**inputs, language_rows=rows, output_hidden_states=True)
+
+
+@pytest.mark.parametrize("mode", ["all", "masked"])
+def test_object_losses_at_masked_objects_equal_the_dense_losses(mode):
+    from lxmert_fast.model.heads import visual_losses, visual_losses_at_masked_objects
+    config = no_dropout(CONFIGS["tiny"].replace(obj_label_loss=mode))
+    model = LxmertForPreTraining(config)
+    vision = torch.randn(3, 7, config.hidden_size, requires_grad=True)
+    labels = random_labels(config, random_batch(config, batch=3, objects=7))["obj_labels"]
+    labels["feat"][1][2] = 0.0
+    fast = visual_losses_at_masked_objects(config, model.obj_predict_head, vision, labels)
+    dense = visual_losses(config, model.obj_predict_head(vision), labels)
+    assert set(fast) == set(dense) == {"obj", "attr", "feat"}
+    for name in dense:
+        assert_close_scaled(fast[name], dense[name], f"loss {name}")
+        g_fast, = torch.autograd.grad(fast[name], vision, retain_graph=True)
+        g_dense, = torch.autograd.grad(dense[name], vision, retain_graph=True)
+        assert_close_scaled(g_fast, g_dense, f"grad of {name} wrt the vision states")

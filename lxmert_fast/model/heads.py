@@ -99,14 +99,7 @@ def visual_losses(
     all B*N objects. feat: SmoothL1 averaged over the feature dims, times the feature mask,
     mean over all B*N objects.
     """
-    needed = set(config.visual_losses)
-    if config.obj_label_loss == "masked" and needed & {"obj", "attr"}:
-        needed.add("feat")
-    missing = sorted(needed - set(obj_labels))
-    if missing:
-        raise KeyError(
-            f"obj_labels lacks {missing}: expected a dict with (labels, weights) for each of {sorted(needed)}"
-        )
+    _check_obj_labels(config, obj_labels)
     feat_mask_bn = obj_labels["feat"][1] if "feat" in obj_labels else None
     losses = {}
     for name in config.visual_losses:
@@ -121,4 +114,72 @@ def visual_losses(
             if config.obj_label_loss == "masked":
                 weight_bn = weight_bn * feat_mask_bn
         losses[name] = (per_obj * weight_bn.reshape(-1).to(per_obj.dtype)).mean() * config.visual_loss_normalizer
+    return losses
+
+
+def _check_obj_labels(config: LxmertConfig, obj_labels: dict) -> None:
+    needed = set(config.visual_losses)
+    if config.obj_label_loss == "masked" and needed & {"obj", "attr"}:
+        needed.add("feat")
+    missing = sorted(needed - set(obj_labels))
+    if missing:
+        raise KeyError(
+            f"obj_labels lacks {missing}: expected a dict with (labels, weights) for each of {sorted(needed)}"
+        )
+
+
+def visual_losses_at_masked_objects(
+    config: LxmertConfig,
+    head: LxmertVisualObjHead,
+    vision_bnd: Tensor,
+    obj_labels: dict[str, tuple[Tensor, Tensor]],
+) -> dict[str, Tensor]:
+    """``visual_losses(config, head(vision_bnd), obj_labels)``, decoding less: the outputs whose
+    weight carries the feature mask (feat; obj and attr too with obj_label_loss="masked") are
+    decoded only at the objects where that mask is non-zero (15% of them in pre-training); the
+    others (obj and attr weighted by confidence alone) at every object, in one matrix product.
+    The objects left out have weight 0, so the losses and their gradients are the same.
+    """
+    _check_obj_labels(config, obj_labels)
+    dims = head.dims
+    names = list(dims)
+    masked_names = {"feat"} | ({"obj", "attr"} if config.obj_label_loss == "masked" else set())
+    n_dense = 0
+    while n_dense < len(names) and names[n_dense] not in masked_names:
+        n_dense += 1
+    if any(name not in masked_names for name in names[n_dense:]):  # decoder rows are [obj | attr | feat]
+        raise AssertionError(f"decoder order {names} does not put the masked outputs last")
+    batch, num, hidden = vision_bnd.shape
+    count = batch * num
+    vision_nd = vision_bnd.reshape(count, hidden)
+    weight_kd, bias_k = head.decoder.weight, head.decoder.bias
+    scores: dict[str, Tensor] = {}
+    states_nd = head.transform(vision_nd) if n_dense else None
+    split = sum(dims[name] for name in names[:n_dense])
+    if n_dense:
+        dense_nk = F.linear(states_nd, weight_kd[:split], bias_k[:split])
+        scores.update(zip(names[:n_dense], dense_nk.split([dims[n] for n in names[:n_dense]], dim=-1)))
+    rows_m = None
+    if n_dense < len(names):
+        rows_m = (obj_labels["feat"][1].reshape(-1) != 0).nonzero().squeeze(1)
+        states_md = (states_nd.index_select(0, rows_m) if states_nd is not None
+                     else head.transform(vision_nd.index_select(0, rows_m)))
+        masked_mk = F.linear(states_md, weight_kd[split:], bias_k[split:])
+        scores.update(zip(names[n_dense:], masked_mk.split([dims[n] for n in names[n_dense:]], dim=-1)))
+    feat_mask_n = obj_labels["feat"][1].reshape(-1) if "feat" in obj_labels else None
+    losses = {}
+    for name in names:
+        target, weight = obj_labels[name]
+        pred = scores[name]
+        weight_n = weight.reshape(-1)
+        target = target.reshape(count, -1) if name == "feat" else target.reshape(-1)
+        if name != "feat" and config.obj_label_loss == "masked":
+            weight_n = weight_n * feat_mask_n
+        if name in masked_names:
+            weight_n, target = weight_n.index_select(0, rows_m), target.index_select(0, rows_m)
+        if name == "feat":
+            per_obj = F.smooth_l1_loss(pred, target.to(pred.dtype), reduction="none").mean(dim=1)
+        else:
+            per_obj = F.cross_entropy(pred, target, reduction="none")
+        losses[name] = (per_obj * weight_n.to(per_obj.dtype)).sum() / count * config.visual_loss_normalizer
     return losses

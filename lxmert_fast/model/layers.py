@@ -131,6 +131,26 @@ class LxmertSelfAttentionLayer(nn.Module):
         ctx_bld = ctx_blhd.reshape(x_bld.shape)
         return self.output(ctx_bld, x_bld), probs
 
+    def forward_rows(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor], rows_m: Tensor) -> Tensor:
+        """The layer's output at flat rows ``rows_m`` (``b * L + t``) only: ``(M, d)``.
+
+        Keys and values come from every position of the row's sequence, as in :meth:`forward`;
+        only the queries, the output projection and its residual LayerNorm are restricted. Each
+        row is run through the attention backend as a one-query sequence of its own.
+        """
+        batch, length, hidden = x_bld.shape
+        qkv_bl3hd = self.self(x_bld)
+        b_m = torch.div(rows_m, length, rounding_mode="floor")
+        q_m1hd = qkv_bl3hd[:, :, 0].reshape(batch * length, *qkv_bl3hd.shape[-2:]).index_select(0, rows_m)[:, None]
+        kv_ml2hd = qkv_bl3hd[:, :, 1:].index_select(0, b_m)
+        mask_ml = None if key_padding_mask_bl is None else key_padding_mask_bl.index_select(0, b_m)
+        p = self.attn_dropout_p if self.training else 0.0
+        ctx_m1hd, _ = self._ctx.dispatcher.attention(
+            q_m1hd, kv_ml2hd[:, :, 0], kv_ml2hd[:, :, 1], mask_ml, p, self.scale, False
+        )
+        x_md = x_bld.reshape(batch * length, hidden).index_select(0, rows_m)
+        return self.output(ctx_m1hd.reshape(x_md.shape), x_md)
+
 
 class LxmertCrossAttentionLayer(nn.Module):
     """Bidirectional cross-attention with ONE set of weights (LXMERT's `visual_attention`).
@@ -217,8 +237,17 @@ class LxmertXLayer(nn.Module):
 
     def forward(self, lang_btd: Tensor, lang_mask_bt: Optional[Tensor], vis_bvd: Tensor,
                 vis_mask_bv: Optional[Tensor], joint_mask_bs: Optional[Tensor],
-                need_weights: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                need_weights: bool = False, lang_rows_m: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``lang_rows_m`` (flat ``b * T + t`` indices): return the language output at those rows
+        only, ``(M, d)``; the cross-attention still runs on every token (the language
+        self-attention reads them all as keys and values)."""
         lang_btd, vis_bvd, cross_probs = self.visual_attention(lang_btd, vis_bvd, joint_mask_bs, need_weights)
+        if lang_rows_m is not None:
+            lang_md = self.lang_self_att.forward_rows(lang_btd, lang_mask_bt, lang_rows_m)
+            vis_bvd, _ = self.visn_self_att(vis_bvd, vis_mask_bv)
+            lang_md = self.lang_output(self.lang_inter(lang_md), lang_md)
+            vis_bvd = self.visn_output(self.visn_inter(vis_bvd), vis_bvd)
+            return lang_md, vis_bvd, cross_probs
         lang_btd, _ = self.lang_self_att(lang_btd, lang_mask_bt)
         vis_bvd, _ = self.visn_self_att(vis_bvd, vis_mask_bv)
         lang_btd = self.lang_output(self.lang_inter(lang_btd), lang_btd)

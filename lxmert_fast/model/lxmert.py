@@ -24,7 +24,7 @@ from lxmert_fast.model.heads import (
     LxmertVisualAnswerHead,
     LxmertVisualObjHead,
     masked_mean_cross_entropy,
-    visual_losses,
+    visual_losses_at_masked_objects,
 )
 from lxmert_fast.model.layers import (
     LxmertEmbeddings,
@@ -161,7 +161,14 @@ class LxmertModel(LxmertPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        language_rows: Optional[Tensor] = None,
     ) -> Union[LxmertModelOutput, tuple]:
+        """HF's forward. ``language_rows`` (ours; ``(M,)`` sorted flat indices ``b * T + t`` that
+        include every ``b * T``): the last cross layer computes the language output at those rows
+        only, for heads that read a few positions (the pre-training loss reads the masked words
+        and [CLS]). ``language_output`` is then ``(M, d)`` in row order; the pooled output is exact.
+        Not with ``output_hidden_states`` / ``output_attentions``.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, d)")
         if visual_feats is None or visual_pos is None:
@@ -175,16 +182,24 @@ class LxmertModel(LxmertPreTrainedModel):
         if token_type_ids is None:
             device = input_ids.device if input_ids is not None else inputs_embeds.device
             token_type_ids = torch.zeros(shape_bt, dtype=torch.long, device=device)
+        cls_rows_b = None
+        if language_rows is not None:
+            if output_hidden_states or output_attentions:
+                raise ValueError("language_rows cannot be combined with output_hidden_states / output_attentions")
+            batch, length = shape_bt
+            cls_rows_b = torch.searchsorted(language_rows, torch.arange(batch, device=language_rows.device) * length)
         lang_btd = self.embeddings(input_ids, token_type_ids, inputs_embeds)
         enc = self.encoder(
             lang_btd, _keep_mask(attention_mask), visual_feats, visual_pos, _keep_mask(visual_attention_mask),
-            output_attentions=output_attentions,
+            output_attentions=output_attentions, lang_rows_m=language_rows,
         )
         lang_out, vis_out = enc["language_hidden_states"][-1], enc["vision_hidden_states"][-1]
+        pooled = (self.pooler(lang_out) if cls_rows_b is None
+                  else self.pooler.pool(lang_out.index_select(0, cls_rows_b)))
         out = LxmertModelOutput(
             language_output=lang_out,
             vision_output=vis_out,
-            pooled_output=self.pooler(lang_out),
+            pooled_output=pooled,
             language_hidden_states=enc["language_hidden_states"] if output_hidden_states else None,
             vision_hidden_states=enc["vision_hidden_states"] if output_hidden_states else None,
             language_attentions=enc["language_attentions"],
@@ -212,7 +227,11 @@ class LxmertEncoder(nn.Module):
         self.r_layers = nn.ModuleList([LxmertLayer(config, ctx) for _ in range(config.r_layers)])
 
     def forward(self, lang_btd, lang_mask_bt, visual_feats_bnf, visual_pos_bnp, vis_mask_bn,
-                output_attentions: bool = False) -> dict[str, Any]:
+                output_attentions: bool = False, lang_rows_m: Optional[Tensor] = None) -> dict[str, Any]:
+        """``lang_rows_m``: the last cross layer computes the language output at these flat rows
+        only (its entry in ``language_hidden_states`` is then ``(M, d)``)."""
+        if lang_rows_m is not None and not len(self.x_layers):
+            raise ValueError("language rows need a cross-modality layer to restrict (x_layers=0)")
         vis_bnd = self.visn_fc(visual_feats_bnf, visual_pos_bnp)
         lang_states, vis_states = [], []
         lang_atts: Optional[list] = [] if output_attentions else None
@@ -236,9 +255,10 @@ class LxmertEncoder(nn.Module):
             if vis_mask_bn is None:
                 vis_mask_bn = torch.ones(batch, vis_bnd.shape[1], dtype=torch.bool, device=vis_bnd.device)
             joint_mask_bs = torch.cat([lang_mask_bt, vis_mask_bn], dim=1)
-        for layer in self.x_layers:
+        last = len(self.x_layers) - 1
+        for i, layer in enumerate(self.x_layers):
             lang_btd, vis_bnd, probs = layer(lang_btd, lang_mask_bt, vis_bnd, vis_mask_bn, joint_mask_bs,
-                                             output_attentions)
+                                             output_attentions, lang_rows_m if i == last else None)
             lang_states.append(lang_btd)
             vis_states.append(vis_bnd)
             if output_attentions:
@@ -261,7 +281,11 @@ class LxmertPooler(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, lang_btd: Tensor) -> Tensor:
-        return torch.tanh(self.dense(lang_btd[:, 0]))
+        return self.pool(lang_btd[:, 0])
+
+    def pool(self, cls_bd: Tensor) -> Tensor:
+        """The pooled output from the [CLS] states ``(B, d)``."""
+        return torch.tanh(self.dense(cls_bd))
 
 
 class LxmertForPreTraining(LxmertPreTrainedModel):
@@ -303,16 +327,29 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         masked positions (the loss is the same) and `prediction_logits` is None.
         """
         cfg = self.config
+        want_mlm_loss = labels is not None and cfg.task_mask_lm
+        if output_prediction_logits is None:
+            output_prediction_logits = not (want_mlm_loss and self.training)
+        # Without logits, hidden states or attentions to return, the heads read [CLS] and the masked
+        # words only: the last cross layer's language side runs at those rows (language_output None).
+        rows_m = labels_m = None
+        if not (output_prediction_logits or output_hidden_states or output_attentions):
+            batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            keep_n = torch.zeros(batch * length, dtype=torch.bool, device=visual_feats.device)
+            keep_n[::length] = True
+            if want_mlm_loss:
+                keep_n |= labels.reshape(-1) >= 0
+            rows_m = keep_n.nonzero().squeeze(1)
+            if want_mlm_loss:
+                labels_m = labels.reshape(-1).index_select(0, rows_m)
         base = self.lxmert(
             input_ids=input_ids, visual_feats=visual_feats, visual_pos=visual_pos, attention_mask=attention_mask,
             visual_attention_mask=visual_attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            language_rows=rows_m,
         )
         lang_btd, vis_bnd, pooled_bd = base.language_output, base.vision_output, base.pooled_output
         word_emb_vd = self.lxmert.embeddings.word_embeddings.weight
-        want_mlm_loss = labels is not None and cfg.task_mask_lm
-        if output_prediction_logits is None:
-            output_prediction_logits = not (want_mlm_loss and self.training)
 
         losses: dict[str, Tensor] = {}
         prediction_logits = None
@@ -321,12 +358,10 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             if want_mlm_loss:
                 losses["mlm"] = masked_mean_cross_entropy(prediction_logits.reshape(-1, cfg.vocab_size),
                                                           labels.reshape(-1))
-        elif want_mlm_loss:
-            labels_n = labels.reshape(-1)
-            picked_n = (labels_n >= 0).nonzero().squeeze(1)
-            hidden_md = lang_btd.reshape(-1, lang_btd.shape[-1]).index_select(0, picked_n)
+        elif want_mlm_loss:  # lang_btd holds the rows rows_m: (M, d)
+            picked_k = (labels_m >= 0).nonzero().squeeze(1)
             losses["mlm"] = masked_mean_cross_entropy(
-                self.cls.predictions(hidden_md, word_emb_vd), labels_n.index_select(0, picked_n)
+                self.cls.predictions(lang_btd.index_select(0, picked_k), word_emb_vd), labels_m.index_select(0, picked_k)
             )
 
         cross_relationship_score = self.cls.seq_relationship(pooled_bd)
@@ -334,7 +369,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             losses["matched"] = masked_mean_cross_entropy(cross_relationship_score.reshape(-1, 2),
                                                           matched_label.reshape(-1))
         if obj_labels is not None and cfg.task_obj_predict:
-            losses.update(visual_losses(cfg, self.obj_predict_head(vis_bnd), obj_labels))
+            losses.update(visual_losses_at_masked_objects(cfg, self.obj_predict_head, vis_bnd, obj_labels))
         answer_score = self.answer_head(pooled_bd) if cfg.task_qa else None
         if ans is not None and cfg.task_qa:
             losses["qa"] = masked_mean_cross_entropy(answer_score.reshape(-1, cfg.num_qa_labels), ans.reshape(-1))
@@ -342,12 +377,13 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         any_labels = labels is not None or matched_label is not None or obj_labels is not None or ans is not None
         total = None
         if any_labels:
-            total = torch.zeros((), dtype=lang_btd.dtype, device=lang_btd.device)
+            total = torch.zeros((), dtype=pooled_bd.dtype, device=pooled_bd.device)
             for value in losses.values():
                 total = total + value
         out = LxmertForPreTrainingOutput(
             loss=total, prediction_logits=prediction_logits, cross_relationship_score=cross_relationship_score,
-            question_answering_score=answer_score, language_output=lang_btd, vision_output=vis_bnd,
+            question_answering_score=answer_score, language_output=lang_btd if rows_m is None else None,
+            vision_output=vis_bnd,
             pooled_output=pooled_bd, language_hidden_states=base.language_hidden_states,
             vision_hidden_states=base.vision_hidden_states, language_attentions=base.language_attentions,
             vision_attentions=base.vision_attentions, cross_encoder_attentions=base.cross_encoder_attentions,

@@ -43,6 +43,8 @@ class LxmertForPreTrainingOutput(_Output):
     prediction_logits: Optional[Tensor] = None  # (B, T, vocab); None when only masked positions were decoded
     cross_relationship_score: Optional[Tensor] = None  # (B, 2)
     question_answering_score: Optional[Tensor] = None  # (B, num_qa_labels)
+    # (B, T, d); None when only masked positions were decoded (then the last layer's language
+    # side ran at [CLS] and the masked words only)
     language_output: Optional[Tensor] = None
     vision_output: Optional[Tensor] = None
     pooled_output: Optional[Tensor] = None
