@@ -40,6 +40,10 @@ def _ds_config(path: str, stage: int, precision: str, lr: float = 3e-3, **overri
     with open(os.path.join(REPO, "ds_configs", "cpu.json"), encoding="utf-8") as fh:
         cfg = json.load(fh)
     cfg["zero_optimization"]["stage"] = stage
+    if stage == 3:  # partition every parameter (the tiny model's all fall under the default threshold), so
+        # the parameters used outside their module's forward (the tied MLM decoder, the object head's decoder
+        # slices) must be gathered by ZeRO-3 as they are at full size
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     cfg["optimizer"]["params"]["lr"] = lr
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}

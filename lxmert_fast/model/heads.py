@@ -61,9 +61,35 @@ class LxmertVisualObjHead(nn.Module):
         self.dims = config.visual_loss_dims()
         self.decoder = nn.Linear(config.hidden_size, sum(self.dims.values()))
 
-    def forward(self, vision_bnd: Tensor) -> dict[str, Tensor]:
-        scores_bnk = self.decoder(self.transform(vision_bnd))
-        return dict(zip(self.dims, scores_bnk.split(list(self.dims.values()), dim=-1)))
+    def forward(self, vision_bnd: Tensor, masked_rows_m: Optional[Tensor] = None,
+                masked_names: tuple[str, ...] = ()) -> dict[str, Tensor]:
+        """``{name: scores (B, N, k)}``. With ``masked_rows_m`` (flat ``b * N + n`` indices), the
+        outputs in ``masked_names`` (the last decoder rows) are decoded at those objects only:
+        ``(M, k)`` (the others stay ``(B, N, k)``). (Computed here, inside the module's forward, so that ZeRO-3 has the
+        decoder's weight gathered for the slices, in forward and in backward.)"""
+        if masked_rows_m is None or not masked_names:
+            scores_bnk = self.decoder(self.transform(vision_bnd))
+            return dict(zip(self.dims, scores_bnk.split(list(self.dims.values()), dim=-1)))
+        names = list(self.dims)
+        n_dense = len(names) - len(masked_names)
+        if tuple(names[n_dense:]) != tuple(masked_names):
+            raise ValueError(f"masked outputs {masked_names} are not the last decoder rows of {names}")
+        batch, num, hidden = vision_bnd.shape
+        vision_nd = vision_bnd.reshape(batch * num, hidden)
+        weight_kd, bias_k = self.decoder.weight, self.decoder.bias
+        split = sum(self.dims[name] for name in names[:n_dense])
+        scores: dict[str, Tensor] = {}
+        if n_dense:
+            states_nd = self.transform(vision_nd)
+            dense_nk = F.linear(states_nd, weight_kd[:split], bias_k[:split])
+            dense_bnk = dense_nk.view(batch, num, split)
+            scores.update(zip(names[:n_dense], dense_bnk.split([self.dims[n] for n in names[:n_dense]], dim=-1)))
+            states_md = states_nd.index_select(0, masked_rows_m)
+        else:
+            states_md = self.transform(vision_nd.index_select(0, masked_rows_m))
+        masked_mk = F.linear(states_md, weight_kd[split:], bias_k[split:])
+        scores.update(zip(names[n_dense:], masked_mk.split([self.dims[n] for n in names[n_dense:]], dim=-1)))
+        return scores
 
 
 class LxmertVisualAnswerHead(nn.Module):
@@ -141,36 +167,19 @@ def visual_losses_at_masked_objects(
     The objects left out have weight 0, so the losses and their gradients are the same.
     """
     _check_obj_labels(config, obj_labels)
-    dims = head.dims
-    names = list(dims)
-    masked_names = {"feat"} | ({"obj", "attr"} if config.obj_label_loss == "masked" else set())
-    n_dense = 0
-    while n_dense < len(names) and names[n_dense] not in masked_names:
-        n_dense += 1
-    if any(name not in masked_names for name in names[n_dense:]):  # decoder rows are [obj | attr | feat]
-        raise AssertionError(f"decoder order {names} does not put the masked outputs last")
-    batch, num, hidden = vision_bnd.shape
+    masked_set = {"feat"} | ({"obj", "attr"} if config.obj_label_loss == "masked" else set())
+    masked_names = tuple(name for name in head.dims if name in masked_set)
+    batch, num, _ = vision_bnd.shape
     count = batch * num
-    vision_nd = vision_bnd.reshape(count, hidden)
-    weight_kd, bias_k = head.decoder.weight, head.decoder.bias
-    scores: dict[str, Tensor] = {}
-    states_nd = head.transform(vision_nd) if n_dense else None
-    split = sum(dims[name] for name in names[:n_dense])
-    if n_dense:
-        dense_nk = F.linear(states_nd, weight_kd[:split], bias_k[:split])
-        scores.update(zip(names[:n_dense], dense_nk.split([dims[n] for n in names[:n_dense]], dim=-1)))
-    rows_m = None
-    if n_dense < len(names):
-        rows_m = (obj_labels["feat"][1].reshape(-1) != 0).nonzero().squeeze(1)
-        states_md = (states_nd.index_select(0, rows_m) if states_nd is not None
-                     else head.transform(vision_nd.index_select(0, rows_m)))
-        masked_mk = F.linear(states_md, weight_kd[split:], bias_k[split:])
-        scores.update(zip(names[n_dense:], masked_mk.split([dims[n] for n in names[n_dense:]], dim=-1)))
+    rows_m = (obj_labels["feat"][1].reshape(-1) != 0).nonzero().squeeze(1) if masked_names else None
+    scores = head(vision_bnd, rows_m, masked_names)
+    names = list(head.dims)
+    masked_names = set(masked_names)
     feat_mask_n = obj_labels["feat"][1].reshape(-1) if "feat" in obj_labels else None
     losses = {}
     for name in names:
         target, weight = obj_labels[name]
-        pred = scores[name]
+        pred = scores[name].reshape(-1, scores[name].shape[-1])
         weight_n = weight.reshape(-1)
         target = target.reshape(count, -1) if name == "feat" else target.reshape(-1)
         if name != "feat" and config.obj_label_loss == "masked":

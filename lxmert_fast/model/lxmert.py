@@ -24,6 +24,7 @@ from lxmert_fast.model.heads import (
     LxmertVisualAnswerHead,
     LxmertVisualObjHead,
     masked_mean_cross_entropy,
+    visual_losses,
     visual_losses_at_masked_objects,
 )
 from lxmert_fast.model.layers import (
@@ -369,7 +370,10 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             losses["matched"] = masked_mean_cross_entropy(cross_relationship_score.reshape(-1, 2),
                                                           matched_label.reshape(-1))
         if obj_labels is not None and cfg.task_obj_predict:
-            losses.update(visual_losses_at_masked_objects(cfg, self.obj_predict_head, vis_bnd, obj_labels))
+            if self.training:  # the masked-only outputs at the masked objects (the same losses)
+                losses.update(visual_losses_at_masked_objects(cfg, self.obj_predict_head, vis_bnd, obj_labels))
+            else:  # every object's scores, e.g. for a forward hook reading the head's predictions
+                losses.update(visual_losses(cfg, self.obj_predict_head(vis_bnd), obj_labels))
         answer_score = self.answer_head(pooled_bd) if cfg.task_qa else None
         if ans is not None and cfg.task_qa:
             losses["qa"] = masked_mean_cross_entropy(answer_score.reshape(-1, cfg.num_qa_labels), ans.reshape(-1))
