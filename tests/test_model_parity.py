@@ -228,21 +228,24 @@ def test_heads_read_rows_only_same_loss_and_grads_as_the_full_model(backend):
     labels["obj_labels"]["feat"][1][1] = 0.0                      # no masked object in row 1
     labels["obj_labels"]["feat"][1][0, :3] = torch.tensor([0.5, 2.0, 1.0])  # weights other than 1 count as given
     grads = []
-    for full in (False, True):
+    # rows only; every row with all logits; every row (hidden states returned) with the masked-only decoder
+    for kwargs in ({}, {"output_prediction_logits": True}, {"output_hidden_states": True}):
         model.zero_grad()
-        out = model(**inputs, **labels, output_prediction_logits=full)
-        assert (out.language_output is None) != full and (out.prediction_logits is None) != full
+        out = model(**inputs, **labels, **kwargs)
+        assert (out.language_output is None) == (not kwargs)
+        assert (out.prediction_logits is None) != ("output_prediction_logits" in kwargs)
         out.loss.backward()
         grads.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (rows, g_rows), (ref, g_ref) = grads
-    assert set(rows.losses) == set(ref.losses) == {"mlm", "matched", "obj", "attr", "feat", "qa"}
-    for name in ref.losses:
-        assert_close_scaled(rows.losses[name], ref.losses[name], f"loss {name}")
-    assert_close_scaled(rows.pooled_output, ref.pooled_output, "pooled_output")
-    assert_close_scaled(rows.vision_output, ref.vision_output, "vision_output")
-    assert set(g_rows) == set(g_ref)
-    for name, ref_grad in g_ref.items():
-        assert_close_scaled(g_rows[name], ref_grad, f"grad {name}")
+    (rows, g_rows), (ref, g_ref), (states, g_states) = grads
+    assert set(rows.losses) == set(ref.losses) == set(states.losses) == {"mlm", "matched", "obj", "attr", "feat", "qa"}
+    for other, g_other, what in ((rows, g_rows, "rows only"), (states, g_states, "hidden states")):
+        for name in ref.losses:
+            assert_close_scaled(other.losses[name], ref.losses[name], f"{what}: loss {name}")
+        assert_close_scaled(other.pooled_output, ref.pooled_output, f"{what}: pooled_output")
+        assert_close_scaled(other.vision_output, ref.vision_output, f"{what}: vision_output")
+        assert set(g_other) == set(g_ref)
+        for name, ref_grad in g_ref.items():
+            assert_close_scaled(g_other[name], ref_grad, f"{what}: grad {name}")
 
 
 def test_language_rows_of_the_base_model():

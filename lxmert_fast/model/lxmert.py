@@ -359,10 +359,14 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             if want_mlm_loss:
                 losses["mlm"] = masked_mean_cross_entropy(prediction_logits.reshape(-1, cfg.vocab_size),
                                                           labels.reshape(-1))
-        elif want_mlm_loss:  # lang_btd holds the rows rows_m: (M, d)
-            picked_k = (labels_m >= 0).nonzero().squeeze(1)
+        elif want_mlm_loss:  # decode the masked positions only
+            if rows_m is None:  # every row was computed (hidden states or attentions are returned)
+                hidden_kd, labels_k = lang_btd.reshape(-1, lang_btd.shape[-1]), labels.reshape(-1)
+            else:  # lang_btd holds the rows rows_m: (M, d)
+                hidden_kd, labels_k = lang_btd, labels_m
+            picked_k = (labels_k >= 0).nonzero().squeeze(1)
             losses["mlm"] = masked_mean_cross_entropy(
-                self.cls.predictions(lang_btd.index_select(0, picked_k), word_emb_vd), labels_m.index_select(0, picked_k)
+                self.cls.predictions(hidden_kd.index_select(0, picked_k), word_emb_vd), labels_k.index_select(0, picked_k)
             )
 
         cross_relationship_score = self.cls.seq_relationship(pooled_bd)
