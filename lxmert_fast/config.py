@@ -131,6 +131,13 @@ class LxmertConfig:
             names.append("feat")
         return tuple(names)
 
+    @property
+    def masked_visual_losses(self) -> tuple[str, ...]:
+        """The enabled visual losses that weigh masked objects only (feat; obj and attr too with
+        obj_label_loss="masked"): always the last rows of the fused decoder."""
+        masked = {"feat"} | ({"obj", "attr"} if self.obj_label_loss == "masked" else set())
+        return tuple(name for name in self.visual_losses if name in masked)
+
     def visual_loss_dims(self) -> dict[str, int]:
         dims = {"obj": self.num_object_labels, "attr": self.num_attr_labels, "feat": self.visual_feat_dim}
         return {name: dims[name] for name in self.visual_losses}

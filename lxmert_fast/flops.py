@@ -118,7 +118,7 @@ def flop_breakdown(config: LxmertConfig, seq_len: int = 20, num_objects: int = 3
     obj = 0.0
     if config.task_obj_predict and config.visual_losses:
         dims = config.visual_loss_dims()
-        masked_names = {"feat"} | ({"obj", "attr"} if config.obj_label_loss == "masked" else set())
+        masked_names = set(config.masked_visual_losses)
         at_masked = float(n if masked_objects is None else masked_objects)
         dense = sum(v for k, v in dims.items() if k not in masked_names)
         sparse = sum(v for k, v in dims.items() if k in masked_names)

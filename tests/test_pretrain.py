@@ -9,7 +9,7 @@ One torchrun launch runs every 2-process scenario in sequence (this file is also
 - a config whose batch does not fit the world size: a clear error naming the three numbers;
 - a model whose vocab does not fit the data: a clear error before training.
 
-The tests below read the results. The grounding test is a separate single-process run (about 7 minutes on
+The tests below read the results. The grounding test is a separate single-process run (about 4-5 minutes on
 2 cores): object/colour words need the true image.
 """
 

@@ -117,29 +117,35 @@ def visual_losses(
     config: LxmertConfig,
     scores: dict[str, Tensor],
     obj_labels: dict[str, tuple[Tensor, Tensor]],
+    masked_rows_m: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """The object-prediction losses, each multiplied by `visual_loss_normalizer` (HF/original maths).
 
     obj/attr: cross-entropy per object times the weight (detector confidence; with
     obj_label_loss="masked" also times the feature mask, i.e. masked objects only), mean over
     all B*N objects. feat: SmoothL1 averaged over the feature dims, times the feature mask,
-    mean over all B*N objects.
+    mean over all B*N objects. With `masked_rows_m` (flat `b * N + n` indices), the scores of
+    `config.masked_visual_losses` are `(M, k)` at those objects only (the others weigh 0).
     """
     _check_obj_labels(config, obj_labels)
-    feat_mask_bn = obj_labels["feat"][1] if "feat" in obj_labels else None
+    feat_mask_n = obj_labels["feat"][1].reshape(-1) if "feat" in obj_labels else None
+    at_rows = set(config.masked_visual_losses) if masked_rows_m is not None else set()
     losses = {}
     for name in config.visual_losses:
-        target, weight_bn = obj_labels[name]
-        pred = scores[name]
+        target, weight = obj_labels[name]
+        weight_n = weight.reshape(-1)
+        count = weight_n.numel()  # B * N: the mean runs over every object
+        pred = scores[name].reshape(-1, scores[name].shape[-1])
+        target = target.reshape(count, -1) if name == "feat" else target.reshape(-1)
+        if name != "feat" and config.obj_label_loss == "masked":
+            weight_n = weight_n * feat_mask_n
+        if name in at_rows:
+            weight_n, target = weight_n.index_select(0, masked_rows_m), target.index_select(0, masked_rows_m)
         if name == "feat":
-            per_obj = F.smooth_l1_loss(
-                pred.reshape(-1, pred.shape[-1]), target.reshape(-1, pred.shape[-1]).to(pred.dtype), reduction="none"
-            ).mean(dim=1)
+            per_obj = F.smooth_l1_loss(pred, target.to(pred.dtype), reduction="none").mean(dim=1)
         else:
-            per_obj = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-            if config.obj_label_loss == "masked":
-                weight_bn = weight_bn * feat_mask_bn
-        losses[name] = (per_obj * weight_bn.reshape(-1).to(per_obj.dtype)).mean() * config.visual_loss_normalizer
+            per_obj = F.cross_entropy(pred, target, reduction="none")
+        losses[name] = (per_obj * weight_n.to(per_obj.dtype)).sum() / count * config.visual_loss_normalizer
     return losses
 
 
@@ -161,34 +167,14 @@ def visual_losses_at_masked_objects(
     obj_labels: dict[str, tuple[Tensor, Tensor]],
 ) -> dict[str, Tensor]:
     """``visual_losses(config, head(vision_bnd), obj_labels)``, decoding less: the outputs whose
-    weight carries the feature mask (feat; obj and attr too with obj_label_loss="masked") are
-    decoded only at the objects where that mask is non-zero (15% of them in pre-training); the
-    others (obj and attr weighted by confidence alone) at every object, in one matrix product.
-    The objects left out have weight 0, so the losses and their gradients are the same.
+    weight carries the feature mask (``config.masked_visual_losses``) are decoded only at the
+    objects where that mask is non-zero (15% of them in pre-training); the others (obj and attr
+    weighted by confidence alone) at every object, in one matrix product. The objects left out
+    have weight 0, so the losses and their gradients are the same.
     """
     _check_obj_labels(config, obj_labels)
-    masked_set = {"feat"} | ({"obj", "attr"} if config.obj_label_loss == "masked" else set())
-    masked_names = tuple(name for name in head.dims if name in masked_set)
-    batch, num, _ = vision_bnd.shape
-    count = batch * num
-    rows_m = (obj_labels["feat"][1].reshape(-1) != 0).nonzero().squeeze(1) if masked_names else None
-    scores = head(vision_bnd, rows_m, masked_names)
-    names = list(head.dims)
-    masked_names = set(masked_names)
-    feat_mask_n = obj_labels["feat"][1].reshape(-1) if "feat" in obj_labels else None
-    losses = {}
-    for name in names:
-        target, weight = obj_labels[name]
-        pred = scores[name].reshape(-1, scores[name].shape[-1])
-        weight_n = weight.reshape(-1)
-        target = target.reshape(count, -1) if name == "feat" else target.reshape(-1)
-        if name != "feat" and config.obj_label_loss == "masked":
-            weight_n = weight_n * feat_mask_n
-        if name in masked_names:
-            weight_n, target = weight_n.index_select(0, rows_m), target.index_select(0, rows_m)
-        if name == "feat":
-            per_obj = F.smooth_l1_loss(pred, target.to(pred.dtype), reduction="none").mean(dim=1)
-        else:
-            per_obj = F.cross_entropy(pred, target, reduction="none")
-        losses[name] = (per_obj * weight_n.to(per_obj.dtype)).sum() / count * config.visual_loss_normalizer
-    return losses
+    masked_names = config.masked_visual_losses
+    if not masked_names:
+        return visual_losses(config, head(vision_bnd), obj_labels)
+    rows_m = (obj_labels["feat"][1].reshape(-1) != 0).nonzero().squeeze(1)
+    return visual_losses(config, head(vision_bnd, rows_m, masked_names), obj_labels, rows_m)

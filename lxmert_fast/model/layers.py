@@ -141,7 +141,7 @@ class LxmertSelfAttentionLayer(nn.Module):
         batch, length, hidden = x_bld.shape
         qkv_bl3hd = self.self(x_bld)
         b_m = torch.div(rows_m, length, rounding_mode="floor")
-        q_m1hd = qkv_bl3hd[:, :, 0].reshape(batch * length, *qkv_bl3hd.shape[-2:]).index_select(0, rows_m)[:, None]
+        q_m1hd = qkv_bl3hd.reshape(batch * length, *qkv_bl3hd.shape[2:]).index_select(0, rows_m)[:, 0:1]  # q
         kv_ml2hd = qkv_bl3hd[:, :, 1:].index_select(0, b_m)
         mask_ml = None if key_padding_mask_bl is None else key_padding_mask_bl.index_select(0, b_m)
         p = self.attn_dropout_p if self.training else 0.0
