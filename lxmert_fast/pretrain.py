@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when the loss has been non-finite this many steps in a row")
     r.add_argument("--no_progress", action="store_true", help="no progress bar")
     r.add_argument("--cpu_threads", type=int, default=None,
-                   help="torch threads per process on CPU (default: the cores divided among the local processes; "
-                        "1 is far faster on a CPU shared with other jobs)")
+                   help="torch threads per process on CPU (default: OMP_NUM_THREADS when set, else the cores "
+                        "divided among the local processes; 1 is far faster on a CPU shared with other jobs)")
     r.add_argument("--grounding_eval", choices=("auto", "yes", "no"), default="auto",
                    help="at the end, compare masked object/colour word accuracy with true vs shuffled images "
                         "(auto: on the demo world)")
@@ -360,13 +360,19 @@ def preserved_rng():
 
 
 # ---------------------------------------------------------------------------------------------- the job
-def cpu_threads(requested: Optional[int]) -> int:
-    """Torch threads for one CPU process: ``requested``, else the cores this process may use divided
-    among the processes of this node (oversubscribed OpenMP threads crawl)."""
+def cpu_threads(requested: Optional[int], environ=None) -> int:
+    """Torch threads for one CPU process: ``requested``, else ``OMP_NUM_THREADS`` when set (as torch
+    itself would), else the cores this process may use divided among the processes of this node
+    (oversubscribed OpenMP threads crawl: two jobs of 2 threads on 2 cores ran 30x slower)."""
     if requested is not None:
         if requested < 1:
             raise UsageError(f"--cpu_threads must be at least 1, got {requested}")
         return requested
+    omp = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        if not omp.isdigit() or int(omp) < 1:
+            raise UsageError(f"OMP_NUM_THREADS={omp!r}: expected a positive integer (or pass --cpu_threads N)")
+        return int(omp)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, cores // max(1, local))

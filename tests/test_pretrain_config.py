@@ -61,3 +61,16 @@ def test_store_cache_dirs_of_two_roots_of_one_name_differ(tmp_path):
     assert da != db and os.path.basename(da).startswith("data-") and da.endswith("-val2014")
     assert _store_dir(str(a), ["mscoco_minival"], cache) == da       # stable
     assert _store_dir(str(a), ["mscoco_minival"], None) is None      # no cache: the store lives under the root
+
+
+def test_cpu_threads_follow_the_flag_then_omp_num_threads_then_the_cores():
+    from lxmert_fast.pretrain import cpu_threads
+
+    assert cpu_threads(3, {"OMP_NUM_THREADS": "1"}) == 3
+    assert cpu_threads(None, {"OMP_NUM_THREADS": "1"}) == 1  # two 1-thread jobs on a 2-core machine stay fast
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    assert cpu_threads(None, {}) == max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    with pytest.raises(UsageError, match="OMP_NUM_THREADS='two'"):
+        cpu_threads(None, {"OMP_NUM_THREADS": "two"})
+    with pytest.raises(UsageError, match="--cpu_threads must be at least 1"):
+        cpu_threads(0, {})
