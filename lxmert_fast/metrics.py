@@ -137,4 +137,5 @@ def grounding_result(counts: Tensor) -> dict[str, float]:
         "words_true": c[1],
         "words_shuffled": c[3],
         "matched_acc": c[4] / max(c[5], 1.0),
+        "matched_pairs": c[5],
     }

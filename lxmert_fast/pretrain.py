@@ -40,6 +40,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.dis
 
 from lxmert_fast import engine as E  # noqa: E402
 from lxmert_fast.config import ConfigError, LxmertConfig  # noqa: E402
+from lxmert_fast.data.demo import DEFAULT_OBJECTS, objects_arg  # noqa: E402
 from lxmert_fast.flops import device_name, peak_tflops_for, throughput, train_flops_per_sample  # noqa: E402
 
 TASKS = ("mlm", "matched", "obj", "qa")
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--store_in_cache", action="store_true",
                    help="put converted feature stores under --cache_dir instead of <data_root>/lxmert_fast")
     d.add_argument("--demo_images", type=int, default=2000, help="images of the demo world")
+    d.add_argument("--demo_objects", type=objects_arg, default=DEFAULT_OBJECTS, metavar="N|MIN-MAX",
+                   help="distinct objects per image of the demo world (default 2-4; 1 = the one-object "
+                        "world, where matching is learned within a short CPU run)")
     d.add_argument("--skip_bad", action="store_true", help="skip (and report) malformed data rows instead of failing")
     d.add_argument("--num_workers", type=int, default=None, help="data loader workers per process (default: 1 on CPU, 4 on GPU)")
     d.add_argument("--mask_on", choices=("device", "workers"), default="device",
@@ -219,7 +223,8 @@ def build_data(args, rank: int, log) -> DataSetup:
 
         data_root = None
         if rank == 0:
-            data_root = ensure_demo_data(args.cache_dir, images=args.demo_images, seed=0, log=log)
+            data_root = ensure_demo_data(args.cache_dir, images=args.demo_images, seed=0, log=log,
+                                         objects=args.demo_objects)
         data_root = E.broadcast_object(data_root)
     else:
         data_root = os.path.abspath(args.data_root)
@@ -735,7 +740,7 @@ class Trainer:
         finally:
             self.bar.close()
             self.bar = None
-        result: dict[str, Any] = {"step": step, "history": history}
+        result: dict[str, Any] = {"step": step, "history": history, "data_root": self.data.data_root}
         if step >= self.total_steps:
             last_eval = self._run_eval(step)
             result["eval"] = last_eval
@@ -747,7 +752,8 @@ class Trainer:
                     self.log("grounding (masked object/colour words of held-out captions): "
                              f"accuracy {g['word_acc_true_image']:.3f} with the true image vs "
                              f"{g['word_acc_shuffled_image']:.3f} with images shuffled across the batch "
-                             f"({int(g['words_true'])} words); matching accuracy {g['matched_acc']:.3f}")
+                             f"({int(g['words_true'])} words); matching accuracy {g['matched_acc']:.3f} "
+                             f"({int(g['matched_pairs'])} pairs)")
                     engine.monitor.write_events([(f"Grounding/{k}", v, step) for k, v in g.items()])
             if not args.no_export:
                 export_dir = os.path.join(self.out_dir, "hf")

@@ -71,4 +71,4 @@ def test_grounding_counts_separate_a_model_that_reads_the_image():
     assert res["words_true"] == 6  # rows 0-2 (row 3 is a mismatched pair)
     assert res["word_acc_true_image"] == 1.0
     assert res["word_acc_shuffled_image"] == 0.0
-    assert res["matched_acc"] == 0.75
+    assert res["matched_acc"] == 0.75 and res["matched_pairs"] == 4

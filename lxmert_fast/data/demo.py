@@ -14,7 +14,7 @@ layout of airsplay/lxmert's ``data/`` folder (same file names, same formats)::
     vocab.txt                                          # WordPiece vocab trained on the world
     demo.json                                          # parameters, counts, label maps
 
-The world: each image holds 2-4 distinct objects (one of 20 classes, one of 8 colours, a box),
+The world: each image holds 2-4 distinct objects (``--objects``; one of 20 classes, one of 8 colours, a box),
 each reported several times as a detector does (20-28 of the 36 boxes, jittered around the
 object), the other boxes small background clutter. A 2048-d object feature is
 ``E_obj[label] + E_attr[attr] + pos(box) + noise`` with fixed random embeddings centred over the
@@ -27,6 +27,11 @@ statements are generated from the objects, so their object words and answers can
 from the image: a model has something cross-modal to learn. NLVR2 comes in sets, as the real
 data: each sentence is judged on 4 image pairs whose images share 3 classes and 3 colours
 (identifiers ``split-set-pair-sentence``; consistency groups the pairs of a sentence).
+
+``--objects 1`` writes a one-object world: each image shows a single object and its captions are
+"a photo of a red kite" / "the kite is red". Reading a word off the image is then a first-order
+task, and cross-modality matching, which in the default world stays at chance for longer than a
+CPU run affords, is learned within about 1500 steps of a small model (bench/RESULTS.md).
 
 :func:`ensure_demo_data` generates once (atomically, in a temporary directory renamed into place)
 and reuses after.
@@ -55,7 +60,8 @@ NUM_BG_CLASSES = 30      # background detector labels ("thing", clutter)
 NUM_BG_ATTRS = 12
 NUM_OBJECTS = 36
 FEAT_DIM = 2048
-MIN_PRIMARY, MAX_PRIMARY = 2, 4      # distinct objects per image
+DEFAULT_OBJECTS = (2, 4)             # distinct ("primary") objects per image: min, max
+MAX_OBJECTS = 6                      # most distinct objects an image may have
 SALIENT_DETECTIONS = (20, 28)        # of the 36 detections, how many report a primary object
 NLVR2_PAIRS = 4                      # image pairs per NLVR2 set (each sentence is judged on all)
 NLVR2_SENTENCES = 2                  # sentences per set
@@ -67,10 +73,37 @@ def plural(cls: str, n: int) -> str:
     return cls if n == 1 else PLURALS[cls]
 
 
-class World:
-    """Objects of every image of the demo world plus the fixed random feature model."""
+def parse_objects(text: str) -> tuple[int, int]:
+    """``"2-4"`` or ``"1"`` -> (min, max) distinct objects per image; ValueError naming the rule."""
+    parts = str(text).split("-")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+    except ValueError:
+        lo = hi = None
+    if lo is None or not 1 <= lo <= hi <= MAX_OBJECTS:
+        raise ValueError(f"objects per image {text!r}: expected N or MIN-MAX with "
+                         f"1 <= MIN <= MAX <= {MAX_OBJECTS} (the default world is "
+                         f"{DEFAULT_OBJECTS[0]}-{DEFAULT_OBJECTS[1]})")
+    return lo, hi
 
-    def __init__(self, seed: int):
+
+def objects_arg(text: str) -> tuple[int, int]:
+    """argparse ``type=`` for ``--demo_objects`` / ``--objects``."""
+    try:
+        return parse_objects(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class World:
+    """Objects of every image of the demo world plus the fixed random feature model.
+
+    ``objects``: (min, max) distinct objects per image (the default world: 2-4).
+    """
+
+    def __init__(self, seed: int, objects: tuple[int, int] = DEFAULT_OBJECTS):
+        parse_objects(f"{objects[0]}-{objects[1]}")
+        self.objects = (int(objects[0]), int(objects[1]))
         self.rng = np.random.default_rng(seed)
         r = np.random.default_rng(seed + 7919)  # feature model: independent of the image count
         n_lab, n_att = len(CLASSES) + NUM_BG_CLASSES, len(COLORS) + NUM_BG_ATTRS
@@ -90,7 +123,7 @@ class World:
                     color_pool: np.ndarray | None = None) -> dict:
         """Sample the objects of images ``ids``; arrays are (N, 36, ...).
 
-        Each image has 2-4 distinct "primary" objects (one of 20 classes, one of 8 colours).
+        Each image has ``self.objects`` (2-4 by default) distinct "primary" objects (one of 20 classes, one of 8 colours).
         As a real detector does, it reports each of them several times (boxes jittered around
         the object, fresh feature noise): ``salient`` marks every detection of a primary object,
         ``primary`` its first detection; the remaining slots are small background clutter.
@@ -100,7 +133,7 @@ class World:
         rng, n, k = self.rng, len(ids), NUM_OBJECTS
         h = rng.integers(300, 481, n)
         w = rng.integers(400, 641, n)
-        n_prim = rng.integers(MIN_PRIMARY, MAX_PRIMARY + 1, n)
+        n_prim = rng.integers(self.objects[0], self.objects[1] + 1, n)
         n_sal = rng.integers(SALIENT_DETECTIONS[0], SALIENT_DETECTIONS[1] + 1, n)
         slot = np.arange(k)[None, :]
         primary = slot < n_prim[:, None]                                      # (N, 36)
@@ -226,9 +259,15 @@ def _relation(a, b) -> str:
 
 
 def captions(rng, objs, n: int) -> list[str]:
+    """``n`` captions of an image: two-object templates, counts and colours; an image of one
+    object gets "a photo of a red kite" / "the kite is red"."""
     counts = Counter(o[0] for o in objs)
     out = []
     for _ in range(n):
+        if len(objs) == 1:
+            a = objs[0]
+            out.append(f"the {a[0]} is {a[1]}" if rng.random() < 0.5 else f"a photo of a {a[1]} {a[0]}")
+            continue
         t = rng.integers(0, 4)
         a, b = (objs[i] for i in rng.choice(len(objs), 2, replace=False))
         if t == 0:
@@ -350,12 +389,15 @@ def train_vocab(sentences: list[str], path: str, vocab_size: int = 1000) -> int:
 
 
 def generate(out: str, images: int = 2000, seed: int = 0, log=print,
-             workers: int | None = None) -> dict:
-    """Write the demo world under ``out`` (must not exist or be empty); returns demo.json."""
+             workers: int | None = None, objects: tuple[int, int] = DEFAULT_OBJECTS) -> dict:
+    """Write the demo world under ``out`` (must not exist or be empty); returns demo.json.
+
+    ``objects``: (min, max) distinct objects per image (default 2-4).
+    """
     t0 = time.time()
     workers = workers or min(4, os.cpu_count() or 1)
     os.makedirs(out, exist_ok=True)
-    world = World(seed)
+    world = World(seed, objects)
     rng = world.rng
     sz = _split_sizes(images)
     J = lambda *p: os.path.join(out, *p)
@@ -481,6 +523,7 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
 
     meta = {
         "demo_version": DEMO_VERSION, "images": images, "seed": seed,
+        "objects_per_image": list(world.objects),
         "split_sizes": sz, "classes": CLASSES, "colors": COLORS,
         "obj_id_of_class": world.obj_id_of_label[:len(CLASSES)].tolist(),
         "attr_id_of_color": world.attr_id_of_attr[:len(COLORS)].tolist(),
@@ -500,13 +543,21 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
     return meta
 
 
-def ensure_demo_data(cache_dir: str, images: int = 2000, seed: int = 0, log=None) -> str:
+def demo_dir_name(images: int, seed: int, objects: tuple[int, int] = DEFAULT_OBJECTS) -> str:
+    """Cache folder name of a world (the default world keeps its name of before the option)."""
+    lo, hi = parse_objects(f"{objects[0]}-{objects[1]}")
+    suffix = "" if (lo, hi) == DEFAULT_OBJECTS else f"-o{lo}-{hi}"
+    return f"demo-v{DEMO_VERSION}-n{images}-s{seed}{suffix}"
+
+
+def ensure_demo_data(cache_dir: str, images: int = 2000, seed: int = 0, log=None,
+                     objects: tuple[int, int] = DEFAULT_OBJECTS) -> str:
     """Path of a demo world with these parameters under ``cache_dir``; generated on first use.
 
     Generation happens in a temporary sibling directory renamed into place, so concurrent
     callers and crashes never see a half-written world.
     """
-    path = os.path.join(os.path.abspath(cache_dir), f"demo-v{DEMO_VERSION}-n{images}-s{seed}")
+    path = os.path.join(os.path.abspath(cache_dir), demo_dir_name(images, seed, objects))
     if os.path.exists(os.path.join(path, "demo.json")):
         return path
     from .convert import remove_stale_partials
@@ -515,7 +566,7 @@ def ensure_demo_data(cache_dir: str, images: int = 2000, seed: int = 0, log=None
     tmp = f"{path}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        generate(tmp, images=images, seed=seed, log=log)
+        generate(tmp, images=images, seed=seed, log=log, objects=objects)
         try:
             os.rename(tmp, path)
         except OSError:  # someone else finished first
@@ -538,15 +589,19 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2000,
                    help="pre-training images (default 2000; task images are extra)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--objects", type=objects_arg, default=DEFAULT_OBJECTS,
+                   help="distinct objects per image, N or MIN-MAX (default 2-4; 1 gives one object "
+                        "per image, a world where matching is learned within a CPU run)")
     a = p.parse_args(argv)
     if a.images < 8:
         p.error("--images must be at least 8")
+    objects = a.objects
     out = os.path.abspath(a.out)
     if os.path.exists(out) and os.listdir(out):
         p.error(f"{a.out} exists and is not empty")
     tmp = f"{out}.partial-{os.getpid()}"  # written aside, renamed into place when complete
     try:
-        generate(tmp, images=a.images, seed=a.seed)
+        generate(tmp, images=a.images, seed=a.seed, objects=objects)
         if os.path.exists(out):
             os.rmdir(out)
         os.rename(tmp, out)

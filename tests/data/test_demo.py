@@ -141,3 +141,42 @@ def test_demo_nlvr2_sentences_are_judged_on_several_pairs(demo_root):
     assert all(len({(r["img0"], r["img1"]) for r in g}) == NLVR2_PAIRS for g in groups.values())
     mixed = sum(len({r["label"] for r in g}) == 2 for g in groups.values())
     assert mixed >= len(groups) // 4, (mixed, len(groups))
+
+
+def test_demo_objects_per_image(tmp_path, capsys):
+    """``--objects``: a one-object world whose captions name that object; the default world's folder
+    name and files do not change; a bad value is refused naming the rule."""
+    import pytest
+
+    from lxmert_fast.data.demo import demo_dir_name, parse_objects
+
+    assert demo_dir_name(16, 4) == "demo-v2-n16-s4" and demo_dir_name(16, 4, (1, 1)) == "demo-v2-n16-s4-o1-1"
+    assert parse_objects("1") == (1, 1) and parse_objects("2-4") == (2, 4)
+    for bad in ("0", "3-2", "7", "x", "1-2-3"):
+        with pytest.raises(ValueError, match="1 <= MIN <= MAX <= 6"):
+            parse_objects(bad)
+    with pytest.raises(SystemExit):
+        demo_main(["--out", str(tmp_path / "bad"), "--objects", "0"])
+    assert "--objects" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad")
+
+    root = ensure_demo_data(str(tmp_path / "cache"), images=24, seed=1, objects=(1, 1))
+    assert os.path.basename(root) == "demo-v2-n24-s1-o1-1"
+    meta = json.load(open(os.path.join(root, "demo.json")))
+    assert meta["objects_per_image"] == [1, 1]
+    cls_of_id = {oid: c for c, oid in zip(CLASSES, meta["obj_id_of_class"])}
+    col_of_id = {aid: c for c, aid in zip(COLORS, meta["attr_id_of_color"])}
+    objects_of = {}
+    for _, row in iter_tsv(os.path.join(root, meta["tsv"]["train2014"])):
+        objects_of[row.img_id] = {(cls_of_id[int(o)], col_of_id[int(a)])
+                                  for o, a in zip(row.obj_ids_n, row.attr_ids_n) if int(o) in cls_of_id}
+    captions = 0
+    for _, rec in read_pretrain_json(os.path.join(root, "lxmert", "mscoco_train.json")):
+        (cls, col), = objects_of[rec["img_id"]]  # every salient detection reports the one object
+        for cap in rec["sentf"]["mscoco"]:
+            assert cap in (f"a photo of a {col} {cls}", f"the {cls} is {col}"), cap
+            captions += 1
+    assert captions == 5 * len(objects_of) > 0
+    # the default world (2-4 objects) is the one generated before the option existed
+    default = ensure_demo_data(str(tmp_path / "cache"), images=24, seed=1)
+    assert os.path.basename(default) == "demo-v2-n24-s1"
+    assert json.load(open(os.path.join(default, "demo.json")))["objects_per_image"] == [2, 4]
