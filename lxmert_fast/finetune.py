@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where converted feature stores go (default <data_root>/lxmert_fast)")
     d.add_argument("--cache_dir", default=DEFAULT_CACHE, help="the demo world's home")
     d.add_argument("--demo_images", type=int, default=2000, help="images of the demo world")
-    d.add_argument("--demo_objects", type=objects_arg, default=DEFAULT_OBJECTS, metavar="N|MIN-MAX",
+    d.add_argument("--demo_objects", type=objects_arg, default=None, metavar="N|MIN-MAX",
                    help="distinct objects per image of the demo world (default 2-4; 1 = the one-object "
                         "world, where matching is learned within a short CPU run)")
     d.add_argument("--skip_bad", action="store_true", help="skip (and report) malformed records instead of failing")
@@ -193,6 +193,8 @@ class FineTuner:
     # -- data -----------------------------------------------------------------------------------
     def _data_root(self) -> tuple[str, bool]:
         if self.args.data_root is not None:
+            if self.args.demo_objects is not None:
+                raise UsageError("--demo_objects shapes the demo world; it does not apply with --data_root")
             root = os.path.abspath(self.args.data_root)
             if not os.path.isdir(root):
                 raise UsageError(f"--data_root {root}: no such directory")
@@ -202,7 +204,7 @@ class FineTuner:
         root = None
         if self.is_main:
             root = ensure_demo_data(self.args.cache_dir, images=self.args.demo_images, seed=0, log=self.log,
-                                   objects=self.args.demo_objects)
+                                   objects=self.args.demo_objects or DEFAULT_OBJECTS)
         return E.broadcast_object(root), True
 
     def setup_data(self) -> None:

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--store_in_cache", action="store_true",
                    help="put converted feature stores under --cache_dir instead of <data_root>/lxmert_fast")
     d.add_argument("--demo_images", type=int, default=2000, help="images of the demo world")
-    d.add_argument("--demo_objects", type=objects_arg, default=DEFAULT_OBJECTS, metavar="N|MIN-MAX",
+    d.add_argument("--demo_objects", type=objects_arg, default=None, metavar="N|MIN-MAX",
                    help="distinct objects per image of the demo world (default 2-4; 1 = the one-object "
                         "world, where matching is learned within a short CPU run)")
     d.add_argument("--skip_bad", action="store_true", help="skip (and report) malformed data rows instead of failing")
@@ -224,9 +224,11 @@ def build_data(args, rank: int, log) -> DataSetup:
         data_root = None
         if rank == 0:
             data_root = ensure_demo_data(args.cache_dir, images=args.demo_images, seed=0, log=log,
-                                         objects=args.demo_objects)
+                                         objects=args.demo_objects or DEFAULT_OBJECTS)
         data_root = E.broadcast_object(data_root)
     else:
+        if args.demo_objects is not None:
+            raise UsageError("--demo_objects shapes the demo world; it does not apply with --data_root")
         data_root = os.path.abspath(args.data_root)
     train_splits, valid_splits = split_names(args.train), split_names(args.valid or "")
     vocab = args.vocab or os.path.join(data_root, "vocab.txt")

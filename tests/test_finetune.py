@@ -321,3 +321,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     filled = finetune.fill_finetune_config({"optimizer": {"params": {"lr": "auto"}}, "gradient_clipping": "auto"},
                                            lr=5e-5, batch_size=32, grad_clip=5.0, explicit=set())
     assert (filled["optimizer"]["params"]["lr"], filled["gradient_clipping"], filled["train_batch_size"]) == (5e-5, 5.0, 32)
+
+
+def test_demo_objects_does_not_apply_with_a_data_root(tmp_path):
+    from lxmert_fast.finetune import UsageError
+
+    with pytest.raises(UsageError, match="--demo_objects shapes the demo world"):
+        finetune_run(["--task", "vqa", "--data_root", str(tmp_path), "--demo_objects", "1"])

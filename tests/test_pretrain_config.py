@@ -74,3 +74,17 @@ def test_cpu_threads_follow_the_flag_then_omp_num_threads_then_the_cores():
         cpu_threads(None, {"OMP_NUM_THREADS": "two"})
     with pytest.raises(UsageError, match="--cpu_threads must be at least 1"):
         cpu_threads(0, {})
+
+
+def test_demo_objects_is_parsed_and_refused_with_a_data_root(tmp_path, capsys):
+    from lxmert_fast.pretrain import build_data
+
+    assert build_parser().parse_args([]).demo_objects is None  # the default world (2-4)
+    assert build_parser().parse_args(["--demo_objects", "1"]).demo_objects == (1, 1)
+    assert build_parser().parse_args(["--demo_objects", "2-3"]).demo_objects == (2, 3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--demo_objects", "0"])
+    assert "--demo_objects" in capsys.readouterr().err
+    args = build_parser().parse_args(["--data_root", str(tmp_path), "--demo_objects", "1"])
+    with pytest.raises(UsageError, match="--demo_objects shapes the demo world"):
+        build_data(args, 0, print)

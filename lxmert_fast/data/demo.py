@@ -31,7 +31,8 @@ data: each sentence is judged on 4 image pairs whose images share 3 classes and 
 ``--objects 1`` writes a one-object world: each image shows a single object and its captions are
 "a photo of a red kite" / "the kite is red". Reading a word off the image is then a first-order
 task, and cross-modality matching, which in the default world stays at chance for longer than a
-CPU run affords, is learned within about 1500 steps of a small model (bench/RESULTS.md).
+CPU run affords, leaves chance after about 1000 steps of a small model trained without dropout
+(bench/RESULTS.md).
 
 :func:`ensure_demo_data` generates once (atomically, in a temporary directory renamed into place)
 and reuses after.
@@ -73,17 +74,27 @@ def plural(cls: str, n: int) -> str:
     return cls if n == 1 else PLURALS[cls]
 
 
+def _objects_error(given) -> ValueError:
+    return ValueError(f"objects per image {given!r}: expected N or MIN-MAX with 1 <= MIN <= MAX <= "
+                      f"{MAX_OBJECTS} (the default world is {DEFAULT_OBJECTS[0]}-{DEFAULT_OBJECTS[1]})")
+
+
+def check_objects(objects: tuple[int, int]) -> tuple[int, int]:
+    """(min, max) distinct objects per image, validated; ValueError naming the rule."""
+    lo, hi = (int(v) for v in objects)
+    if not 1 <= lo <= hi <= MAX_OBJECTS:
+        raise _objects_error(f"{lo}-{hi}")
+    return lo, hi
+
+
 def parse_objects(text: str) -> tuple[int, int]:
     """``"2-4"`` or ``"1"`` -> (min, max) distinct objects per image; ValueError naming the rule."""
     parts = str(text).split("-")
-    try:
-        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
-    except ValueError:
-        lo = hi = None
-    if lo is None or not 1 <= lo <= hi <= MAX_OBJECTS:
-        raise ValueError(f"objects per image {text!r}: expected N or MIN-MAX with "
-                         f"1 <= MIN <= MAX <= {MAX_OBJECTS} (the default world is "
-                         f"{DEFAULT_OBJECTS[0]}-{DEFAULT_OBJECTS[1]})")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise _objects_error(text)
+    lo, hi = int(parts[0]), int(parts[-1])
+    if not 1 <= lo <= hi <= MAX_OBJECTS:
+        raise _objects_error(text)
     return lo, hi
 
 
@@ -102,8 +113,7 @@ class World:
     """
 
     def __init__(self, seed: int, objects: tuple[int, int] = DEFAULT_OBJECTS):
-        parse_objects(f"{objects[0]}-{objects[1]}")
-        self.objects = (int(objects[0]), int(objects[1]))
+        self.objects = check_objects(objects)
         self.rng = np.random.default_rng(seed)
         r = np.random.default_rng(seed + 7919)  # feature model: independent of the image count
         n_lab, n_att = len(CLASSES) + NUM_BG_CLASSES, len(COLORS) + NUM_BG_ATTRS
@@ -123,7 +133,8 @@ class World:
                     color_pool: np.ndarray | None = None) -> dict:
         """Sample the objects of images ``ids``; arrays are (N, 36, ...).
 
-        Each image has ``self.objects`` (2-4 by default) distinct "primary" objects (one of 20 classes, one of 8 colours).
+        Each image has ``self.objects`` (2-4 by default) distinct "primary" objects (one of 20
+        classes, one of 8 colours).
         As a real detector does, it reports each of them several times (boxes jittered around
         the object, fresh feature noise): ``salient`` marks every detection of a primary object,
         ``primary`` its first detection; the remaining slots are small background clutter.
@@ -545,7 +556,7 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
 
 def demo_dir_name(images: int, seed: int, objects: tuple[int, int] = DEFAULT_OBJECTS) -> str:
     """Cache folder name of a world (the default world keeps its name of before the option)."""
-    lo, hi = parse_objects(f"{objects[0]}-{objects[1]}")
+    lo, hi = check_objects(objects)
     suffix = "" if (lo, hi) == DEFAULT_OBJECTS else f"-o{lo}-{hi}"
     return f"demo-v{DEMO_VERSION}-n{images}-s{seed}{suffix}"
 
@@ -595,13 +606,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.images < 8:
         p.error("--images must be at least 8")
-    objects = a.objects
     out = os.path.abspath(a.out)
     if os.path.exists(out) and os.listdir(out):
         p.error(f"{a.out} exists and is not empty")
     tmp = f"{out}.partial-{os.getpid()}"  # written aside, renamed into place when complete
     try:
-        generate(tmp, images=a.images, seed=a.seed, objects=objects)
+        generate(tmp, images=a.images, seed=a.seed, objects=a.objects)
         if os.path.exists(out):
             os.rmdir(out)
         os.rename(tmp, out)
