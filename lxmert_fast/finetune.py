@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from lxmert_fast import engine as E  # noqa: E402
 from lxmert_fast.config import LxmertConfig  # noqa: E402
-from lxmert_fast.data.demo import DEFAULT_OBJECTS, objects_arg  # noqa: E402
+from lxmert_fast.data.demo import DEFAULT_OBJECTS, add_demo_objects_argument  # noqa: E402
 from lxmert_fast.data import tasks as T  # noqa: E402
 from lxmert_fast.model import task_heads as H  # noqa: E402
 
@@ -74,9 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where converted feature stores go (default <data_root>/lxmert_fast)")
     d.add_argument("--cache_dir", default=DEFAULT_CACHE, help="the demo world's home")
     d.add_argument("--demo_images", type=int, default=2000, help="images of the demo world")
-    d.add_argument("--demo_objects", type=objects_arg, default=None, metavar="N|MIN-MAX",
-                   help="distinct objects per image of the demo world (default 2-4; 1 = the one-object "
-                        "world, where matching is learned within a short CPU run)")
+    add_demo_objects_argument(d)
     d.add_argument("--skip_bad", action="store_true", help="skip (and report) malformed records instead of failing")
     d.add_argument("--num_workers", type=int, default=None, help="loader workers per process (default 0 on CPU, 4 on GPU)")
 

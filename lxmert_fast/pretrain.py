@@ -40,7 +40,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.dis
 
 from lxmert_fast import engine as E  # noqa: E402
 from lxmert_fast.config import ConfigError, LxmertConfig  # noqa: E402
-from lxmert_fast.data.demo import DEFAULT_OBJECTS, objects_arg  # noqa: E402
+from lxmert_fast.data.demo import DEFAULT_OBJECTS, add_demo_objects_argument  # noqa: E402
 from lxmert_fast.flops import device_name, peak_tflops_for, throughput, train_flops_per_sample  # noqa: E402
 
 TASKS = ("mlm", "matched", "obj", "qa")
@@ -73,9 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--store_in_cache", action="store_true",
                    help="put converted feature stores under --cache_dir instead of <data_root>/lxmert_fast")
     d.add_argument("--demo_images", type=int, default=2000, help="images of the demo world")
-    d.add_argument("--demo_objects", type=objects_arg, default=None, metavar="N|MIN-MAX",
-                   help="distinct objects per image of the demo world (default 2-4; 1 = the one-object "
-                        "world, where matching is learned within a short CPU run)")
+    add_demo_objects_argument(d)
     d.add_argument("--skip_bad", action="store_true", help="skip (and report) malformed data rows instead of failing")
     d.add_argument("--num_workers", type=int, default=None, help="data loader workers per process (default: 1 on CPU, 4 on GPU)")
     d.add_argument("--mask_on", choices=("device", "workers"), default="device",

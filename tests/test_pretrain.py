@@ -9,8 +9,9 @@ One torchrun launch runs every 2-process scenario in sequence (this file is also
 - a config whose batch does not fit the world size: a clear error naming the three numbers;
 - a model whose vocab does not fit the data: a clear error before training.
 
-The tests below read the results. The grounding test is a separate single-process run (about 4-5 minutes on
-2 cores): object/colour words need the true image.
+The tests below read the results. The two grounding tests are separate single-process runs (about 4-5 minutes
+each on 2 cores): object/colour words need the true image (the default world), and matching is above chance
+(the one-object world).
 """
 
 from __future__ import annotations

@@ -106,6 +106,14 @@ def objects_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def add_demo_objects_argument(group) -> None:
+    """``--demo_objects`` for the jobs that generate the demo world (pre-training, fine-tuning);
+    ``None`` when not given, so that a job can refuse it with ``--data_root``."""
+    group.add_argument("--demo_objects", type=objects_arg, default=None, metavar="N|MIN-MAX",
+                       help="distinct objects per image of the demo world (default 2-4; 1 = the one-object "
+                            "world, where matching is learned within a short CPU run)")
+
+
 class World:
     """Objects of every image of the demo world plus the fixed random feature model.
 

@@ -7,8 +7,10 @@ import json
 import os
 
 import numpy as np
+import pytest
 
-from lxmert_fast.data.demo import COLORS, CLASSES, ensure_demo_data, generate, main as demo_main
+from lxmert_fast.data.demo import (COLORS, CLASSES, demo_dir_name, ensure_demo_data, generate, main as demo_main,
+                                   parse_objects)
 from lxmert_fast.data.formats import (iter_tsv, read_all_ans, read_ans2label, read_label2ans,
                                       read_pretrain_json, read_task_json)
 
@@ -146,10 +148,6 @@ def test_demo_nlvr2_sentences_are_judged_on_several_pairs(demo_root):
 def test_demo_objects_per_image(tmp_path, capsys):
     """``--objects``: a one-object world whose captions name that object; the default world's folder
     name and files do not change; a bad value is refused naming the rule."""
-    import pytest
-
-    from lxmert_fast.data.demo import demo_dir_name, parse_objects
-
     assert demo_dir_name(16, 4) == "demo-v2-n16-s4" and demo_dir_name(16, 4, (1, 1)) == "demo-v2-n16-s4-o1-1"
     assert parse_objects("1") == (1, 1) and parse_objects("2-4") == (2, 4)
     for bad in ("0", "3-2", "7", "x", "1-2-3"):
