@@ -110,7 +110,7 @@ def _dropout_keep(seed, bh, rows, cols, LQ, LK, dropout_p):
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "dropout_p", "softmax_scale"])
+@triton.jit(do_not_specialize=["dropout_p", "softmax_scale"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, MASK,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -119,7 +119,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_om, stride_oh, stride_od,
     stride_mb, stride_mn,
     H, LQ, LK, n_split,
-    softmax_scale, dropout_p, seed,
+    softmax_scale, dropout_p, SEED,
     LQ_KEY, LK_KEY,  # bucketed lengths: autotune key only
     D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr,
@@ -143,6 +143,8 @@ def _attn_fwd_kernel(
 
     qk_scale = softmax_scale * 1.4426950408889634
     inv_keep = 1.0 / (1.0 - dropout_p)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -196,7 +198,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + pid_bh * L + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seed", "dropout_p", "softmax_scale"])
+@triton.jit(do_not_specialize=["dropout_p", "softmax_scale"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -207,7 +209,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
     stride_mb, stride_mn,
     H, LQ, LK, n_split,
-    softmax_scale, dropout_p, seed,
+    softmax_scale, dropout_p, SEED,
     LQ_KEY, LK_KEY,
     D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr,
@@ -234,6 +236,8 @@ def _attn_bwd_dkdv_kernel(
 
     qk_scale = softmax_scale * 1.4426950408889634
     inv_keep = 1.0 / (1.0 - dropout_p)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for start_m in range(0, q_len, BLOCK_M):
@@ -264,7 +268,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["seed", "dropout_p", "softmax_scale"])
+@triton.jit(do_not_specialize=["dropout_p", "softmax_scale"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, MASK, DQ,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -274,7 +278,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_mb, stride_mn,
     H, LQ, LK, n_split,
-    softmax_scale, dropout_p, seed,
+    softmax_scale, dropout_p, SEED,
     LQ_KEY, LK_KEY,
     D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr,
@@ -303,6 +307,8 @@ def _attn_bwd_dq_kernel(
 
     qk_scale = softmax_scale * 1.4426950408889634
     inv_keep = 1.0 / (1.0 - dropout_p)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, k_len, BLOCK_N):
         cols_local = start_n + tl.arange(0, BLOCK_N)
@@ -324,9 +330,10 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["seed", "dropout_p"])
-def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit(do_not_specialize=["dropout_p"])
+def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Materialise the keep mask (B*H, LQ, LK) uint8 that the attention kernels use."""
+    seed = tl.load(SEED)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -336,6 +343,10 @@ def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, seed, BLOCK_M: tl.constexp
     ok = (rows[:, None] < LQ) & (cols[None, :] < LK)
     ptrs = OUT + (pid_bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=ok)
+
+
+# True when these kernels run in the Triton interpreter (decided when the decorators above ran).
+INTERPRETED = is_interpreted(_attn_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,6 +423,12 @@ def _effective_lengths(LQ, LK, two_segments, n_split):
     return LQ, LK
 
 
+def _seed_arg(seed_t, placeholder):
+    """The SEED pointer argument: the seed tensor, or any tensor when the kernel has no dropout
+    (HAS_DROPOUT=False never reads it)."""
+    return placeholder if seed_t is None else seed_t
+
+
 def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
@@ -436,9 +453,13 @@ def _mask_args(key_padding_mask, fallback):
     return m, m.stride(0), m.stride(1)
 
 
-def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale, dropout_p, seed,
+def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale, dropout_p, seed_t,
                       two_segments=False, n_split=0):
-    """Launch the forward kernel. Returns (o_blhd contiguous, lse_bhl float32)."""
+    """Launch the forward kernel. Returns (o_blhd contiguous, lse_bhl float32).
+
+    ``seed_t``: 1-element int64 tensor on the inputs' device (read by the kernel), or None
+    without dropout.
+    """
     B, LQ, H, D = q_blhd.shape
     LK = k_blhd.shape[1]
     o_blhd = torch.empty((B, LQ, H, D), dtype=q_blhd.dtype, device=q_blhd.device)
@@ -463,7 +484,7 @@ def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale
         *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(o_blhd),
         smb, smn,
         H, LQ, LK, n_split,
-        float(softmax_scale), float(dropout_p), int(seed),
+        float(softmax_scale), float(dropout_p), _seed_arg(seed_t, lse_bhl),
         next_pow2(lq_eff), next_pow2(lk_eff),
         **_flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D),
         **meta,
@@ -472,7 +493,7 @@ def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale
 
 
 def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_padding_mask_bl,
-                       softmax_scale, dropout_p, seed, dq_blhd, dk_blhd, dv_blhd,
+                       softmax_scale, dropout_p, seed_t, dq_blhd, dk_blhd, dv_blhd,
                        two_segments=False, n_split=0):
     """Launch the three backward kernels, writing into the (possibly strided) dq, dk, dv.
 
@@ -498,7 +519,7 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
     mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
     flags = _flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D)
     lq_eff, lk_eff = _effective_lengths(LQ, LK, two_segments, n_split)
-    common = (H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), int(seed),
+    common = (H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), _seed_arg(seed_t, lse_bhl),
               next_pow2(lq_eff), next_pow2(lk_eff))
 
     kernel, meta_fn = _variant("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS)
@@ -534,13 +555,13 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
     )
 
 
-def dropout_keep_mask(seed: int, dropout_p: float, B: int, H: int, LQ: int, LK: int, device) -> torch.Tensor:
-    """The (B, H, LQ, LK) bool keep mask the attention kernels use for this seed and p."""
+def dropout_keep_mask(seed_t, dropout_p: float, B: int, H: int, LQ: int, LK: int, device) -> torch.Tensor:
+    """The (B, H, LQ, LK) bool keep mask the attention kernels use for this seed (int64 tensor) and p."""
     out = torch.empty((B, H, LQ, LK), dtype=torch.uint8, device=device)
     if out.numel() == 0:
         return out.bool()
     bm = bn = 32
     _attn_dropout_mask_kernel[(B * H, triton.cdiv(LQ, bm), triton.cdiv(LK, bn))](
-        out, LQ, LK, float(dropout_p), int(seed), BLOCK_M=bm, BLOCK_N=bn,
+        out, LQ, LK, float(dropout_p), seed_t, BLOCK_M=bm, BLOCK_N=bn,
     )
     return out.bool()

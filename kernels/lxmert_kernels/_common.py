@@ -4,6 +4,7 @@ Nothing here touches a device at import time.
 """
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -26,15 +27,22 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def check_device(kernel, *tensors: torch.Tensor) -> None:
-    """Raise a ValueError unless the tensors can be handed to ``kernel``."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"lxmert_kernels: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if is_interpreted(kernel):
-        return
+def check_device(interpreted: bool, *tensors) -> None:
+    """Raise a ValueError unless the tensors (None entries are skipped) can be handed to the kernels.
+
+    ``interpreted`` says whether the kernels run in the Triton interpreter (a constant of each
+    kernel module, fixed when its ``@triton.jit`` decorators ran). Reads tensor metadata only, so
+    torch.compile traces it without a graph break.
+    """
+    first = None
     for t in tensors:
-        if t is not None and t.device.type != "cuda":
+        if t is None:
+            continue
+        if first is None:
+            first = t
+        elif t.device != first.device:
+            raise ValueError(f"lxmert_kernels: all tensors must be on one device, got {first.device} and {t.device}")
+        if not interpreted and t.device.type != "cuda":
             raise ValueError(
                 "lxmert_kernels needs CUDA tensors or TRITON_INTERPRET=1 (set before importing "
                 f"lxmert_kernels); got a tensor on {t.device}"
@@ -53,21 +61,53 @@ def check_dropout(dropout_p: float) -> float:
     return dropout_p
 
 
-def resolve_seed(seed, dropout_p: float) -> int:
-    """The Philox seed for a dropout launch.
+SEED_HIGH = 2**31 - 1  # seeds drawn for seed=None lie in [0, SEED_HIGH)
 
-    ``seed=None`` draws one from torch's default CPU generator, so ``torch.manual_seed`` makes runs
-    reproducible. Without dropout the seed is irrelevant and 0 is returned (no draw, so the
-    generator state is untouched).
+
+def seed_tensor(seed, dropout_p: float, device: torch.device):
+    """The Philox seed of a dropout launch as a 1-element int64 tensor on ``device`` (or None).
+
+    The kernels read the seed through a pointer (``tl.load(SEED)``), never as a host integer, so a
+    compiled graph or a CUDA graph can take the whole call:
+
+    * ``seed=None`` draws a seed on ``device`` with torch's own generator
+      (``torch.randint(..., device=device)``): ``torch.manual_seed`` makes runs reproducible, under
+      torch.compile inductor turns the draw into its graph-safe RNG and under CUDA graphs torch's
+      Philox state advances inside the graph;
+    * an int in [0, 2**63) is copied to a tensor (tests, reproducing a run);
+    * a tensor must be int64 with shape (1,) on ``device``; it is used as is (never read on the host).
+
+    Without dropout no seed is needed and None is returned (no draw: the generator is untouched).
     """
     if dropout_p == 0.0:
-        return 0
+        return None
     if seed is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
-    seed = int(seed)
+        return torch.randint(0, SEED_HIGH, (1,), device=device, dtype=torch.int64)
+    return as_seed_tensor(seed, device)
+
+
+def as_seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """An explicit seed (int or 1-element int64 tensor) as the int64 tensor the kernels read."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or tuple(seed.shape) != (1,):
+            raise ValueError(
+                f"lxmert_kernels: a seed tensor must be int64 with shape (1,), got {seed.dtype} {tuple(seed.shape)}"
+            )
+        device = torch.device(device)
+        if seed.device.type != device.type or (device.index is not None and seed.device.index != device.index):
+            raise ValueError(f"lxmert_kernels: the seed tensor is on {seed.device}, the inputs on {device}")
+        return seed
+    if isinstance(seed, bool):
+        raise ValueError("lxmert_kernels: seed must be None, an int or an int64 tensor, got a bool")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise ValueError(
+            f"lxmert_kernels: seed must be None, an int or an int64 tensor, got {type(seed).__name__}"
+        ) from None
     if not 0 <= seed < 2**63:
-        raise ValueError(f"lxmert_kernels: seed must be a non-negative int, got {seed}")
-    return seed
+        raise ValueError(f"lxmert_kernels: seed must be a non-negative int below 2**63, got {seed}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:

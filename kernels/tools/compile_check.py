@@ -42,6 +42,8 @@ def signature(kernel, pointer_types, constexprs, floats=()):
             sig[name] = "constexpr"
         elif name in pointer_types:
             sig[name] = pointer_types[name]
+        elif name == "SEED":
+            sig[name] = "*i64"  # the dropout seed is read from a device tensor
         elif name in floats:
             sig[name] = "fp32"
         else:
