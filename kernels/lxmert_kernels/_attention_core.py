@@ -26,13 +26,14 @@ The backward regenerates exactly the same mask.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import is_interpreted, next_pow2
+from . import tuning
+from ._common import dtype_key, is_interpreted
+from .tuning import length_bucket
+from ._dropout import attention_keep
 
 # Literal constants in the kernels: log2(e) = 1.4426950408889634, ln(2) = 0.6931471805599453.
 
@@ -100,13 +101,6 @@ def _scores_log2(q, k, qk_scale, key_ok, IEEE: tl.constexpr):
     return tl.where(key_ok[None, :], s, float("-inf"))
 
 
-@triton.jit
-def _dropout_keep(seed, bh, rows, cols, LQ, LK, dropout_p):
-    """Boolean (len(rows), len(cols)) keep mask of attention dropout (see module docstring)."""
-    offs = (bh * LQ + rows[:, None]) * LK + cols[None, :]
-    return tl.rand(seed, offs) >= dropout_p
-
-
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +156,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
+            keep = attention_keep(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * inv_keep, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
@@ -252,7 +246,7 @@ def _attn_bwd_dkdv_kernel(
         p = tl.exp2(s - lse2[:, None])  # softmax probabilities, before dropout
         dp = _dot(do, tl.trans(v), IEEE)  # dL/d(dropped probabilities)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
+            keep = attention_keep(seed, pid_bh, rows, blk * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
             p_drop = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
@@ -321,7 +315,7 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
+            keep = attention_keep(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
@@ -339,10 +333,228 @@ def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, SEED, BLOCK_M: tl.constexp
     pid_n = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, pid_bh, rows, cols, LQ, LK, dropout_p)
+    keep = attention_keep(seed, pid_bh, rows, pid_n * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
     ok = (rows[:, None] < LQ) & (cols[None, :] < LK)
     ptrs = OUT + (pid_bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# one-tile kernels: every query and key of a direction in one tile (LXMERT's 20 and 36)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_one_tile(
+    Q, K, V, O, LSE, MASK,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_mb, stride_mn,
+    pid_bh, off_b, off_h, LQ, q_start, q_len, k_start, k_len,
+    softmax_scale, dropout_p, seed,
+    D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Softmax attention of the queries [q_start, q_start + q_len) over the keys
+    [k_start, k_start + k_len), all in one (BLOCK_Q, BLOCK_K) tile: no online rescaling."""
+    rows_local = tl.arange(0, BLOCK_Q)
+    row_ok = rows_local < q_len
+    rows = q_start + rows_local
+    cols_local = tl.arange(0, BLOCK_K)
+    col_ok = cols_local < k_len
+    cols = k_start + cols_local
+    offs_d = tl.arange(0, D)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
+                   COMPUTE_F32)
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, cols, col_ok, stride_kn, offs_d, stride_kd,
+                   COMPUTE_F32)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, cols, col_ok, stride_vn, offs_d, stride_vd,
+                   COMPUTE_F32)
+    key_ok = _key_ok(MASK + off_b * stride_mb, cols_local, k_start, k_len, stride_mn, HAS_MASK)
+    s = _scores_log2(q, k, softmax_scale * 1.4426950408889634, key_ok, IEEE)
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_safe[:, None])
+    l = tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = attention_keep(seed, pid_bh, rows, 0, dropout_p, BLOCK_Q, BLOCK_K)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    acc = _dot(p.to(v.dtype), v, IEEE)
+    l_ok = l > 0.0
+    l_safe = tl.where(l_ok, l, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(l_ok, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    tl.store(LSE + pid_bh * LQ + rows, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["dropout_p", "softmax_scale"])
+def _attn_fwd_one_tile_kernel(
+    Q, K, V, O, LSE, MASK,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_mb, stride_mn,
+    H, LQ, LK, n_split,
+    softmax_scale, dropout_p, SEED,
+    D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per (batch * head, direction). Plain attention: one direction, queries
+    [0, LQ) in a BLOCK_Q tile, keys [0, LK) in a BLOCK_K tile. Two segments: direction 0 =
+    language queries [0, n_split) (BLOCK_Q) over vision keys [n_split, L) (BLOCK_K), direction 1
+    the other way round with the tiles swapped, so each tile is sized to its segment."""
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    if TWO_SEGMENTS:
+        if tl.program_id(1) == 0:
+            _fwd_one_tile(Q, K, V, O, LSE, MASK,
+                          stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                          stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                          stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, n_split, n_split, LK - n_split,
+                          softmax_scale, dropout_p, seed,
+                          D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
+        else:
+            _fwd_one_tile(Q, K, V, O, LSE, MASK,
+                          stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                          stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                          stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, n_split, LQ - n_split, 0, n_split,
+                          softmax_scale, dropout_p, seed,
+                          D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_K, BLOCK_Q)
+    else:
+        _fwd_one_tile(Q, K, V, O, LSE, MASK,
+                      stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                      stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, LQ, 0, LK,
+                      softmax_scale, dropout_p, seed,
+                      D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
+
+
+@triton.jit
+def _bwd_one_tile(
+    Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_mb, stride_mn,
+    pid_bh, off_b, off_h, LQ, q_start, q_len, k_start, k_len,
+    softmax_scale, dropout_p, seed,
+    D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dQ of the direction's queries and dK, dV of its keys, delta = rowsum(dO * O) inside;
+    every row is written by exactly one program (no atomics)."""
+    rows_local = tl.arange(0, BLOCK_Q)
+    row_ok = rows_local < q_len
+    rows = q_start + rows_local
+    cols_local = tl.arange(0, BLOCK_K)
+    col_ok = cols_local < k_len
+    cols = k_start + cols_local
+    offs_d = tl.arange(0, D)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, rows, row_ok, stride_qm, offs_d, stride_qd,
+                   COMPUTE_F32)
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, cols, col_ok, stride_kn, offs_d, stride_kd,
+                   COMPUTE_F32)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, cols, col_ok, stride_vn, offs_d, stride_vd,
+                   COMPUTE_F32)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, rows, row_ok, stride_dom, offs_d, stride_dod,
+                    COMPUTE_F32)
+    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, rows, row_ok, stride_om, offs_d, stride_od, True)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    lse2 = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    key_ok = _key_ok(MASK + off_b * stride_mb, cols_local, k_start, k_len, stride_mn, HAS_MASK)
+    s = _scores_log2(q, k, softmax_scale * 1.4426950408889634, key_ok, IEEE)
+    p = tl.exp2(s - lse2[:, None])  # softmax probabilities, before dropout
+    dp = _dot(do, tl.trans(v), IEEE)  # dL/d(dropped probabilities)
+    if HAS_DROPOUT:
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        keep = attention_keep(seed, pid_bh, rows, 0, dropout_p, BLOCK_Q, BLOCK_K)
+        p_drop = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        p_drop = p
+    dv = _dot(tl.trans(p_drop.to(do.dtype)), do, IEEE)
+    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    ds = p * (dp - delta[:, None])
+    dq = _dot(ds.to(k.dtype), k, IEEE) * softmax_scale
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * softmax_scale
+    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["dropout_p", "softmax_scale"])
+def _attn_bwd_one_tile_kernel(
+    Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_mb, stride_mn,
+    H, LQ, LK, n_split,
+    softmax_scale, dropout_p, SEED,
+    D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The whole backward in one launch: one program per (batch * head, direction), tiles as in
+    ``_attn_fwd_one_tile_kernel``. Deterministic: no atomics, each dq/dk/dv row has one writer."""
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    if TWO_SEGMENTS:
+        if tl.program_id(1) == 0:
+            _bwd_one_tile(Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
+                          stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                          stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                          stride_dob, stride_dom, stride_doh, stride_dod,
+                          stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+                          stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+                          stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                          stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, n_split, n_split, LK - n_split,
+                          softmax_scale, dropout_p, seed,
+                          D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
+        else:
+            _bwd_one_tile(Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
+                          stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                          stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                          stride_dob, stride_dom, stride_doh, stride_dod,
+                          stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+                          stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+                          stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                          stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, n_split, LQ - n_split, 0, n_split,
+                          softmax_scale, dropout_p, seed,
+                          D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_K, BLOCK_Q)
+    else:
+        _bwd_one_tile(Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
+                      stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                      stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                      stride_dob, stride_dom, stride_doh, stride_dod,
+                      stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+                      stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+                      stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, LQ, 0, LK,
+                      softmax_scale, dropout_p, seed,
+                      D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
 
 
 # True when these kernels run in the Triton interpreter (decided when the decorators above ran).
@@ -350,77 +562,47 @@ INTERPRETED = is_interpreted(_attn_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
-# host side: lazy kernel variants (autotuned on GPU, one fixed config in the interpreter)
+# host side
 # ----------------------------------------------------------------------------------------------
-# Hopper (H100/H200) candidates. LXMERT sequences are short (20 text tokens, 36 objects), so the
-# small-block configs matter as much as the large ones.
-_FWD_CONFIGS = [
-    (32, 32, 4, 2),
-    (64, 32, 4, 2),
-    (64, 64, 4, 2),
-    (64, 64, 4, 3),
-    (128, 32, 8, 2),
-    (128, 64, 8, 2),
-    (128, 64, 8, 3),
-]
-# (BLOCK_M, BLOCK_N, warps, stages) for the key-block-owning dK/dV kernel
-_DKDV_CONFIGS = [
-    (32, 32, 4, 2),
-    (32, 64, 4, 2),
-    (64, 64, 4, 2),
-    (64, 64, 4, 3),
-    (64, 128, 8, 2),
-    (32, 128, 8, 2),
-]
-_DQ_CONFIGS = _FWD_CONFIGS
-_AUTOTUNE_KEY = ["LQ_KEY", "LK_KEY", "D", "TWO_SEGMENTS", "HAS_MASK", "HAS_DROPOUT", "IEEE"]
-_INTERPRETER_META = dict(BLOCK_M=32, BLOCK_N=32)
-
-_VARIANTS: dict = {}
+ONE_TILE_MAX = 128  # a direction runs in one tile when its bucketed Lq and Lk are at most this ...
+ONE_TILE_MAX_ELEMS = 128 * 64 * 64  # ... and BLOCK_Q * BLOCK_K * D is at most this (registers)
 
 
-def _autotune_enabled() -> bool:
-    """``LXMERT_KERNELS_AUTOTUNE=0`` replaces autotuning by a fixed heuristic config (faster
-    first calls, e.g. for short benchmark or test sessions). Read when a kernel is first used."""
-    return os.environ.get("LXMERT_KERNELS_AUTOTUNE", "1") != "0"
+def one_tile_fits(lq: int, lk: int, D: int) -> bool:
+    """True when every query and key of a direction fit one tile: the one-launch path."""
+    bq, bk = length_bucket(lq), length_bucket(lk)
+    return bq <= ONE_TILE_MAX and bk <= ONE_TILE_MAX and bq * bk * D <= ONE_TILE_MAX_ELEMS
 
 
-def _heuristic_meta(name: str, LQ: int, LK: int) -> dict:
-    small_q, small_k = LQ <= 32, LK <= 32
-    if name == "dkdv":
-        return dict(BLOCK_M=32 if small_q else 64, BLOCK_N=32 if small_k else 64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64 if LQ <= 64 else 128, BLOCK_N=32 if small_k else 64,
-                num_warps=4 if LQ <= 64 else 8, num_stages=2)
+def _arch(device) -> int:
+    if INTERPRETED or device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
-def _variant(name: str, kernel, configs):
-    """(launchable kernel, meta(LQ, LK) -> launch kwargs).
+def _config(kernel_name, device, lq, lk, D, dtype, has_dropout, flags, launch):
+    """Launch kwargs: heuristics table by default, autotuned when tuning.settings.autotune."""
+    if INTERPRETED:
+        if tuning.settings.autotune:
+            raise ValueError("lxmert_kernels.tuning: autotuning needs a GPU (the Triton interpreter cannot time kernels)")
+        return {} if kernel_name.endswith("one_tile") else dict(tuning.INTERPRETER_BLOCKS)
+    return tuning.config_for(kernel_name, _arch(device), lq, lk, D, dtype_key(dtype), has_dropout, flags, launch)
 
-    Autotuned when compiled (``meta`` returns nothing: the autotuner picks BLOCK_M/BLOCK_N,
-    warps and stages), the bare interpreted function with BLOCK 32 x 32 in the interpreter.
-    Built on first use, not at import, because ``triton.autotune`` with several configs does
-    not work in the interpreter.
-    """
-    if name not in _VARIANTS:
-        if is_interpreted(kernel):
-            _VARIANTS[name] = (kernel, lambda LQ, LK: dict(_INTERPRETER_META))
-        elif not _autotune_enabled():
-            _VARIANTS[name] = (kernel, lambda LQ, LK: _heuristic_meta(name, LQ, LK))
-        else:
-            cfgs = [
-                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in configs
-            ]
-            _VARIANTS[name] = (triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(kernel), lambda LQ, LK: {})
-    return _VARIANTS[name]
+
+def autotune_candidates(kernel):
+    """Autotuning candidates of a kernel at the LXMERT base shapes (compile_check --report --space)."""
+    names = {_attn_fwd_one_tile_kernel: "fwd_one_tile", _attn_bwd_one_tile_kernel: "bwd_one_tile",
+             _attn_fwd_kernel: "fwd", _attn_bwd_dkdv_kernel: "dkdv", _attn_bwd_dq_kernel: "dq"}
+    name = names.get(kernel)
+    return [] if name is None else tuning.candidates(name, 36, 36, 64)
 
 
 def _effective_lengths(LQ, LK, two_segments, n_split):
-    """Sequence lengths one program actually sees (a segment's, for the cross op)."""
+    """((Lq, Lk) of direction 0, (Lq, Lk) of direction 1 or None)."""
     if two_segments:
-        seg = max(n_split, LQ - n_split)
-        return seg, seg
-    return LQ, LK
+        return (n_split, LQ - n_split), (LQ - n_split, n_split)
+    return (LQ, LK), None
 
 
 def _seed_arg(seed_t, placeholder):
@@ -434,16 +616,19 @@ def _strides4(t):
 
 
 def _flags(q, key_padding_mask, dropout_p, two_segments, D):
-    interp = is_interpreted(_attn_fwd_kernel)
     return dict(
         D=D,
         TWO_SEGMENTS=two_segments,
         HAS_MASK=key_padding_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         # The interpreter mis-handles low-precision arithmetic: compute everything in fp32 there.
-        COMPUTE_F32=interp or q.dtype == torch.float32,
+        COMPUTE_F32=INTERPRETED or q.dtype == torch.float32,
         IEEE=q.dtype == torch.float32,
     )
+
+
+def _flag_key(flags) -> str:
+    return "".join(k[0] + str(int(v)) for k, v in sorted(flags.items()) if k != "D")
 
 
 def _mask_args(key_padding_mask, fallback):
@@ -453,12 +638,26 @@ def _mask_args(key_padding_mask, fallback):
     return m, m.stride(0), m.stride(1)
 
 
+def _one_tile_blocks(LQ, LK, two_segments, n_split):
+    """(BLOCK_Q, BLOCK_K) of direction 0 (direction 1 uses them swapped), or None when a
+    direction does not fit one tile."""
+    (lq0, lk0), _ = _effective_lengths(LQ, LK, two_segments, n_split)
+    return length_bucket(lq0), length_bucket(lk0)
+
+
+def uses_one_tile(LQ, LK, D, two_segments=False, n_split=0) -> bool:
+    """Whether the one-launch kernels serve this call (else the multi-launch path)."""
+    d0, d1 = _effective_lengths(LQ, LK, two_segments, n_split)
+    return one_tile_fits(*d0, D) and (d1 is None or one_tile_fits(*d1, D))
+
+
 def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale, dropout_p, seed_t,
                       two_segments=False, n_split=0):
     """Launch the forward kernel. Returns (o_blhd contiguous, lse_bhl float32).
 
     ``seed_t``: 1-element int64 tensor on the inputs' device (read by the kernel), or None
-    without dropout.
+    without dropout. Short directions take the one-tile kernel (one program per batch, head and
+    direction); longer ones the multi-block kernel with an online softmax.
     """
     B, LQ, H, D = q_blhd.shape
     LK = k_blhd.shape[1]
@@ -466,41 +665,42 @@ def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale
     lse_bhl = torch.empty((B, H, LQ), dtype=torch.float32, device=q_blhd.device)
     if B * H * LQ == 0:
         return o_blhd, lse_bhl
-    lq_eff, lk_eff = _effective_lengths(LQ, LK, two_segments, n_split)
-    kernel, meta_fn = _variant("fwd", _attn_fwd_kernel, _FWD_CONFIGS)
-    meta = meta_fn(lq_eff, lk_eff)
     mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
+    flags = _flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D)
+    args = (q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, mask,
+            *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(o_blhd), smb, smn,
+            H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), _seed_arg(seed_t, lse_bhl))
+    if uses_one_tile(LQ, LK, D, two_segments, n_split):
+        bq, bk = _one_tile_blocks(LQ, LK, two_segments, n_split)
+        grid = (B * H, 2 if two_segments else 1)
 
-    if two_segments:
-        def grid(META):
-            bm = META["BLOCK_M"]
-            return (B * H, triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm))
-    else:
-        def grid(META):
-            return (B * H, triton.cdiv(LQ, META["BLOCK_M"]))
+        def launch(cfg):
+            _attn_fwd_one_tile_kernel[grid](*args, **flags, BLOCK_Q=bq, BLOCK_K=bk, **cfg)
 
-    kernel[grid](
-        q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, mask,
-        *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(o_blhd),
-        smb, smn,
-        H, LQ, LK, n_split,
-        float(softmax_scale), float(dropout_p), _seed_arg(seed_t, lse_bhl),
-        next_pow2(lq_eff), next_pow2(lk_eff),
-        **_flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D),
-        **meta,
-    )
+        launch(_config("fwd_one_tile", q_blhd.device, bq, bk, D, q_blhd.dtype, dropout_p > 0, _flag_key(flags),
+                       launch))
+        return o_blhd, lse_bhl
+
+    lq_seg, lk_seg = (max(n_split, LQ - n_split),) * 2 if two_segments else (LQ, LK)
+
+    def launch(cfg):
+        bm = cfg["BLOCK_M"]
+        nblk = triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm) if two_segments else triton.cdiv(LQ, bm)
+        _attn_fwd_kernel[(B * H, nblk)](*args, length_bucket(lq_seg), length_bucket(lk_seg), **flags, **cfg)
+
+    launch(_config("fwd", q_blhd.device, lq_seg, lk_seg, D, q_blhd.dtype, dropout_p > 0, _flag_key(flags), launch))
     return o_blhd, lse_bhl
 
 
 def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_padding_mask_bl,
                        softmax_scale, dropout_p, seed_t, dq_blhd, dk_blhd, dv_blhd,
                        two_segments=False, n_split=0):
-    """Launch the three backward kernels, writing into the (possibly strided) dq, dk, dv.
+    """Launch the backward, writing into the (possibly strided) dq, dk, dv.
 
-    1. preprocess: delta = rowsum(dO * O)
-    2. dK, dV: one program per key block, looping over query blocks
-    3. dQ: one program per query block, looping over key blocks
-    No atomics anywhere: the result is bitwise deterministic.
+    Short directions: one launch of the one-tile kernel (dQ, dK, dV and delta in one program
+    per batch, head and direction). Longer ones: 1. preprocess delta = rowsum(dO * O),
+    2. dK, dV: one program per key block over the query blocks, 3. dQ: one program per query
+    block over the key blocks. No atomics anywhere: the result is bitwise deterministic.
     """
     B, LQ, H, D = q_blhd.shape
     LK = k_blhd.shape[1]
@@ -511,52 +711,63 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
         dk_blhd.zero_()
         dv_blhd.zero_()
         return
+    mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
+    flags = _flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D)
+    seed_arg = _seed_arg(seed_t, lse_bhl)
+    if uses_one_tile(LQ, LK, D, two_segments, n_split):
+        bq, bk = _one_tile_blocks(LQ, LK, two_segments, n_split)
+        grid = (B * H, 2 if two_segments else 1)
+
+        def launch(cfg):
+            _attn_bwd_one_tile_kernel[grid](
+                q_blhd, k_blhd, v_blhd, o_blhd, do_blhd, lse_bhl, mask, dq_blhd, dk_blhd, dv_blhd,
+                *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(o_blhd),
+                *_strides4(do_blhd), *_strides4(dq_blhd), *_strides4(dk_blhd), *_strides4(dv_blhd), smb, smn,
+                H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), seed_arg,
+                **flags, BLOCK_Q=bq, BLOCK_K=bk, **cfg,
+            )
+
+        launch(_config("bwd_one_tile", q_blhd.device, bq, bk, D, q_blhd.dtype, dropout_p > 0, _flag_key(flags),
+                       launch))
+        return
+
     delta_bhl = torch.empty((B, H, LQ), dtype=torch.float32, device=q_blhd.device)
-    pre_block = 32 if is_interpreted(_attn_bwd_preprocess_kernel) else 64
+    pre_block = 32 if INTERPRETED else 64
     _attn_bwd_preprocess_kernel[(B * H, triton.cdiv(LQ, pre_block))](
         o_blhd, do_blhd, delta_bhl, *_strides4(o_blhd), *_strides4(do_blhd), H, LQ, D=D, BLOCK_M=pre_block,
     )
-    mask, smb, smn = _mask_args(key_padding_mask_bl, q_blhd)
-    flags = _flags(q_blhd, key_padding_mask_bl, dropout_p, two_segments, D)
-    lq_eff, lk_eff = _effective_lengths(LQ, LK, two_segments, n_split)
-    common = (H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), _seed_arg(seed_t, lse_bhl),
-              next_pow2(lq_eff), next_pow2(lk_eff))
+    lq_seg, lk_seg = (max(n_split, LQ - n_split),) * 2 if two_segments else (LQ, LK)
+    common = (H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), seed_arg,
+              length_bucket(lq_seg), length_bucket(lk_seg))
 
-    kernel, meta_fn = _variant("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS)
-    meta = meta_fn(lq_eff, lk_eff)
-    if two_segments:
-        def grid_k(META):
-            bn = META["BLOCK_N"]
-            return (B * H, triton.cdiv(n_split, bn) + triton.cdiv(LK - n_split, bn))
-    else:
-        def grid_k(META):
-            return (B * H, triton.cdiv(LK, META["BLOCK_N"]))
-    kernel[grid_k](
-        q_blhd, k_blhd, v_blhd, do_blhd, lse_bhl, delta_bhl, mask, dk_blhd, dv_blhd,
-        *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(do_blhd),
-        *_strides4(dk_blhd), *_strides4(dv_blhd), smb, smn,
-        *common, **flags, **meta,
-    )
+    def launch_dkdv(cfg):
+        bn = cfg["BLOCK_N"]
+        nblk = triton.cdiv(n_split, bn) + triton.cdiv(LK - n_split, bn) if two_segments else triton.cdiv(LK, bn)
+        _attn_bwd_dkdv_kernel[(B * H, nblk)](
+            q_blhd, k_blhd, v_blhd, do_blhd, lse_bhl, delta_bhl, mask, dk_blhd, dv_blhd,
+            *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(do_blhd),
+            *_strides4(dk_blhd), *_strides4(dv_blhd), smb, smn,
+            *common, **flags, **cfg,
+        )
 
-    kernel, meta_fn = _variant("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS)
-    meta = meta_fn(lq_eff, lk_eff)
-    if two_segments:
-        def grid_q(META):
-            bm = META["BLOCK_M"]
-            return (B * H, triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm))
-    else:
-        def grid_q(META):
-            return (B * H, triton.cdiv(LQ, META["BLOCK_M"]))
-    kernel[grid_q](
-        q_blhd, k_blhd, v_blhd, do_blhd, lse_bhl, delta_bhl, mask, dq_blhd,
-        *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(do_blhd),
-        *_strides4(dq_blhd), smb, smn,
-        *common, **flags, **meta,
-    )
+    def launch_dq(cfg):
+        bm = cfg["BLOCK_M"]
+        nblk = triton.cdiv(n_split, bm) + triton.cdiv(LQ - n_split, bm) if two_segments else triton.cdiv(LQ, bm)
+        _attn_bwd_dq_kernel[(B * H, nblk)](
+            q_blhd, k_blhd, v_blhd, do_blhd, lse_bhl, delta_bhl, mask, dq_blhd,
+            *_strides4(q_blhd), *_strides4(k_blhd), *_strides4(v_blhd), *_strides4(do_blhd),
+            *_strides4(dq_blhd), smb, smn,
+            *common, **flags, **cfg,
+        )
+
+    key = _flag_key(flags)
+    launch_dkdv(_config("dkdv", q_blhd.device, lq_seg, lk_seg, D, q_blhd.dtype, dropout_p > 0, key, launch_dkdv))
+    launch_dq(_config("dq", q_blhd.device, lq_seg, lk_seg, D, q_blhd.dtype, dropout_p > 0, key, launch_dq))
 
 
 def dropout_keep_mask(seed_t, dropout_p: float, B: int, H: int, LQ: int, LK: int, device) -> torch.Tensor:
-    """The (B, H, LQ, LK) bool keep mask the attention kernels use for this seed (int64 tensor) and p."""
+    """The (B, H, LQ, LK) bool keep mask the attention kernels use for this seed (int64 tensor)
+    and p, key columns counted from the start of the key segment."""
     out = torch.empty((B, H, LQ, LK), dtype=torch.uint8, device=device)
     if out.numel() == 0:
         return out.bool()

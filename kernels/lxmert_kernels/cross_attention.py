@@ -140,12 +140,22 @@ def bidirectional_cross_attention(qkv, n_lang, key_padding_mask=None, dropout_p=
     return out
 
 
-def cross_attention_dropout_mask(seed, dropout_p: float, B: int, H: int, L: int, device="cpu"):
-    """The (B, H, L, L) bool keep mask (global query, key positions) used for ``seed`` (an int or
-    a 1-element int64 tensor).
+def cross_attention_dropout_mask(seed, dropout_p: float, B: int, H: int, L: int, device="cpu", *, n_lang: int):
+    """The (B, H, L, L) bool keep mask, indexed by global (query, key) positions, that
+    :func:`bidirectional_cross_attention` applies for ``seed`` (an int or a 1-element int64
+    tensor) and the split ``n_lang``.
 
-    Only the blocks [:n_lang, n_lang:] and [n_lang:, :n_lang] are used by the op.
+    Only the blocks [:n_lang, n_lang:] and [n_lang:, :n_lang] are used by the op. The kernels
+    count key columns from the start of the key segment (so a mask group of 8 columns never
+    straddles the split), hence ``n_lang`` is needed to place them.
     """
     device = torch.device(device)
     check_device(core.INTERPRETED, torch.empty(0, device=device))
-    return core.dropout_keep_mask(as_seed_tensor(seed, device), float(dropout_p), B, H, L, L, device)
+    n_lang = operator.index(n_lang)
+    if not 0 <= n_lang <= L:
+        raise ValueError(f"lxmert_kernels.cross_attention_dropout_mask: n_lang must be in [0, {L}], got {n_lang}")
+    seed_t = as_seed_tensor(seed, device)
+    keep = torch.empty((B, H, L, L), dtype=torch.bool, device=device)
+    keep[..., n_lang:] = core.dropout_keep_mask(seed_t, float(dropout_p), B, H, L, L - n_lang, device)
+    keep[..., :n_lang] = core.dropout_keep_mask(seed_t, float(dropout_p), B, H, L, n_lang, device)
+    return keep

@@ -115,7 +115,7 @@ def test_dropout_same_mask_and_determinism():
     qkv, dout = qkv.to(DEVICE), dout.to(DEVICE)
     f = lambda x: lk.bidirectional_cross_attention(x, nl, mask, dropout_p=p, seed=seed)  # noqa: E731
     ours, (g,) = grads_of(f, [leaf(qkv)], dout)
-    keep = lk.cross_attention_dropout_mask(seed, p, B, H, nl + nv, device=DEVICE)
+    keep = lk.cross_attention_dropout_mask(seed, p, B, H, nl + nv, device=DEVICE, n_lang=nl)
     ref, (rg,) = grads_of(lambda x: cross_attention_ref(x, nl, mask, p, keep, compute_dtype=REF_DTYPE),
                           [leaf(qkv, REF_DTYPE)], dout)
     check("out", ours, ref)

@@ -1,136 +1,276 @@
-"""Compile every kernel variant for a GPU target without a GPU (frontend + ptxas).
+"""Compile the kernels for a GPU target without a GPU, exactly as a real launch specialises them.
 
-    python kernels/tools/compile_check.py [--arch 90] [--quick]
+    python kernels/tools/compile_check.py [--arch 90] [--quick]      # compile every variant, ok/FAIL lines
+    python kernels/tools/compile_check.py --report [--space]         # one JSON line per variant (sm_90 figures)
 
-Catches what the interpreter does not: type errors of the compiled language, shared-memory
-overflow at the autotune configs, unsupported ops. Needs TRITON_INTERPRET unset.
+How: the host code of each op runs on ``meta`` tensors at the LXMERT base-config shapes
+(B=64, H=12, D=64, 20 words + 36 objects, hidden 768, FFN 3072) with ``JITFunction.run``
+replaced by a recorder, so every launch the op would make (kernel, arguments, constexprs,
+warps, stages) is captured without a device. Each launch is then specialised as Triton's
+launcher does (pointers 16-byte aligned, integers divisible by 16 get divisibility hints,
+integers equal to 1 become constexpr, ``do_not_specialize`` respected) and compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. The report runs the
+ptxas / cuobjdump bundled with Triton on the result: registers, spill bytes, shared memory,
+SASS instruction count. ``--space`` adds every autotuning candidate (``heuristic: false``).
+
+Needs TRITON_INTERPRET unset and Triton's CUDA backend (ptxas ships in the triton wheel).
 """
 from __future__ import annotations
 
 import argparse
-import inspect
-import itertools
+import contextlib
+import importlib
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_check: unset TRITON_INTERPRET")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
 
+import torch  # noqa: E402
 import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
+import lxmert_kernels  # noqa: E402,F401
 from lxmert_kernels import _attention_core as core  # noqa: E402
-import importlib  # noqa: E402
+from lxmert_kernels import _common  # noqa: E402
 
-# the package re-exports functions named like these modules: import the modules themselves
-gelu = importlib.import_module("lxmert_kernels.gelu")
-layer_norm = importlib.import_module("lxmert_kernels.layer_norm")
+ln = importlib.import_module("lxmert_kernels.layer_norm")
+ge = importlib.import_module("lxmert_kernels.gelu")
 
-PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+H200_SMS = 132
+BASE = dict(B=64, H=12, D=64, n_lang=20, n_vis=36, hidden=768, ffn=3072)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def signature(kernel, pointer_types, constexprs, floats=()):
-    """Build an ASTSource signature: pointers from ``pointer_types`` (name -> type), constexprs
-    from ``constexprs``, named floats as fp32, everything else i32."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointer_types:
-            sig[name] = pointer_types[name]
-        elif name == "SEED":
-            sig[name] = "*i64"  # the dropout seed is read from a device tensor
-        elif name in floats:
-            sig[name] = "fp32"
+# ----------------------------------------------------------------------------------------------
+# capture launches
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def recording():
+    """Replace JITFunction.run by a recorder; yields the list of (kernel, args, kwargs, grid)."""
+    launches = []
+    real_run = JITFunction.run
+    real_hint = _common.num_programs_hint
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs, grid))
+
+    JITFunction.run = record
+    for mod in (_common, ln, ge):
+        if hasattr(mod, "num_programs_hint"):
+            mod.num_programs_hint = lambda device, interpreted: 4 * H200_SMS
+    try:
+        yield launches
+    finally:
+        JITFunction.run = real_run
+        for mod in (_common, ln, ge):
+            if hasattr(mod, "num_programs_hint"):
+                mod.num_programs_hint = real_hint
+
+
+def specialise(kernel, args, kwargs):
+    """(signature, constexprs, attrs, options) as Triton's launcher builds them for this call."""
+    params = kernel.params
+    names = [p.name for p in params]
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(params):
+        value = bound[p.name] if p.name in bound else p.default
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = value
+            continue
+        ty, key = native_specialize_impl(CUDABackend, value, False, not p.do_not_specialize,
+                                         not p.do_not_specialize_on_alignment)
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = key
+        elif isinstance(key, str):
+            attrs[(i,)] = CUDABackend.parse_attr(key)
+    options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(kernel, args, kwargs, arch):
+    signature, constexprs, attrs, options = specialise(kernel, args, kwargs)
+    src = ASTSource(kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options), options
+
+
+# ----------------------------------------------------------------------------------------------
+# figures from the bundled ptxas / cuobjdump
+# ----------------------------------------------------------------------------------------------
+def _tool(name, arch):
+    """The ptxas Triton itself uses for ``arch`` (its PTX version needs it), and the bundled cuobjdump."""
+    from triton import knobs
+    if name == "ptxas":
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    return getattr(knobs.nvidia, name).path
+
+
+def figures(compiled, arch):
+    """regs, spill bytes (stores + loads), smem bytes, SASS instruction count of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        res = subprocess.run([_tool("ptxas", arch), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", ptx,
+                              "-o", os.path.join(tmp, "again.cubin")], capture_output=True, text=True)
+        log = res.stdout + res.stderr
+        sass = subprocess.run([_tool("cuobjdump", arch), "-sass", cubin], capture_output=True, text=True).stdout
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.M))
+    return dict(regs=regs, spill_bytes=spill, smem_bytes=compiled.metadata.shared, sass_instructions=n_sass)
+
+
+# ----------------------------------------------------------------------------------------------
+# the scenarios: host code of every op at the base-config shapes
+# ----------------------------------------------------------------------------------------------
+def _meta(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def scenarios(dtypes, dims, quick):
+    """Yield (label, lengths (Lq, Lk) per direction or None, thunk running the op's host code)."""
+    B, H = BASE["B"], BASE["H"]
+    nl, nv = BASE["n_lang"], BASE["n_vis"]
+    for dt in dtypes:
+        dtype = DTYPES[dt]
+        for D in dims:
+            for p in ((0.1,) if quick else (0.0, 0.1)):
+                seed = None if p == 0.0 else torch.empty(1, dtype=torch.int64, device="meta")
+                scale = D ** -0.5
+
+                def cross(p=p, seed=seed, D=D, dtype=dtype):
+                    L = nl + nv
+                    qkv = _meta(B, L, 3, H, D, dtype=dtype)
+                    mask = _meta(B, L, dtype=torch.bool)
+                    q, k, v = qkv.unbind(2)
+                    o, lse = core.attention_forward(q, k, v, mask, scale, p, seed, two_segments=True, n_split=nl)
+                    d = _meta(B, L, 3, H, D, dtype=dtype)
+                    core.attention_backward(o, q, k, v, o, lse, mask, scale, p, seed, *d.unbind(2),
+                                            two_segments=True, n_split=nl)
+
+                yield f"cross {nl}+{nv} {dt} D={D} p={p}", [(nl, nv), (nv, nl)], cross
+                for L, masked in ((nl, True), (nv, False)):
+                    def self_attn(p=p, seed=seed, D=D, dtype=dtype, L=L, masked=masked):
+                        qkv = _meta(B, L, 3, H, D, dtype=dtype)
+                        mask = _meta(B, L, dtype=torch.bool) if masked else None
+                        q, k, v = qkv.unbind(2)
+                        o, lse = core.attention_forward(q, k, v, mask, scale, p, seed)
+                        d = _meta(B, L, 3, H, D, dtype=dtype)
+                        core.attention_backward(o, q, k, v, o, lse, mask, scale, p, seed, *d.unbind(2))
+
+                    yield f"self {L}x{L} {dt} D={D} p={p} mask={masked}", [(L, L)], self_attn
+        for p in ((0.1,) if quick else (0.0, 0.1)):
+            def layer_norm(p=p, dtype=dtype):
+                x = _meta(B, nl + nv, BASE["hidden"], dtype=dtype)
+                w = _meta(BASE["hidden"], dtype=torch.float32)
+                seed = None if p == 0.0 else torch.empty(1, dtype=torch.int64, device="meta")
+                y, mean, rstd = ln._ln_forward(x, w, w, x, seed, 1e-12, p)
+                ln._ln_backward(y, x, w, w, x, mean, rstd, seed, p)
+
+            yield f"layer_norm {dt} N={BASE['hidden']} p={p}", None, layer_norm
+
+        def gelu(dtype=dtype):
+            x = _meta(B, nl + nv, BASE["ffn"], dtype=dtype)
+            b = _meta(BASE["ffn"], dtype=dtype)
+            ge._gelu_forward(x, b)
+            ge._gelu_backward(x, x, b)
+
+        yield f"bias_gelu {dt} N={BASE['ffn']}", None, gelu
+
+
+def useful_fraction(kernel_name, constexprs_by_name, lengths):
+    """Fraction of the (query, key) score tile elements that are real work, summed over the
+    directions of the launch (None for non-attention kernels)."""
+    c = constexprs_by_name
+    if lengths is None or not ({"BLOCK_M", "BLOCK_N"} <= set(c) or "BLOCK_Q" in c):
+        return None
+    real = tiles = 0
+    for i, (lq, lk) in enumerate(lengths):
+        if "BLOCK_Q" in c:  # one tile per direction (short kernels); BLOCK_Q/BLOCK_K per direction
+            bq = c["BLOCK_Q"] if i == 0 else c.get("BLOCK_Q2", c["BLOCK_Q"])
+            bk = c["BLOCK_K"] if i == 0 else c.get("BLOCK_K2", c["BLOCK_K"])
+            tiles += bq * bk * triton.cdiv(lq, bq) * triton.cdiv(lk, bk)
         else:
-            sig[name] = "i32"
-    return sig
+            bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+            tiles += bm * bn * triton.cdiv(lq, bm) * triton.cdiv(lk, bn)
+        real += lq * lk
+    return round(real / tiles, 3)
 
 
-def compile_one(kernel, pointer_types, constexprs, floats, num_warps, num_stages, arch):
-    sig = signature(kernel, pointer_types, constexprs, floats)
-    src = ASTSource(kernel, signature=sig, constexprs=constexprs)
-    out = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                         options={"num_warps": num_warps, "num_stages": num_stages})
-    return out.metadata.shared
+def autotune_space(kernel):
+    """Candidate configs of a kernel when the package declares them (``heuristic: false`` rows)."""
+    space = getattr(core, "autotune_candidates", None)
+    return space(kernel) if space is not None else []
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--quick", action="store_true", help="one config per kernel, fewer flag combinations")
+    ap.add_argument("--quick", action="store_true", help="bf16, D=64, dropout on: the production variants only")
+    ap.add_argument("--report", action="store_true", help="one JSON line per variant with ptxas/cuobjdump figures")
+    ap.add_argument("--space", action="store_true", help="with --report: every autotuning candidate too")
     args = ap.parse_args()
-    n = 0
+    dtypes = ["bf16"] if (args.quick or args.report) else ["bf16", "fp16", "fp32"]
+    dims = [64] if (args.quick or args.report) else [32, 64, 128]
     t0 = time.time()
-    failures = []
-
-    def run(label, *a):
-        nonlocal n
-        try:
-            shared = compile_one(*a, arch=args.arch)
-            n += 1
-            print(f"ok   {label}  shared={shared}")
-        except Exception as e:  # noqa: BLE001
-            failures.append(label)
-            print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}")
-
-    dtypes = ["bf16"] if args.quick else ["fp16", "bf16", "fp32"]
-    dims = [64] if args.quick else [32, 64, 128]
-    attn = [
-        ("fwd", core._attn_fwd_kernel, core._FWD_CONFIGS, ["Q", "K", "V", "O"]),
-        ("dkdv", core._attn_bwd_dkdv_kernel, core._DKDV_CONFIGS, ["Q", "K", "V", "DO", "DK", "DV"]),
-        ("dq", core._attn_bwd_dq_kernel, core._DQ_CONFIGS, ["Q", "K", "V", "DO", "DQ"]),
-    ]
-    # (dtype, D, (TWO_SEGMENTS, HAS_MASK, HAS_DROPOUT), every autotune config?)
-    if args.quick:
-        combos = [("bf16", 64, (False, True, False), False), ("bf16", 64, (True, True, True), False)]
-    else:
-        combos = [("bf16", 64, (True, True, True), True),      # production path, all configs
-                  ("fp32", 128, (False, True, True), True),    # largest tiles in shared memory
-                  ("fp16", 128, (False, False, False), True)]
-        flag_sets = [(False, False, False), (False, True, True), (True, True, False)]
-        combos += [(dt, D, f, False) for dt in dtypes for D in dims for f in flag_sets]
-    for name, kernel, configs, data_ptrs in attn:
-        for dt, D, (two, has_mask, has_drop), all_cfgs in combos:
-            ptrs = {p: PTR[dt] for p in data_ptrs}
-            ptrs.update(LSE="*fp32", DELTA="*fp32", MASK="*u8")
-            for bm, bn, w, s in (configs if all_cfgs else configs[-1:]):
-                const = dict(D=D, TWO_SEGMENTS=two, HAS_MASK=has_mask, HAS_DROPOUT=has_drop,
-                             COMPUTE_F32=dt == "fp32", IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn)
-                run(f"{name} {dt} D={D} two={two} mask={has_mask} drop={has_drop} cfg={bm},{bn},{w},{s}",
-                    kernel, ptrs, const, ("softmax_scale", "dropout_p"), w, s)
-    for dt, D in itertools.product(dtypes, dims):
-        run(f"bwd_preprocess {dt} D={D}", core._attn_bwd_preprocess_kernel,
-            {"O": PTR[dt], "DO": PTR[dt], "DELTA": "*fp32"}, dict(D=D, BLOCK_M=64), (), 4, 2)
-    run("dropout_mask", core._attn_dropout_mask_kernel, {"OUT": "*u8"}, dict(BLOCK_M=32, BLOCK_N=32),
-        ("dropout_p",), 4, 2)
-
-    for dt in dtypes:
-        for N in ([768] if args.quick else [48, 768, 4096, 8192]):
-            bm, bn, launch = layer_norm._launch_params(N, False)
-            w = launch["num_warps"]
-            for has_res, has_drop in ([(True, True)] if args.quick else [(False, False), (True, True)]):
-                const = dict(HAS_RES=has_res, HAS_DROPOUT=has_drop, BLOCK_M=bm, BLOCK_N=bn)
-                run(f"ln_fwd {dt} N={N} res={has_res} drop={has_drop}", layer_norm._ln_fwd_kernel,
-                    {"X": PTR[dt], "RES": PTR[dt], "W": "*fp32", "B": "*fp32", "Y": PTR[dt],
-                     "MEAN": "*fp32", "RSTD": "*fp32"}, const, ("eps", "dropout_p"), w, 2)
-                run(f"ln_bwd {dt} N={N} res={has_res} drop={has_drop}", layer_norm._ln_bwd_kernel,
-                    {"DY": PTR[dt], "X": PTR[dt], "RES": PTR[dt], "W": PTR[dt], "MEAN": "*fp32", "RSTD": "*fp32",
-                     "DX": PTR[dt], "DRES": PTR[dt], "DW_PART": "*fp32", "DB_PART": "*fp32"},
-                    const, ("dropout_p",), w, 2)
-        run(f"bias_gelu_fwd {dt}", gelu._bias_gelu_fwd_kernel, {"X": PTR[dt], "BIAS": PTR[dt], "Y": PTR[dt]},
-            dict(BLOCK_M=8, BLOCK_N=256), (), 4, 2)
-        run(f"bias_gelu_bwd {dt}", gelu._bias_gelu_bwd_kernel,
-            {"DY": PTR[dt], "X": PTR[dt], "BIAS": PTR[dt], "DX": PTR[dt], "DB_PART": "*fp32"},
-            dict(BLOCK_M=32, BLOCK_N=256), (), 8, 2)
-    run("ln_dropout_mask", layer_norm._ln_dropout_mask_kernel, {"OUT": "*u8"}, dict(BLOCK_M=4, BLOCK_N=1024),
-        ("dropout_p",), 4, 2)
-
-    print(f"{n} variants compiled for sm_{args.arch}, {len(failures)} failed, {time.time() - t0:.0f}s")
+    n, failures, seen = 0, [], set()
+    for label, lengths, thunk in scenarios(dtypes, dims, args.quick):
+        with recording() as launches:
+            thunk()
+        for kernel, kargs, kwargs, grid in launches:
+            variants = [(kwargs, True)]
+            if args.space:
+                variants += [({**kwargs, **cfg}, False) for cfg in autotune_space(kernel)]
+            for kw, heuristic in variants:
+                sig, constexprs, _, options = specialise(kernel, kargs, kw)
+                by_name = {kernel.params[i[0]].name: v for i, v in constexprs.items()}
+                config = {k: v for k, v in by_name.items() if k.startswith("BLOCK")}
+                config.update(options)
+                key = (kernel.__name__, json.dumps(sorted(by_name.items()), default=str), json.dumps(options))
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    compiled, _ = compile_launch(kernel, kargs, kw, args.arch)
+                    n += 1
+                except Exception as e:  # noqa: BLE001
+                    failures.append(f"{label} {kernel.__name__} {config}")
+                    print(f"FAIL {label} {kernel.__name__} {config}: {type(e).__name__}: {str(e)[:2000]}")
+                    continue
+                if args.report:
+                    row = dict(kernel=kernel.__name__, scenario=label, config=config, heuristic=heuristic,
+                               flags={k: v for k, v in by_name.items() if k.isupper() and not k.startswith("BLOCK")},
+                               **figures(compiled, args.arch))
+                    frac = useful_fraction(kernel.__name__, by_name, lengths)
+                    if frac is not None:
+                        row["useful_fraction"] = frac
+                    print(json.dumps(row), flush=True)
+                else:
+                    print(f"ok   {label} {kernel.__name__} {config}  shared={compiled.metadata.shared}")
+    print(f"{n} variants compiled for sm_{args.arch} (triton {triton.__version__}), {len(failures)} failed, "
+          f"{time.time() - t0:.0f}s", file=sys.stderr if args.report else sys.stdout)
     sys.exit(1 if failures else 0)
 
 

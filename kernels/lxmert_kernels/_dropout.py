@@ -1,0 +1,70 @@
+"""Cheap dropout masks: one Philox call per 8 elements, 16-bit thresholds, 96-bit counters.
+
+``tl.rand`` runs a full Philox-4x32-10 per element and keeps one of its four 32-bit outputs.
+Here one Philox call gives 4 x 32 = 128 random bits, cut into eight 16-bit numbers, one per
+element of a group of 8 consecutive columns:
+
+    keep(c0 = column // 8, c1, c2, c3)[column % 8] = u16 >= round(65536 * p)
+
+The counter (c0, c1, c2, c3) is four 32-bit words, so no offset is ever multiplied into one
+integer that could wrap: attention uses (key group, query row, batch * heads + head, 0), the
+LayerNorm (column group, row low word, row high word, 1). A mask element depends only on the
+seed and its indices, never on a tile size, so every kernel (forward, backward, the mask
+helpers) regenerates the same mask whatever its block sizes, provided a tile's first column is
+a multiple of 8. The keep probability is ``1 - round(65536 p) / 65536`` (within 2**-17 of
+``1 - p``); kept values are scaled by ``1 / (1 - p)``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+GROUP = 8  # columns per Philox call
+
+
+@triton.jit
+def _halves(r):
+    """(low 16 bits, high 16 bits) of uint32 words."""
+    return r & 0xFFFF, r >> 16
+
+
+@triton.jit
+def keep_tile(seed, c1, c2, c3, col_start, dropout_p, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Boolean (ROWS, COLS) keep mask for columns [col_start, col_start + COLS).
+
+    seed: int64 scalar (loaded from the seed tensor); c1: (ROWS,) row words (any int type, the
+    low 32 bits count); c2, c3: uint32 scalars / (ROWS, 1) uint32 tensors or int literals;
+    col_start: a multiple of 8; COLS a multiple of 8.
+    """
+    G: tl.constexpr = COLS // 8
+    groups = (col_start // 8 + tl.arange(0, G)).to(tl.uint32)
+    zero = tl.zeros([ROWS, G], dtype=tl.uint32)
+    c0 = zero + groups[None, :]
+    w1 = zero + c1.to(tl.uint32)[:, None]
+    w2 = zero + c2
+    w3 = zero + c3
+    r0, r1, r2, r3 = tl.philox(seed, c0, w1, w2, w3)
+    a0, a1 = _halves(r0)
+    b0, b1 = _halves(r1)
+    d0, d1 = _halves(r2)
+    e0, e1 = _halves(r3)
+    # (ROWS, G, 2, 2, 2) -> (ROWS, COLS): one fixed order of the eight values of each group
+    u = tl.join(tl.join(tl.join(a0, a1), tl.join(b0, b1)), tl.join(tl.join(d0, d1), tl.join(e0, e1)))
+    u = tl.reshape(u, (ROWS, COLS))
+    thresh = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)
+    return u >= thresh
+
+
+@triton.jit
+def attention_keep(seed, bh, rows, col_start, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attention keep mask (BLOCK_M, BLOCK_N): query rows ``rows`` (global), key columns
+    [col_start, col_start + BLOCK_N) counted inside the key segment, program ``bh`` = b * H + h."""
+    return keep_tile(seed, rows, bh.to(tl.uint32), 0, col_start, dropout_p, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def layer_norm_keep(seed, rows, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """LayerNorm keep mask (BLOCK_M, BLOCK_N) for int64 ``rows`` and columns [0, BLOCK_N)."""
+    rows64 = rows.to(tl.int64)
+    return keep_tile(seed, (rows64 & 0xFFFFFFFF).to(tl.uint32), (rows64 >> 32).to(tl.uint32)[:, None], 1, 0,
+                     dropout_p, BLOCK_M, BLOCK_N)
