@@ -96,6 +96,8 @@ class Variant:
     mlm_decoder: str = "masked"    # masked | all
     group: str = "main"            # main | ablation
     note: str = ""
+    compile_mode: Optional[str] = None  # torch.compile mode of this variant (None: Settings.compile_mode)
+    fullgraph: bool = False        # torch.compile(fullgraph=True): a graph break is an error
 
     def describe(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("name", "note")}
@@ -227,9 +229,45 @@ def model_kwargs(batch: dict, dtype: Optional[torch.dtype] = None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- availability
+def deepspeed_import_error() -> Optional[str]:
+    """None when deepspeed imports here, else why not (the GPU machine has it only from carried wheels)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as err:  # noqa: BLE001  (ImportError, or a broken install raising anything)
+        return short_error(err)
+    return None
+
+
+def without_deepspeed(v: Variant) -> Variant:
+    """The same model without the DeepSpeed engine: the peer's plain loop (autocast bf16 on GPU) with
+    torch's fused AdamW, labelled so (what the variants run as when deepspeed does not import)."""
+    return replace(v, kind="ours_plain", optimizer="torch_fused",
+                   note=(v.note + "; " if v.note else "") + "no DeepSpeed: plain loop + torch fused AdamW")
+
+
+def compile_mode_of(v: Variant, s: Settings) -> Optional[str]:
+    return v.compile_mode if v.compile_mode is not None else s.compile_mode
+
+
+def compile_model(model, v: Variant, s: Settings):
+    """torch.compile of `model` as the variant asks (mode, fullgraph); returns the callable to use.
+    The 'eager' backend (dynamo only, for CPU smoke runs) takes no mode."""
+    mode = compile_mode_of(v, s)
+    kw = {"backend": s.compile_backend, "fullgraph": v.fullgraph}
+    if s.compile_backend == "inductor" and mode not in (None, "default"):
+        kw["mode"] = mode
+    return torch.compile(model, **kw)
+
+
 def unavailable_reason(v: Variant, s: Settings) -> Optional[str]:
     if v.kind == "hf":
         return None
+    if v.kind == "ours":
+        err = deepspeed_import_error()
+        if err:
+            return f"deepspeed is not importable ({err})"
     if (v.backend == "triton" or v.kernels == "triton") and not s.cuda:
         return "triton on CPU runs in the Triton interpreter, which is not a benchmark"
     if v.backend == "flash_attn":
@@ -243,7 +281,7 @@ def unavailable_reason(v: Variant, s: Settings) -> Optional[str]:
             return f"flash_attn is not importable: {short_error(err)}"
     if v.optimizer == "ds_fused" and not s.cuda:
         return "optimizer ds_fused needs CUDA"
-    if v.optimizer == "torch_fused" and not s.cuda:
+    if v.optimizer == "torch_fused" and not s.cuda and v.group == "ablation":
         return "torch fused AdamW is the default on CPU (cpu.json): the same thing as the reference"
     if (v.masking == "host" or v.copy == "pageable") and not s.cuda:
         return "host masking / copies are the same thing as the default on CPU"
@@ -268,14 +306,17 @@ class HFTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         kw = {"fused": True} if v.optimizer == "torch_fused" else {}
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, **kw)
-        self.forward = (torch.compile(model, backend=s.compile_backend, mode=s.compile_mode) if v.compile
-                        else model)
+        self.forward = compile_model(model, v, s) if v.compile else model
+        # CUDA graphs (reduce-overhead): each step begins a new generation of the graphs' outputs
+        self.mark_step = v.compile and compile_mode_of(v, s) == "reduce-overhead" and s.cuda
         self.cuda = s.cuda
         self.accum = accum
         self.zero_stage = None
         self.loss = None
 
     def micro_step(self, batch: dict, last: bool, probe: MemoryProbe) -> None:
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             loss = self.forward(**model_kwargs(batch)).loss
         probe.sample()
@@ -331,7 +372,11 @@ class OursTrainer:
         model.train()
         cfg = ds_config(s, v, s.world_size)
         if v.compile:
-            model.compile(backend=s.compile_backend, mode=s.compile_mode)  # nn.Module.compile: in place, parameter names unchanged
+            # The forward method, not the module: DeepSpeed registers forward hooks on the module (its
+            # throughput timer calls time.time()), which fullgraph=True would refuse to trace; compiled
+            # this way they run eagerly around the compiled forward. Parameter names stay unchanged.
+            model.forward = compile_model(model.forward, v, s)
+        self.mark_step = v.compile and compile_mode_of(v, s) == "reduce-overhead" and s.cuda
         self.engine = initialize(model, cfg)
         if self.engine.train_batch_size() != s.batch or self.engine.gradient_accumulation_steps() != accum:
             raise RuntimeError(f"engine batch {self.engine.train_batch_size()} / accumulation "
@@ -347,6 +392,8 @@ class OursTrainer:
         kw = model_kwargs(batch, self.dtype)
         if self.all_logits:
             kw["output_prediction_logits"] = True
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = self.engine(**kw).loss
         probe.sample()
         self.engine.backward(loss)
@@ -370,8 +417,12 @@ class OursTrainer:
 def base_row(v: Variant, s: Settings, peak_tflops: Optional[float]) -> dict:
     world = s.world_size if v.kind == "ours" else 1
     config = model_config(s.preset, v.backend, v.kernels)
-    framework = {"hf": "transformers, torch.optim.AdamW", "ours": "DeepSpeed (GPU: ZeRO-2; CPU: no ZeRO, fused AdamW)",
-                 "ours_plain": "plain PyTorch loop (as the peer's), torch.optim.AdamW"}[v.kind]
+    adamw = "torch fused AdamW" if v.optimizer == "torch_fused" else "torch.optim.AdamW"
+    framework = {"hf": f"transformers, {adamw}",
+                 "ours": "DeepSpeed (GPU: zero2.json, ZeRO-2 bf16; CPU: cpu.json, no ZeRO, fp32) with "
+                         + ("DeepSpeed FusedAdam" if v.optimizer == "ds_fused" else
+                            "torch fused AdamW" if (v.optimizer == "torch_fused" or not s.cuda) else "torch AdamW"),
+                 "ours_plain": f"plain PyTorch loop (as the peer's, autocast bf16 on GPU), {adamw}"}[v.kind]
     return {
         "part": "e2e", "variant": v.name, **v.describe(), "note": v.note,
         "precision": s.precision, "preset": s.preset, "batch": s.batch, "micro_batch": s.micro_batch,
@@ -383,6 +434,8 @@ def base_row(v: Variant, s: Settings, peak_tflops: Optional[float]) -> dict:
         "peak_tflops_measured": peak_tflops,
         "framework": framework,
         "compile_backend": s.compile_backend if v.compile else None,
+        "compile_mode": (compile_mode_of(v, s) or "default") if v.compile else None,
+        "fullgraph": v.fullgraph if v.compile else None,
         "timing": "cuda events" if s.cuda else "perf_counter",
     }
 

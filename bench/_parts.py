@@ -24,8 +24,6 @@ def run_kernels(out: Path, quick: bool, env: dict, log=print, batches=None, use_
     (batch 1, 2 heads, one timed run), marked "interpreter smoke test", never a measurement."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("LXMERT_KERNELS_AUTOTUNE", "0")  # autotuning in the interpreter is pointless
     import bench_kernels as bk
 
     path = out / "bench_kernels.jsonl"

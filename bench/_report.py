@@ -143,8 +143,14 @@ def md_table(header, body) -> str:
     return "\n".join(lines)
 
 
-def kernel_summary(rows: list[dict]) -> list[list[str]]:
-    """Per op / mode / shape / dropout: ours' ms, the fastest peer and ours' speed-up over it."""
+def is_peer(r: dict) -> bool:
+    """A kernel row that competes with ours (not ours, not a bandwidth reference such as a copy)."""
+    return not str(r.get("impl", "")).startswith("ours") and not r.get("reference")
+
+
+def kernel_summary(rows: list[dict], with_copy: bool = False) -> list[list[str]]:
+    """Per op / mode / shape / dropout: ours' ms, the fastest peer and ours' speed-up over it; with_copy:
+    also the copy of the same bytes' time over ours' (1.0 = ours moves its bytes at copy speed)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("part") == "kernels":
@@ -153,14 +159,17 @@ def kernel_summary(rows: list[dict]) -> list[list[str]]:
     out = []
     for key, rs in groups.items():
         ours = [r for r in rs if str(r.get("impl", "")).startswith("ours") and r.get("ms")]
-        peers = [r for r in rs if not str(r.get("impl", "")).startswith("ours") and r.get("ms")]
+        peers = [r for r in rs if is_peer(r) and r.get("ms")]
+        copy = next((r for r in rs if r.get("reference") == "copy" and r.get("ms")), None)
+        tail = [(_f(copy["ms"] / ours[0]["ms"], "{:.0%}") if copy and ours else "-")] if with_copy else []
         if not ours:
-            out.append([*map(str, key), "failed", "-", "-", "-"])
+            why = next((r.get("error") for r in rs if str(r.get("impl", "")).startswith("ours")), None)
+            out.append([*map(str, key), "failed" + (f": {why[:60]}" if why else ""), "-", "-", "-", *tail])
             continue
         best = min(peers, key=lambda r: r["ms"]) if peers else None
         out.append([*map(str, key), _f(ours[0]["ms"], "{:.4g}"), best["impl"] if best else "-",
                     _f(best["ms"], "{:.4g}") if best else "-",
-                    _f(best["ms"] / ours[0]["ms"], "{:.2f}x") if best else "-"])
+                    _f(best["ms"] / ours[0]["ms"], "{:.2f}x") if best else "-", *tail])
     return out
 
 
@@ -308,7 +317,7 @@ def plots(out: Path, rows: list[dict], env: dict) -> tuple[list[str], str | None
             groups.setdefault((r["op"], r["mode"], r.get("shape"), r.get("dropout"), r.get("dtype")), []).append(r)
         for (op, mode, shape, dropout, _dt), rs in groups.items():
             ours = [r for r in rs if str(r["impl"]).startswith("ours")]
-            peers = [r for r in rs if not str(r["impl"]).startswith("ours")]
+            peers = [r for r in rs if is_peer(r)]
             if not ours or not peers or ours[0].get("batch") is None:
                 continue
             length = f" L{shape.split('L')[1].split()[0]}" if op == "self_attention" and "L" in str(shape) else ""

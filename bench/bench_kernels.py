@@ -88,14 +88,28 @@ def environment() -> dict:
 # ----------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------
+_L2_FLUSH: dict = {}
+
+
+def _flush_l2() -> None:
+    """Overwrite a buffer larger than the L2 (60 MB on an H200) before each timed run, so an op whose
+    inputs would fit there is timed reading them from memory, as in a training step (as do_bench)."""
+    buf = _L2_FLUSH.get("buf")
+    if buf is None:
+        buf = _L2_FLUSH["buf"] = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    buf.zero_()
+
+
 def median_ms(fn, warmup: int, reps: int) -> float:
-    """Median wall time of fn() in ms: CUDA events around each run, or a synchronised clock."""
+    """Median wall time of fn() in ms: CUDA events around each run (the L2 flushed before each, outside
+    the events), or a synchronised clock."""
     for _ in range(warmup):
         fn()
     times = []
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         for _ in range(reps):
+            _flush_l2()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -161,11 +175,21 @@ def _sdpa(q_blhd, k_blhd, v_blhd, mask_bl, dropout_p):
 # benchmark groups
 # ----------------------------------------------------------------------------------------------
 class Recorder:
-    def __init__(self, env, warmup, reps):
-        self.env, self.warmup, self.reps, self.rows = env, warmup, reps, []
+    """Times implementations and keeps a row per measurement. on_row(row): called as soon as each row
+    is measured (the GPU check appends it to its JSONL file there and then). sdpa_backends: which
+    forced SDPA backends to time besides the automatic choice (None: all this torch knows)."""
 
-    def measure(self, group: dict, impl: str, fn, work: dict | None = None, ctx=None):
-        row = dict(self.env, **group, impl=impl)
+    def __init__(self, env, warmup, reps, on_row=None, sdpa_backends=None):
+        self.env, self.warmup, self.reps, self.rows = env, warmup, reps, []
+        self.on_row = on_row
+        self.sdpa_backends = sdpa_backends
+
+    def sdpa(self):
+        both = _sdpa_backends()
+        return {k: v for k, v in both.items() if self.sdpa_backends is None or k in self.sdpa_backends}
+
+    def measure(self, group: dict, impl: str, fn, work: dict | None = None, ctx=None, **extra):
+        row = dict(self.env, **group, impl=impl, **extra)
         try:
             if ctx is not None:
                 with ctx():
@@ -181,6 +205,8 @@ class Recorder:
             row["ms"] = None
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
         return row
 
 
@@ -216,7 +242,9 @@ def bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads
                     rec.measure(group, "ours flash_attention",
                                 _step(lambda: lk.flash_attention(q, k, v, mask, dropout_p=p), [qkv], dout, mode),
                                 {"flops": fl})
-                    for name, ctx in _sdpa_backends().items():
+                    rec.measure(group, "sdpa (auto backend)",
+                                _step(lambda: _sdpa(q, k, v, mask, p), [qkv], dout, mode), {"flops": fl})
+                    for name, ctx in rec.sdpa().items():
                         rec.measure(group, f"sdpa {name}",
                                     _step(lambda: _sdpa(q, k, v, mask, p), [qkv], dout, mode), {"flops": fl}, ctx)
                     if flash_attn_func is not None and mask is None:
@@ -254,7 +282,7 @@ def bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads=HEA
                                   dout, mode), {"flops": fl})
                 rec.measure(group, "2 x sdpa (auto backend)", _step(lambda: two_sdpa(p), [qkv], dout, mode),
                             {"flops": fl})
-                for name, ctx in _sdpa_backends().items():
+                for name, ctx in rec.sdpa().items():
                     rec.measure(group, f"2 x sdpa {name}", _step(lambda: two_sdpa(p), [qkv], dout, mode),
                                 {"flops": fl}, ctx)
                 _finish_group(rec.rows[start:])
@@ -267,6 +295,15 @@ def _compiled(fn, use_compile):
         return torch.compile(fn, dynamic=False)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _measure_copy(rec, group: dict, nbytes: int, device) -> None:
+    """The bandwidth reference of an elementwise op: a device copy moving the same bytes (nbytes / 2
+    read, nbytes / 2 written). Not a peer (reference="copy"): ours' time over it says how close the
+    kernel comes to the memory's speed."""
+    src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    rec.measure(group, "copy (same bytes)", lambda: dst.copy_(src), {"bytes": nbytes}, reference="copy")
 
 
 def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile):
@@ -294,6 +331,7 @@ def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile):
             rec.measure(group, "ours layer_norm", _step(lambda: lk.layer_norm(x, w, b, 1e-12, r), inputs, dy, mode),
                         {"bytes": nbytes})
             rec.measure(group, "torch eager", _step(lambda: torch_ln(x, r, w, b), inputs, dy, mode), {"bytes": nbytes})
+            _measure_copy(rec, group, nbytes, device)
             if compiled is not None:
                 rec.measure(group, "torch.compile", _step(lambda: compiled(x, r, w, b), inputs, dy, mode),
                             {"bytes": nbytes})
@@ -321,6 +359,7 @@ def bench_bias_gelu(lk, rec, batches, dtype, device, modes, use_compile):
             rec.measure(group, "ours bias_gelu", _step(lambda: lk.bias_gelu(x, b), [x, b], dy, mode),
                         {"bytes": nbytes})
             rec.measure(group, "torch eager", _step(lambda: torch_gelu(x, b), [x, b], dy, mode), {"bytes": nbytes})
+            _measure_copy(rec, group, nbytes, device)
             if compiled is not None:
                 rec.measure(group, "torch.compile", _step(lambda: compiled(x, b), [x, b], dy, mode),
                             {"bytes": nbytes})
@@ -350,8 +389,8 @@ def run(out_dir, quick: bool = False, batches=None, dtype: torch.dtype = torch.b
 
     quick: one small batch and few repetitions (and, without CUDA, the Triton interpreter on CPU
     at 2 heads: a smoke test). use_compile: include the torch.compile peers (GPU only; each
-    shape costs a compilation). The first call of each of our kernels autotunes (a few seconds
-    per variant); ``LXMERT_KERNELS_AUTOTUNE=0`` skips that.
+    shape costs a compilation). Our kernels launch with lxmert_kernels' heuristics table (its
+    default: nothing is benchmarked on the first call).
     """
     lk = _import_kernels()
     on_gpu = torch.cuda.is_available()
@@ -384,8 +423,63 @@ def run(out_dir, quick: bool = False, batches=None, dtype: torch.dtype = torch.b
     return rec.rows
 
 
+def gpu_check_key(row: dict) -> str:
+    """The GPU check's group key of a row (bench/_gpu_plan.py kernel_groups): op, batch, mode."""
+    op = row["op"]
+    if op == "self_attention":
+        op += " L" + row["shape"].split(" L")[1].split()[0]
+    batch = row["shape"].split()[0]
+    if batch.startswith("M"):  # the elementwise ops: M = batch x 56 rows
+        batch = f"B{int(batch[1:]) // (LANG + VIS)}"
+    return f"kernels:{op} {batch} {row['mode']}"
+
+
+def run_gpu_check(batches, rows_path, dry: bool) -> list[dict]:
+    """The GPU check's kernel part: bf16 at LXMERT-base shapes, batches (64, 256), forward and
+    forward+backward, dropout 0 (and 0.1 for the attention backward); ours against SDPA (automatic
+    choice, and forced efficient / flash / cudnn) and the two-SDPA cross pair with its slicing and
+    cat; LayerNorm and GELU against torch eager and a copy of the same bytes. No torch.compile peers
+    (a compilation per shape does not fit the time box). Each row is appended to rows_path as soon as
+    it is measured. Dry run: the Triton interpreter at 2 heads, fp32, one timed run (a smoke test)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from e2e_worker import append_row
+
+    lk = _import_kernels()
+    import importlib
+
+    importlib.import_module("lxmert_kernels.tuning").set_autotune(False)  # the heuristics table, as training
+    on_gpu = torch.cuda.is_available() and not dry
+    device = "cuda" if on_gpu else "cpu"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    env = environment()
+    kind = "cuda events, median, L2 flushed before each run" if on_gpu else "interpreter smoke test (dry run)"
+
+    def keep(row):
+        row.update(part="kernels", key=gpu_check_key(row), batch=int(gpu_check_key(row).split(" B")[1].split()[0]),
+                   measurement=kind, dry_run=dry, kernel_configs="heuristics table (lxmert_kernels.tuning)")
+        if row.get("error"):
+            row["status"] = f"no figure (error): {row['error']}"
+        append_row(rows_path, row)
+        print(f"{row['key']:<44} {row['impl']:<32} " + (f"{row['ms']:.4f} ms" if row.get("ms") else row.get("error", "")),
+              flush=True)
+
+    rec = Recorder(env, 5 if on_gpu else 1, 30 if on_gpu else 1, on_row=keep,
+                   sdpa_backends=("efficient", "flash", "cudnn") if on_gpu else ())
+    heads = HEADS if on_gpu else 2
+    modes = ("fwd", "fwd+bwd")
+    dropouts = (0.0, 0.1) if on_gpu else (0.0,)
+    # the headline first: the cross pair, then self-attention, then the elementwise ops
+    bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads)
+    bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads)
+    bench_layer_norm(lk, rec, batches, dtype, device, modes, False)
+    bench_bias_gelu(lk, rec, batches, dtype, device, modes, False)
+    return rec.rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="the GPU check's kernel part (rows appended to GPU_CHECK_ROWS as measured)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory for bench_kernels.jsonl")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few runs (interpreter without a GPU)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 32,128,512)")
@@ -393,6 +487,10 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peers")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    if args.gpu_check:
+        dry = os.environ.get("GPU_CHECK_DRY") == "1"
+        rows = run_gpu_check(batches or [64, 256], os.environ.get("GPU_CHECK_ROWS"), dry)
+        return 1 if any(r["impl"].startswith("ours") and r.get("error") for r in rows) else 0
     rows = run(args.out, quick=args.quick, batches=batches, dtype=getattr(torch, args.dtype),
                use_compile=not args.no_compile)
     failed_ours = [r for r in rows if r["impl"].startswith("ours") and r.get("error")]

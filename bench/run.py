@@ -170,6 +170,8 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
             C.append_jsonl(path, r)
     peak_tflops = peak["peak_tflops"] if peak else None
     variants = E.main_variants()
+    if getattr(a, "deepspeed_error", None):
+        variants = [E.without_deepspeed(v) if v.kind == "ours" else v for v in variants]
     if a.variants:
         wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
         known = {v.name: v for v in variants}
@@ -333,7 +335,7 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
                                                for x in load):
         notes.append(f"load average {load[0]} at start, {load[1]} at end on {env.get('cpu_cores')} cores: other "
                      f"processes share this CPU, so the timings are noisy (ratios from the same run are firmer).")
-    settings = {k: v for k, v in vars(a).items() if k not in ("local_rank", "project_devices_given")}
+    settings = {k: v for k, v in vars(a).items() if k not in ("local_rank", "project_devices_given", "deepspeed_error")}
     R.write_results_json(out / "results.json", env, rows, notes, settings)
     R.write_markdown(out / "summary.md", env, rows, notes, a.project_devices)
     for n in notes:
@@ -398,13 +400,27 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     single: dict[str, float] = {}
+    a.deepspeed_error = None
     if not a.report_only and "e2e" in parts:
-        from lxmert_fast.engine import init_distributed
+        import _e2e as E
 
-        if world > 1 and rank == 0 and not a.no_scaling_reference:
-            single = scaling_reference(a, out, log)  # a child process, before this one joins the group
-        rank, world, _ = init_distributed()
-        log = log0(rank)
+        # DeepSpeed only for the variants that use it: without it (the GPU machine without the carried
+        # wheels) the peer and ours still run, ours in the peer's plain loop with torch's fused AdamW
+        a.deepspeed_error = E.deepspeed_import_error()
+        if a.deepspeed_error is None:
+            from lxmert_fast.engine import init_distributed
+
+            if world > 1 and rank == 0 and not a.no_scaling_reference:
+                single = scaling_reference(a, out, log)  # a child process, before this one joins the group
+            rank, world, _ = init_distributed()
+            log = log0(rank)
+        elif world > 1:
+            raise SystemExit(f"bench/run.py: {world} processes need DeepSpeed, which does not import here "
+                             f"({a.deepspeed_error})")
+        else:
+            notes.append(f"deepspeed does not import ({a.deepspeed_error}): the 'ours' variants ran without it, in the "
+                         f"peer's plain loop with torch's fused AdamW (their note says so); DeepSpeed-only ablations "
+                         f"have 'unavailable' rows")
     if a.threads:
         torch.set_num_threads(a.threads)  # after DeepSpeed's initialisation, which may set its own
     env = C.environment(world)

@@ -1,0 +1,190 @@
+"""The environment part of the GPU check: versions, the GPU and its clocks, and two measured
+ceilings (bf16 matrix rate: the MFU denominator; device copy bandwidth: the elementwise kernels'
+ceiling). One row each, appended to GPU_CHECK_ROWS as soon as it is known.
+
+    python bench/gpu_env.py [--rows ROWS] [--dry]
+
+Runs before anything else uses the device, so the ceilings are measured on an idle GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for _p in (str(BENCH), str(REPO), str(REPO / "kernels")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from e2e_worker import append_row  # noqa: E402
+
+SMI_FIELDS = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
+              "power.draw", "power.limit", "temperature.gpu", "pstate", "compute_mode", "persistence_mode",
+              "clocks_throttle_reasons.active")
+
+
+def _import(name: str) -> tuple[str | None, str | None]:
+    """(version, None) or (None, why it does not import)."""
+    try:
+        mod = importlib.import_module(name)
+        return str(getattr(mod, "__version__", "?")), None
+    except Exception as err:  # noqa: BLE001
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+def source_fingerprint() -> str:
+    """sha256 over the project's Python sources (identifies the tree where git is absent)."""
+    h = hashlib.sha256()
+    for folder in ("lxmert_fast", "kernels/lxmert_kernels", "bench"):
+        for p in sorted((REPO / folder).rglob("*.py")):
+            h.update(str(p.relative_to(REPO)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def commit() -> str:
+    """The commit: git when the tree has .git, else what `gpu_check.sh --prepare` wrote into .whl/COMMIT."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    f = REPO / ".whl" / "COMMIT"
+    if f.is_file():
+        return f.read_text(encoding="utf-8").strip().splitlines()[0] + " (from .whl/COMMIT)"
+    return "unknown (no .git and no .whl/COMMIT)"
+
+
+def versions_row(dry: bool) -> dict:
+    import torch
+
+    row = {"part": "env", "key": "env:versions", "figure": True, "status": "ok", "dry_run": dry,
+           "python": platform.python_version(), "executable": sys.executable, "host": platform.node(),
+           "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "commit": commit(), "source_sha256": source_fingerprint(),
+           "nvcc": shutil.which("nvcc"), "pythonpath": os.environ.get("PYTHONPATH", "")}
+    for name in ("triton", "transformers", "numpy", "matplotlib", "flash_attn", "lxmert_kernels"):
+        row[name], err = _import(name)
+        if err:
+            row[f"{name}_error"] = err
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    row["deepspeed"], err = _import("deepspeed")
+    row["deepspeed_importable"] = err is None
+    if err:
+        row["deepspeed_error"] = err
+    return row
+
+
+def gpu_row(dry: bool) -> dict:
+    import torch
+
+    row = {"part": "env", "key": "env:gpu"}
+    if not torch.cuda.is_available():
+        return {**row, "figure": False, "no_figure": "unavailable", "dry_run": dry,
+                "status": "no figure (unavailable): no CUDA device" + (" (dry run: the GPU is hidden)" if dry else "")}
+    p = torch.cuda.get_device_properties(0)
+    row.update(figure=True, status="ok", name=p.name, capability=f"{p.major}.{p.minor}",
+               multiprocessors=p.multi_processor_count, memory_gb=round(p.total_memory / 2**30, 1),
+               l2_mb=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15)
+        vals = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")] if out.stdout.strip() else []
+        row["nvidia_smi"] = dict(zip(SMI_FIELDS, vals)) if len(vals) == len(SMI_FIELDS) else (out.stdout + out.stderr)[:500]
+    except (OSError, subprocess.TimeoutExpired, IndexError) as err:
+        row["nvidia_smi"] = f"not available: {err}"
+    return row
+
+
+def _median_s(fn, warmup: int, reps: int, cuda: bool) -> float:
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_row(dry: bool) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
+    dev = "cuda" if cuda else "cpu"
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    s = _median_s(lambda: torch.mm(a, b), 5 if cuda else 1, 20 if cuda else 3, cuda)
+    return {"part": "env", "key": "env:peak_matmul", "figure": True, "status": "ok", "what": f"matmul {n}^3 {str(dtype)[6:]}",
+            "median_s": s, "peak_tflops": 2 * n**3 / s / 1e12, "dry_run": dry,
+            "note": "random data, median of 20 after 5 warm-ups: the MFU denominator (datasheet: lxmert_fast.flops)"}
+
+
+def copy_row(dry: bool) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    nbytes = 2**30 if cuda else 2**24
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda" if cuda else "cpu").normal_()
+    y = torch.empty_like(x)
+    s = _median_s(lambda: y.copy_(x), 3 if cuda else 1, 20 if cuda else 3, cuda)
+    return {"part": "env", "key": "env:copy_bandwidth", "figure": True, "status": "ok", "bytes": nbytes,
+            "median_s": s, "tb_per_s": 2 * nbytes / s / 1e12, "dry_run": dry,
+            "note": "device-to-device copy of 1 GiB, bytes read + written"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", default=os.environ.get("GPU_CHECK_ROWS"))
+    ap.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY") == "1")
+    a = ap.parse_args(argv)
+    rc = 0
+    for make in (versions_row, gpu_row, peak_row, copy_row):
+        t0 = time.perf_counter()
+        try:
+            row = make(a.dry)
+        except Exception as err:  # noqa: BLE001
+            key = {"versions_row": "env:versions", "gpu_row": "env:gpu", "peak_row": "env:peak_matmul",
+                   "copy_row": "env:copy_bandwidth"}[make.__name__]
+            row = {"part": "env", "key": key, "figure": False, "no_figure": "error",
+                   "status": f"no figure (error): {type(err).__name__}: {err}"[:400]}
+            rc = 1
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        append_row(a.rows, row)
+        brief = {k: row.get(k) for k in ("status", "torch", "triton", "transformers", "deepspeed", "name",
+                                         "peak_tflops", "tb_per_s") if row.get(k) is not None}
+        print(row["key"], brief, flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

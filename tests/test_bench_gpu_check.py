@@ -1,0 +1,232 @@
+"""bench/gpu_check.sh's dry run (GPU_CHECK_DRY=1): every part's plumbing on CPU at tiny shapes,
+as the GPU machine will run it, and the rows it owes.
+
+- as is (with DeepSpeed): every planned row exists, a figure or a "no figure" row with its reason;
+  the Triton checks pass in the interpreter; the end-to-end variants carry figures;
+- with deepspeed unimportable (a shim package on PYTHONPATH that raises ImportError, as on the GPU
+  machine without the carried wheels): transformers and ours still carry figures, ours in the plain
+  loop with torch's fused AdamW, labelled so, and every compiled variant has its row;
+- a budget too small for the workers: the timeout rows name the phase each worker was in;
+- the worst case of the part limits fits the 6-minute budget.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import child_env
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import _gpu_plan as P  # noqa: E402
+
+E2E_FIGURE_FIELDS = ("samples_per_s", "step_s", "step_s_all", "tflops_per_device", "mfu", "model_flops_per_sample",
+                     "peak_tflops_measured", "ratio_to_peer", "setup", "precision", "batch")
+
+
+def _dry(out: Path, extra_env: dict | None = None, timeout: float = 420) -> tuple[str, float]:
+    env = child_env()
+    env.pop("TRITON_INTERPRET", None)  # the script sets what it needs itself
+    env.update(GPU_CHECK_DRY="1", OUT=str(out), **(extra_env or {}))
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout, wall
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module")
+def dry_full(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check_dry")
+    stdout, wall = _dry(out)
+    return out, stdout, wall
+
+
+@pytest.fixture(scope="module")
+def dry_no_deepspeed(tmp_path_factory):
+    shim = tmp_path_factory.mktemp("no_deepspeed")
+    (shim / "deepspeed").mkdir()
+    (shim / "deepspeed" / "__init__.py").write_text(
+        'raise ImportError("deepspeed is unimportable here (test shim: the GPU machine without the wheels)")\n')
+    out = tmp_path_factory.mktemp("gpu_check_dry_no_ds")
+    env = child_env()
+    stdout, wall = _dry(out, {"PYTHONPATH": str(shim) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+                              "GPU_CHECK_PARTS": "env,e2e,report"})
+    return out, stdout, wall
+
+
+def test_dry_run_returns_at_most_eight_files(dry_full):
+    out, _, wall = dry_full
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    for name in ("gpu_check.log", "rows.jsonl", "results.json", "summary.md", "logs.tgz"):
+        assert name in files, files
+    if importlib.util.find_spec("matplotlib") is not None:
+        for png in ("throughput.png", "kernel_speedups.png"):
+            assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+    with tarfile.open(out / "logs.tgz") as tar:
+        names = tar.getnames()
+    assert any("e2e.hf" in n for n in names) and any("correctness" in n for n in names), names
+    assert wall < 400, f"the dry run took {wall:.0f} s"
+
+
+def test_every_planned_row_is_a_figure_or_says_why(dry_full):
+    out, _, _ = dry_full
+    rows = _rows(out)
+    keys = {r.get("key") for r in rows}
+    for part in ("env", "correctness", "kernels", "e2e"):
+        missing = set(P.expected_keys(part, dry=True)) - keys
+        assert not missing, f"{part}: no row for {sorted(missing)}"
+        assert f"timing:{part}" in keys
+    for r in rows:
+        if r.get("figure") is False:
+            kind, _, why = r["status"].partition("): ")
+            assert kind.startswith("no figure (") and why.strip(), r["status"]
+    install = next(r for r in rows if r["key"] == "env:install")
+    assert install["no_figure"] == "skipped" and "dry run" in install["status"]
+
+
+def test_correctness_checks_pass_in_the_interpreter(dry_full):
+    out, _, _ = dry_full
+    checks = {r["check"]: r for r in _rows(out) if r.get("part") == "correctness"}
+    assert set(checks) == {c for cs in P.CORRECTNESS.values() for c in cs}
+    for name, r in checks.items():
+        assert r["status"] == "ok", f"{name}: {r['status']}"
+        assert r["errors"] and r["worst_err_over_bound"] <= 1.0
+
+
+def test_kernel_rows_stream_per_implementation(dry_full):
+    out, _, _ = dry_full
+    rows = [r for r in _rows(out) if r.get("part") == "kernels"]
+    for key in P.kernel_groups(dry=True):
+        impls = {r["impl"] for r in rows if r["key"] == key}
+        assert any(i.startswith("ours") for i in impls) and len(impls) >= 2, (key, impls)
+    ln = [r for r in rows if r["op"] == "layer_norm+residual"]
+    assert any(r.get("reference") == "copy" and r["ms"] > 0 for r in ln)
+    assert all(r["measurement"].startswith("interpreter smoke test") for r in rows)
+
+
+def test_e2e_rows_carry_figures_with_deepspeed(dry_full):
+    out, stdout, _ = dry_full
+    by = {r["variant"]: r for r in _rows(out) if r.get("part") == "e2e"}
+    assert set(by) == {v["key"] for v in P.E2E_VARIANTS}
+    for name, r in by.items():
+        assert r["status"] == "ok", f"{name}: {r['status']}"
+        for f in E2E_FIGURE_FIELDS:
+            assert r.get(f) is not None, f"{name}: {f}"
+        assert r["samples_per_s"] > 0 and r["quiet"] is True
+    assert "DeepSpeed cpu.json" in by["ours"]["setup"] and "no DeepSpeed" in by["ours | no DeepSpeed"]["setup"]
+    for mode in ("default", "reduce-overhead", "max-autotune"):
+        r = by[f"ours+compile {mode}"]
+        assert r["compile_mode"] == mode and r["fullgraph"] is True and r["graph_breaks"] == 0
+    assert by["hf"]["ratio_to_peer"] == pytest.approx(1.0)
+
+
+def test_part_times_then_the_table_last(dry_full):
+    _, stdout, _ = dry_full
+    assert "parts (seconds, limit, outcome):" in stdout
+    for part in P.PARTS:
+        assert f"\n  {part} " in stdout, part
+    tail = stdout.strip().splitlines()
+    header = max(i for i, line in enumerate(tail) if line.startswith("variant ") and "samples/s" in line)
+    body = tail[header + 2:]
+    names = [v["key"] for v in P.E2E_VARIANTS]
+    assert len(body) == len(names) and all(line.startswith(n + " ") for line, n in zip(body, names)), body
+
+
+def test_without_deepspeed_the_peer_and_ours_still_measure(dry_no_deepspeed):
+    out, _, wall = dry_no_deepspeed
+    rows = _rows(out)
+    versions = next(r for r in rows if r["key"] == "env:versions")
+    assert versions["deepspeed_importable"] is False and "test shim" in versions["deepspeed_error"]
+    by = {r["variant"]: r for r in rows if r.get("part") == "e2e"}
+    for name in ("hf", "ours", "hf+compile", "ours sdpa"):
+        assert by[name]["status"] == "ok" and by[name]["samples_per_s"] > 0, (name, by[name]["status"])
+    for name in ("ours", "ours sdpa"):
+        assert "no DeepSpeed: plain loop" in by[name]["setup"] and "torch fused AdamW" in by[name]["setup"]
+        assert by[name]["kind"] == "ours_plain" and by[name]["optimizer"] == "torch_fused"
+    for mode in ("default", "reduce-overhead", "max-autotune"):
+        r = by[f"ours+compile {mode}"]
+        assert r["status"] == "ok" or r["status"].startswith("no figure ("), r["status"]
+        assert r["status"] == "ok" and "deepspeed not importable" in r["setup"]
+    assert by["ours | no DeepSpeed"]["no_figure"] == "missing package"
+    assert wall < 300, f"{wall:.0f} s"
+
+
+def test_timeouts_name_the_phase(tmp_path):
+    """A budget too small for the e2e workers: each gets a timeout row saying where it was."""
+    env = child_env()
+    env.pop("TRITON_INTERPRET", None)
+    env.update(GPU_CHECK_DRY="1")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path), "--dry",
+                           "--parts", "e2e", "--budget", "14"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 30
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    e2e = {r["variant"]: r for r in rows if r.get("part") == "e2e"}
+    assert set(e2e) == {v["key"] for v in P.E2E_VARIANTS}
+    timeouts = [r for r in e2e.values() if r.get("no_figure") == "timeout"]
+    assert timeouts, [r["status"] for r in e2e.values()]
+    for r in timeouts:
+        assert "reached its limit" in r["status"] or "not started" in r["status"], r["status"]
+    assert any(r.get("phase") for r in timeouts)
+    assert not list(tmp_path.glob("*.work")) and len(list(tmp_path.iterdir())) <= 8
+
+
+def test_worst_case_part_limits_fit_the_budget():
+    """Every part at its full limit plus the kill grace, after the slowest install: inside 360 s."""
+    import gpu_check as G
+
+    class A:
+        out, work, dry, parts, budget = "/tmp/unused-gpu-check", "/tmp/unused-gpu-check-work", False, ",".join(P.PARTS), 0
+
+    c = G.Check.__new__(G.Check)
+    c.a, c.dry, c.budget, c.caps, c.parts = A, False, P.BUDGET_S, P.CAPS, list(P.PARTS)
+    clock = [P.INSTALL_LIMIT_S + 3]
+    c.elapsed = lambda: clock[0]
+    limits = {}
+    for part in P.PARTS:
+        limits[part] = c.limit_for(part)
+        clock[0] += limits[part] + P.GRACE_S
+    assert clock[0] <= P.BUDGET_S, (clock[0], limits)
+    for part in P.PARTS:
+        assert limits[part] >= P.RESERVE[part], (part, limits)
+
+
+def test_correctness_comparison_catches_a_wrong_kernel():
+    """The 2x-PyTorch's-error rule of bench/gpu_correctness.py: a kernel off by more than PyTorch's own
+    bf16 error fails, a NaN fails, one within it passes."""
+    import torch
+
+    import gpu_correctness as GC
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    torch_bf16 = ref.to(torch.bfloat16)  # PyTorch's own bf16 result: rounding error only
+    ok = GC.Compare(torch.bfloat16, "attention")
+    ok.add("out", torch_bf16, ref, torch_bf16)
+    assert ok.verdict()[0] == "ok"
+    bad = GC.Compare(torch.bfloat16, "attention")
+    bad.add("out", (ref + 0.1).to(torch.bfloat16), ref, torch_bf16)
+    assert bad.verdict()[0].startswith("mismatch: out error")
+    nan = GC.Compare(torch.float32, "elementwise")
+    nan.add("dx", torch.full((4,), float("nan")), torch.zeros(4, dtype=torch.float64))
+    assert "non-finite" in nan.verdict()[0]
+    masked = GC.Compare(torch.float32, "attention")
+    masked.require(False, "the fully masked row's output is not exactly 0")
+    assert masked.verdict()[0] == "mismatch: the fully masked row's output is not exactly 0"
