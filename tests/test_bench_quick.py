@@ -100,3 +100,25 @@ def test_projection_arithmetic():
     assert r["recipe_days_4dev"] == pytest.approx(r["recipe_days_1dev"] / 4)
     assert r["vs_baseline_4gpu"] == pytest.approx(1.0) and r["vs_baseline_per_gpu"] == pytest.approx(4.0)
     assert r["projection_basis"].startswith("ideal")
+
+
+def test_quick_without_deepspeed(tmp_path):
+    """deepspeed unimportable (as on the GPU machine without the carried wheels): the peer and ours
+    still measure, ours in the peer's plain loop with torch's fused AdamW, noted in the row."""
+    shim = tmp_path / "shim" / "deepspeed"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("deepspeed is unimportable here (test shim)")\n')
+    env = child_env()
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = str(shim.parent) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--parts", "e2e", "--ablations",
+                           "off", "--variants", "hf,ours sdpa", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    by = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"] if r["part"] == "e2e"}
+    assert by["hf"]["status"] == "ok" and by["ours sdpa"]["status"] == "ok", {k: v["status"] for k, v in by.items()}
+    ours = by["ours sdpa"]
+    assert ours["kind"] == "ours_plain" and ours["optimizer"] == "torch_fused" and "no DeepSpeed" in ours["note"]
+    assert ours["deepspeed"] is None and ours["ratio_to_peer"] > 0
+    assert "deepspeed does not import" in proc.stdout
