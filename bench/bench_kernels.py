@@ -457,8 +457,10 @@ def run_gpu_check(batches, rows_path, dry: bool) -> list[dict]:
     def keep(row):
         row.update(part="kernels", key=gpu_check_key(row), batch=int(gpu_check_key(row).split(" B")[1].split()[0]),
                    measurement=kind, dry_run=dry, kernel_configs="heuristics table (lxmert_kernels.tuning)")
-        if row.get("error"):
-            row["status"] = f"no figure (error): {row['error']}"
+        if row.get("error"):  # e.g. a forced SDPA backend that does not take this call
+            row.update(figure=False, no_figure="error", status=f"no figure (error): {row['error']}")
+        else:
+            row.update(figure=True, status="ok")
         append_row(rows_path, row)
         print(f"{row['key']:<44} {row['impl']:<32} " + (f"{row['ms']:.4f} ms" if row.get("ms") else row.get("error", "")),
               flush=True)

@@ -256,7 +256,10 @@ class Check:
             if key in have:
                 continue
             owner = next((c for c in watch if key in c.keys), None)
-            if owner is None:
+            if owner is None and any(p["key"] == key for p in self.e2e_pending):
+                self.row(no_figure_row(key, "timeout", f"not started: part '{part}' reached its limit of {limit:.0f} s "
+                                                        f"while the worker waited for a free slot"))
+            elif owner is None:
                 self.row(no_figure_row(key, "error", f"no process of part '{part}' measures it"))
             elif owner in timed_out:
                 phase, since = phases.get(owner.name, ("?", None))
@@ -278,7 +281,14 @@ class Check:
                 for line in c.tail(8):
                     print(f"      {line}", flush=True)
         seconds = time.monotonic() - t_start
-        outcome = "timeout" if timed_out else ("ok" if all(c.rc == 0 for c in children) else "errors")
+        with_figure = {r.get("key") for r in read_rows(self.rows_path) if r.get("figure") is not False}
+        figures = sum(1 for k in expected if k in with_figure)
+        outcome = (f"{figures} of {len(expected)} rows with a figure" if expected else
+                   ("ok" if all(c.rc == 0 for c in children) else "errors"))
+        if timed_out:
+            outcome += ", limit reached"
+        elif any(c.rc not in (0, None) for c in children):
+            outcome += f", {sum(1 for c in children if c.rc not in (0, None))} process(es) failed"
         self.timings.append({"part": part, "seconds": round(seconds, 1), "limit_s": round(limit), "outcome": outcome})
         self.row({"part": "timing", "key": f"timing:{part}", "seconds": round(seconds, 1), "limit_s": round(limit),
                   "outcome": outcome, "at_s": round(self.elapsed(), 1)})
@@ -346,7 +356,7 @@ class Check:
                                        f"({versions.get('deepspeed_error', '?')}), so 'ours' already runs this plain loop",
                                        **{k: v for k, v in spec.items() if k != "key"}))
                 continue
-            argv = [str(BENCH / "e2e_worker.py"), "--spec", json.dumps(spec)]
+            argv = [str(BENCH / "e2e_worker.py"), "--spec", json.dumps(spec), "--nice", "5"]
             if peak.get("peak_tflops"):
                 argv += ["--peak-tflops", str(peak["peak_tflops"])]
             self.e2e_pending.append({"key": key, "name": spec["key"], "argv": argv})
@@ -379,8 +389,6 @@ class Check:
         self.start_e2e_workers()  # when the correctness part was not run
         # the workers already run; the pending ones start as others finish building (inside the loop)
         self.timed_part("e2e", lambda d: [], P.expected_keys("e2e", self.dry), e2e=True)
-        for p in self.e2e_pending:  # never started: the limit came first
-            self.row(no_figure_row(p["key"], "timeout", "not started before the e2e part's limit"))
         self.e2e_pending.clear()
 
     def part_report(self) -> None:

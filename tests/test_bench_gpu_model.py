@@ -1,5 +1,7 @@
 """On a GPU: the base model with the `triton` backend and fused kernels against `eager`, in fp32,
-bf16 and fp16, forward losses and every gradient (bench/gpu_check.sh runs this; CPU: skipped).
+bf16 and fp16, forward losses and every gradient (CPU: skipped). The GPU check runs the bf16 case
+in its time box (bench/gpu_correctness.py --group model); this test covers all three dtypes:
+`LXMERT_KERNELS_GPU=1 python -m pytest tests/test_bench_gpu_model.py`.
 
 Reference: eager in fp32 with TF32 off. The triton model's relative error (norm of the
 difference / norm of the reference) is at most 2x that of PyTorch doing the same in that dtype, plus
