@@ -70,6 +70,18 @@ def no_figure_row(key: str, kind: str, detail: str, **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- processes
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the orchestrator dies (it starts the children in their own
+    sessions, which the device machine would otherwise leave running, holding the GPU, after the command
+    ends). Linux prctl(PR_SET_PDEATHSIG); elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class Child:
     """One child process in its own session (so its whole process group can be stopped or killed)."""
 
@@ -79,7 +91,7 @@ class Child:
         self.log = open(self.log_path, "wb")
         self.t0 = time.monotonic()
         self.popen = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = self.popen.pid
         self.rc = None
         self.t_end = None
@@ -445,6 +457,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET") or 0),
                     help="seconds from the script's start (default 360; dry 600)")
     a = ap.parse_args(argv)
+
+    def stop(signum, frame):  # the outer `timeout`: clean up the children (their own sessions) on the way out
+        raise SystemExit(f"gpu_check: stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
     return Check(a).run()
 
 

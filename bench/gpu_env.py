@@ -28,8 +28,8 @@ for _p in (str(BENCH), str(REPO), str(REPO / "kernels")):
 from e2e_worker import append_row  # noqa: E402
 
 SMI_FIELDS = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
-              "power.draw", "power.limit", "temperature.gpu", "pstate", "compute_mode", "persistence_mode",
-              "clocks_throttle_reasons.active")
+              "power.draw", "power.limit", "temperature.gpu", "pstate", "compute_mode", "persistence_mode")
+SMI_MINIMAL = ("name", "driver_version", "clocks.sm", "clocks.max.sm")  # if a driver refuses one of the above
 
 
 def _import(name: str) -> tuple[str | None, str | None]:
@@ -101,13 +101,20 @@ def gpu_row(dry: bool) -> dict:
     row.update(figure=True, status="ok", name=p.name, capability=f"{p.major}.{p.minor}",
                multiprocessors=p.multi_processor_count, memory_gb=round(p.total_memory / 2**30, 1),
                l2_mb=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=15)
-        vals = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")] if out.stdout.strip() else []
-        row["nvidia_smi"] = dict(zip(SMI_FIELDS, vals)) if len(vals) == len(SMI_FIELDS) else (out.stdout + out.stderr)[:500]
-    except (OSError, subprocess.TimeoutExpired, IndexError) as err:
-        row["nvidia_smi"] = f"not available: {err}"
+    row["nvidia_smi"] = "not available"
+    for fields in (SMI_FIELDS, SMI_MINIMAL):
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=15)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            row["nvidia_smi"] = f"not available: {err}"
+            break
+        lines = out.stdout.strip().splitlines()
+        vals = [v.strip() for v in lines[0].split(",")] if out.returncode == 0 and lines else []
+        if len(vals) == len(fields):
+            row["nvidia_smi"] = dict(zip(fields, vals))
+            break
+        row["nvidia_smi"] = f"nvidia-smi rc {out.returncode}: {(out.stdout + out.stderr)[:300]}"
     return row
 
 
