@@ -50,6 +50,9 @@ class AttentionCall:
     def of(cls, q_blhd: Tensor, dropout_p: float, need_weights: bool, auto: bool = False) -> "AttentionCall":
         return cls(q_blhd.device.type, q_blhd.dtype, q_blhd.shape[-1], dropout_p > 0.0, need_weights, auto)
 
+    def key(self) -> tuple:
+        return (self.device_type, self.dtype, self.head_dim, self.dropout, self.need_weights, self.auto)
+
 
 class AttentionBackend:
     """Base class. Subclasses implement `attention` and `not_supported_reasons`."""
@@ -224,6 +227,12 @@ def _build_backend(name: str) -> AttentionBackend:
     )
 
 
+@torch._dynamo.assume_constant_result
+def _backend_name_for(dispatcher: "AttentionDispatcher", name: str, call_key: tuple) -> str:
+    """The name of the backend `dispatcher` (configured as `name`) picks for a call (see `resolve`)."""
+    return dispatcher._resolve_cached(AttentionCall(*call_key)).name
+
+
 class AttentionDispatcher:
     """Resolves the configured backend name to a backend for each kind of call (cached).
 
@@ -232,7 +241,7 @@ class AttentionDispatcher:
 
     def __init__(self, name: str = "auto"):
         self._backends: dict[str, AttentionBackend] = {}
-        self._resolved: dict[AttentionCall, AttentionBackend] = {}
+        self._resolved: dict[tuple, AttentionBackend] = {}
         self.name = "auto"
         self.set_backend(name)
 
@@ -248,7 +257,16 @@ class AttentionDispatcher:
         return self._backends[name]
 
     def resolve(self, call: AttentionCall) -> AttentionBackend:
-        backend = self._resolved.get(call)
+        if torch.compiler.is_compiling():
+            # Resolved once while tracing, as a constant: the choice depends only on the call's static
+            # properties and the configured name (which the compiled code guards on), and tracing the
+            # cache would make its first fill a guard failure (a recompile on the second call).
+            return self._backends[_backend_name_for(self, self.name, call.key())]
+        return self._resolve_cached(call)
+
+    def _resolve_cached(self, call: AttentionCall) -> AttentionBackend:
+        key = call.key()
+        backend = self._resolved.get(key)
         if backend is not None:
             return backend
         if self.name == "auto":
@@ -272,7 +290,7 @@ class AttentionDispatcher:
                     f"({call.device_type}, {call.dtype}, head_dim={call.head_dim}, dropout={call.dropout}, "
                     f"need_weights={call.need_weights}): " + "; ".join(reasons)
                 )
-        self._resolved[call] = backend
+        self._resolved[key] = backend
         return backend
 
     def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lxmert_fast.config import LxmertConfig
+from lxmert_fast.model.rows import select_rows
 
 Tensor = torch.Tensor
 
@@ -118,6 +119,7 @@ def visual_losses(
     scores: dict[str, Tensor],
     obj_labels: dict[str, tuple[Tensor, Tensor]],
     masked_rows_m: Optional[Tensor] = None,
+    masked_valid_m: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """The object-prediction losses, each multiplied by `visual_loss_normalizer` (HF/original maths).
 
@@ -125,7 +127,8 @@ def visual_losses(
     obj_label_loss="masked" also times the feature mask, i.e. masked objects only), mean over
     all B*N objects. feat: SmoothL1 averaged over the feature dims, times the feature mask,
     mean over all B*N objects. With `masked_rows_m` (flat `b * N + n` indices), the scores of
-    `config.masked_visual_losses` are `(M, k)` at those objects only (the others weigh 0).
+    `config.masked_visual_losses` are `(M, k)` at those objects only (the others weigh 0);
+    `masked_valid_m` (bool (M,)) marks the slots that hold a row (the others weigh 0 too).
     """
     _check_obj_labels(config, obj_labels)
     feat_mask_n = obj_labels["feat"][1].reshape(-1) if "feat" in obj_labels else None
@@ -141,6 +144,8 @@ def visual_losses(
             weight_n = weight_n * feat_mask_n
         if name in at_rows:
             weight_n, target = weight_n.index_select(0, masked_rows_m), target.index_select(0, masked_rows_m)
+            if masked_valid_m is not None:
+                weight_n = weight_n * masked_valid_m.to(weight_n.dtype)
         if name == "feat":
             per_obj = F.smooth_l1_loss(pred, target.to(pred.dtype), reduction="none").mean(dim=1)
         else:
@@ -165,16 +170,19 @@ def visual_losses_at_masked_objects(
     head: LxmertVisualObjHead,
     vision_bnd: Tensor,
     obj_labels: dict[str, tuple[Tensor, Tensor]],
+    capacity: Optional[int] = None,
 ) -> dict[str, Tensor]:
     """``visual_losses(config, head(vision_bnd), obj_labels)``, decoding less: the outputs whose
     weight carries the feature mask (``config.masked_visual_losses``) are decoded only at the
     objects where that mask is non-zero (15% of them in pre-training); the others (obj and attr
     weighted by confidence alone) at every object, in one matrix product. The objects left out
-    have weight 0, so the losses and their gradients are the same.
+    have weight 0, so the losses and their gradients are the same. ``capacity``: a static number
+    of decoded slots (``RowBudget.objects``; see ``lxmert_fast.model.rows.select_rows``); None:
+    exactly the masked objects.
     """
     _check_obj_labels(config, obj_labels)
     masked_names = config.masked_visual_losses
     if not masked_names:
         return visual_losses(config, head(vision_bnd), obj_labels)
-    rows_m = (obj_labels["feat"][1].reshape(-1) != 0).nonzero().squeeze(1)
-    return visual_losses(config, head(vision_bnd, rows_m, masked_names), obj_labels, rows_m)
+    rows_m, valid_m = select_rows(obj_labels["feat"][1].reshape(-1) != 0, capacity, "masked objects (feat mask != 0)")
+    return visual_losses(config, head(vision_bnd, rows_m, masked_names), obj_labels, rows_m, valid_m)

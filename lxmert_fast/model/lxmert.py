@@ -39,6 +39,7 @@ from lxmert_fast.model.outputs import (
     LxmertForQuestionAnsweringOutput,
     LxmertModelOutput,
 )
+from lxmert_fast.model.rows import RowBudget, select_rows
 
 Tensor = torch.Tensor
 
@@ -164,11 +165,11 @@ class LxmertModel(LxmertPreTrainedModel):
         return_dict: bool = True,
         language_rows: Optional[Tensor] = None,
     ) -> Union[LxmertModelOutput, tuple]:
-        """HF's forward. ``language_rows`` (ours; ``(M,)`` sorted flat indices ``b * T + t`` that
-        include every ``b * T``): the last cross layer computes the language output at those rows
-        only, for heads that read a few positions (the pre-training loss reads the masked words
-        and [CLS]). ``language_output`` is then ``(M, d)`` in row order; the pooled output is exact.
-        Not with ``output_hidden_states`` / ``output_attentions``.
+        """HF's forward. ``language_rows`` (ours; ``(M,)`` flat indices ``b * T + t``, any order,
+        repeats allowed): the last cross layer computes the language output at those rows and at
+        the [CLS] rows only, for heads that read a few positions (the pre-training loss reads the
+        masked words and [CLS]). ``language_output`` is then ``(M, d)`` in the order given; the
+        pooled output is exact. Not with ``output_hidden_states`` / ``output_attentions``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, d)")
@@ -183,20 +184,24 @@ class LxmertModel(LxmertPreTrainedModel):
         if token_type_ids is None:
             device = input_ids.device if input_ids is not None else inputs_embeds.device
             token_type_ids = torch.zeros(shape_bt, dtype=torch.long, device=device)
-        cls_rows_b = None
+        rows_m = None
         if language_rows is not None:
             if output_hidden_states or output_attentions:
                 raise ValueError("language_rows cannot be combined with output_hidden_states / output_attentions")
             batch, length = shape_bt
-            cls_rows_b = torch.searchsorted(language_rows, torch.arange(batch, device=language_rows.device) * length)
+            cls_rows_b = torch.arange(batch, device=language_rows.device) * length
+            rows_m = torch.cat([cls_rows_b, language_rows])  # the [CLS] rows first, for the pooler
         lang_btd = self.embeddings(input_ids, token_type_ids, inputs_embeds)
         enc = self.encoder(
             lang_btd, _keep_mask(attention_mask), visual_feats, visual_pos, _keep_mask(visual_attention_mask),
-            output_attentions=output_attentions, lang_rows_m=language_rows,
+            output_attentions=output_attentions, lang_rows_m=rows_m,
         )
         lang_out, vis_out = enc["language_hidden_states"][-1], enc["vision_hidden_states"][-1]
-        pooled = (self.pooler(lang_out) if cls_rows_b is None
-                  else self.pooler.pool(lang_out.index_select(0, cls_rows_b)))
+        if rows_m is None:
+            pooled = self.pooler(lang_out)
+        else:
+            batch = shape_bt[0]
+            pooled, lang_out = self.pooler.pool(lang_out[:batch]), lang_out[batch:]
         out = LxmertModelOutput(
             language_output=lang_out,
             vision_output=vis_out,
@@ -321,28 +326,39 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         output_hidden_states: bool = False,
         return_dict: bool = True,
         output_prediction_logits: Optional[bool] = None,
+        row_budget: Optional[RowBudget] = None,
     ) -> Union[LxmertForPreTrainingOutput, tuple]:
-        """HF's forward. `output_prediction_logits` (ours): compute the (B, T, vocab) MLM logits.
+        """HF's forward. Ours in addition:
 
-        Default: yes, except when training with `labels`, where the decoder runs only at the
-        masked positions (the loss is the same) and `prediction_logits` is None.
+        `output_prediction_logits`: compute the (B, T, vocab) MLM logits. Default: yes, except
+        when training with `labels`, where the decoder runs only at the masked positions (the loss
+        is the same) and `prediction_logits` is None.
+        `row_budget` (see `lxmert_fast.model.rows`): static room for the masked words and objects
+        the heads read while training, so that every tensor's shape depends on the batch's shape
+        only (`torch.compile(fullgraph=True)`, CUDA graphs, no host sync). A batch with more masked
+        rows fails loudly. None: exactly the masked rows in eager mode (content-sized), room for
+        every row inside `torch.compile`.
         """
         cfg = self.config
         want_mlm_loss = labels is not None and cfg.task_mask_lm
         if output_prediction_logits is None:
             output_prediction_logits = not (want_mlm_loss and self.training)
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if row_budget is None and torch.compiler.is_compiling():
+            row_budget = RowBudget.full(batch, length, visual_feats.shape[1])
         # Without logits, hidden states or attentions to return, the heads read [CLS] and the masked
         # words only: the last cross layer's language side runs at those rows (language_output None).
         rows_m = labels_m = None
         if not (output_prediction_logits or output_hidden_states or output_attentions):
-            batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            keep_n = torch.zeros(batch * length, dtype=torch.bool, device=visual_feats.device)
-            keep_n[::length] = True
             if want_mlm_loss:
-                keep_n |= labels.reshape(-1) >= 0
-            rows_m = keep_n.nonzero().squeeze(1)
-            if want_mlm_loss:
-                labels_m = labels.reshape(-1).index_select(0, rows_m)
+                labels_n = labels.reshape(-1)
+                rows_m, valid_m = select_rows(labels_n >= 0, None if row_budget is None else row_budget.words,
+                                              "masked words (labels >= 0)")
+                labels_m = labels_n.index_select(0, rows_m)
+                if valid_m is not None:
+                    labels_m = labels_m.masked_fill(~valid_m, -100)
+            else:
+                rows_m = torch.zeros(0, dtype=torch.long, device=visual_feats.device)
         base = self.lxmert(
             input_ids=input_ids, visual_feats=visual_feats, visual_pos=visual_pos, attention_mask=attention_mask,
             visual_attention_mask=visual_attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
@@ -361,13 +377,16 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                                                           labels.reshape(-1))
         elif want_mlm_loss:  # decode the masked positions only
             if rows_m is None:  # every row was computed (hidden states or attentions are returned)
-                hidden_kd, labels_k = lang_btd.reshape(-1, lang_btd.shape[-1]), labels.reshape(-1)
-            else:  # lang_btd holds the rows rows_m: (M, d)
+                labels_n = labels.reshape(-1)
+                picked_k, valid_k = select_rows(labels_n >= 0, None if row_budget is None else row_budget.words,
+                                                "masked words (labels >= 0)")
+                hidden_kd = lang_btd.reshape(-1, lang_btd.shape[-1]).index_select(0, picked_k)
+                labels_k = labels_n.index_select(0, picked_k)
+                if valid_k is not None:
+                    labels_k = labels_k.masked_fill(~valid_k, -100)
+            else:  # lang_btd holds the masked rows rows_m: (M, d); unused slots carry label -100
                 hidden_kd, labels_k = lang_btd, labels_m
-            picked_k = (labels_k >= 0).nonzero().squeeze(1)
-            losses["mlm"] = masked_mean_cross_entropy(
-                self.cls.predictions(hidden_kd.index_select(0, picked_k), word_emb_vd), labels_k.index_select(0, picked_k)
-            )
+            losses["mlm"] = masked_mean_cross_entropy(self.cls.predictions(hidden_kd, word_emb_vd), labels_k)
 
         cross_relationship_score = self.cls.seq_relationship(pooled_bd)
         if matched_label is not None and cfg.task_matched:
@@ -375,7 +394,9 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                                                           matched_label.reshape(-1))
         if obj_labels is not None and cfg.task_obj_predict:
             if self.training:  # the masked-only outputs at the masked objects (the same losses)
-                losses.update(visual_losses_at_masked_objects(cfg, self.obj_predict_head, vis_bnd, obj_labels))
+                losses.update(visual_losses_at_masked_objects(
+                    cfg, self.obj_predict_head, vis_bnd, obj_labels,
+                    None if row_budget is None else row_budget.objects))
             else:  # every object's scores, e.g. for a forward hook reading the head's predictions
                 losses.update(visual_losses(cfg, self.obj_predict_head(vis_bnd), obj_labels))
         answer_score = self.answer_head(pooled_bd) if cfg.task_qa else None
