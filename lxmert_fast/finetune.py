@@ -40,6 +40,8 @@ from lxmert_fast.config import LxmertConfig  # noqa: E402
 from lxmert_fast.data.demo import DEFAULT_OBJECTS, add_demo_objects_argument  # noqa: E402
 from lxmert_fast.data import tasks as T  # noqa: E402
 from lxmert_fast.model import task_heads as H  # noqa: E402
+from lxmert_fast.train.compile import (COMPILE_MODES, CompileModeError, check_compile_mode,  # noqa: E402
+                                       compile_model, eager_forward, step_begins)
 
 DEFAULT_CACHE = os.environ.get("LXMERT_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lxmert_fast"))
 DEFAULTS = {"batch_size": 32, "epochs": 4, "warmup_ratio": 0.1, "grad_clip": 5.0}
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size preset without --load (default: small on the demo world, base otherwise)")
     m.add_argument("--model_config", default=None, help="a config.json for random init, or for reading --load")
     m.add_argument("--attention_backend", default=None, help="override the attention backend (eager, sdpa, auto...)")
+    m.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile the model's forward and backward as whole static graphs while training "
+                        "(reduce-overhead: with CUDA graphs, GPU only); none = eager")
     m.add_argument("--gqa_loss", choices=("ce", "bce"), default="ce",
                    help="GQA: cross-entropy on the top answer, or VQA's BCE x answers (the released default)")
 
@@ -297,6 +302,10 @@ class FineTuner:
     # -- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
         args, spec = self.args, self.spec
+        try:
+            check_compile_mode(args.compile, self.device)  # before any data work; ZeRO-3 is checked below
+        except CompileModeError as err:
+            raise UsageError(str(err)) from None
         E.seed_everything(args.seed)
         self.out_dir = os.path.abspath(args.output_dir or os.path.join("runs", spec.name))
         self.setup_data()
@@ -335,6 +344,11 @@ class FineTuner:
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             E.atomic_write_json(os.path.join(self.out_dir, "ds_config.json"), self.ds_config)
+        try:
+            check_compile_mode(args.compile, self.device, E.zero_stage_of(self.ds_config))
+        except CompileModeError as err:
+            raise UsageError(str(err)) from None
+        compile_model(self.model, args.compile)
         self.engine = E.initialize(self.model, self.ds_config)
         self.settings = E.optim_settings(self.engine)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.precision, torch.float32)
@@ -363,7 +377,7 @@ class FineTuner:
         was_training = model.training
         model.eval()
         try:
-            with preserved_cpu_rng():
+            with preserved_cpu_rng(), eager_forward(self.args.compile):
                 for batch in loader:
                     batch = to_device(batch, self.device)
                     logits = H.task_logits(self.spec.name, model, batch, dtype)
@@ -442,6 +456,7 @@ class FineTuner:
                     if micro >= cap:
                         break
                     batch = to_device(batch, self.device)
+                    step_begins(args.compile)
                     logits = H.task_logits(spec.name, engine, batch, self.dtype)
                     loss = H.task_loss(spec.name, logits, batch, args.gqa_loss)
                     engine.backward(loss)

@@ -42,6 +42,9 @@ from lxmert_fast import engine as E  # noqa: E402
 from lxmert_fast.config import ConfigError, LxmertConfig  # noqa: E402
 from lxmert_fast.data.demo import DEFAULT_OBJECTS, add_demo_objects_argument  # noqa: E402
 from lxmert_fast.flops import device_name, peak_tflops_for, throughput, train_flops_per_sample  # noqa: E402
+from lxmert_fast.model.rows import RowBudget  # noqa: E402
+from lxmert_fast.train.compile import (COMPILE_MODES, CompileModeError, check_compile_mode,  # noqa: E402
+                                       compile_model, eager_forward, step_begins)
 
 TASKS = ("mlm", "matched", "obj", "qa")
 TASK_FIELDS = {"mlm": "task_mask_lm", "matched": "task_matched", "obj": "task_obj_predict", "qa": "task_qa"}
@@ -108,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fromScratch", action="store_true", help="accepted for the original command line (the default)")
     m.add_argument("--attention_backend", default="auto")
     m.add_argument("--kernels", default="torch", choices=("torch", "triton", "apex"))
+    m.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile the model's forward and backward as whole static graphs (reduce-overhead: "
+                        "with CUDA graphs, GPU only); none = eager")
+    m.add_argument("--row_budget_sigmas", type=float, default=6.0,
+                   help="static room for masked words/objects: expected count + this many standard deviations "
+                        "(a batch beyond it runs eagerly with room for every row: exact either way)")
 
     r = p.add_argument_group("run")
     r.add_argument("--epochs", type=int, default=None, help="default: 20 with --data_root, else as --max_steps needs")
@@ -408,6 +417,10 @@ class Trainer:
         self.tasks = selected_tasks(args)
         ds_path = args.deepspeed_config or E.default_ds_config_path()
         raw_cfg = E.load_ds_config(ds_path)
+        try:
+            check_compile_mode(args.compile, self.device, E.zero_stage_of(raw_cfg))
+        except CompileModeError as err:
+            raise UsageError(str(err)) from None
         # The batch split first (the loader needs the micro batch), the step counts after.
         _, micro, accum = E.resolve_batch_size(raw_cfg, self.world, args.micro_batch_size)
         self.ds_path = ds_path
@@ -449,12 +462,17 @@ class Trainer:
         E.seed_everything(args.seed)
         model = build_model(self.config, args, self.ds_config)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        compile_model(model, args.compile)
         self.engine = E.initialize(model, self.ds_config)
         E.seed_everything(args.seed + 1_000_003 * self.rank)  # same init everywhere, per-rank dropout streams
         self.settings = E.optim_settings(self.engine)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.precision, torch.float32)
         self.mask_gen = torch.Generator(device=self.device)
         self.mask_gen.manual_seed(args.seed * 1000 + 17 * self.rank + 1)
+        # the masking's selection draws, made on the host so that the row budget is known before the step
+        self.select_gen = torch.Generator()
+        self.select_gen.manual_seed(args.seed * 1000 + 17 * self.rank + 2)
+        self.overflow_batches = 0
         self.flops_per_sample = train_flops_per_sample(
             self.config, seq_len=self.data.index.meta["max_len"], num_objects=self.data.train.store.num_boxes,
             mlm_tokens=args.word_mask_rate * self.data.index.meta["max_len"],
@@ -515,7 +533,7 @@ class Trainer:
 
     # -- checkpoint state -------------------------------------------------------------------------
     def client_state(self, step: int, epoch: int, sampler_state: dict) -> dict:
-        rngs = E.all_gather_object(E.rng_state({"mask": self.mask_gen}))
+        rngs = E.all_gather_object(E.rng_state({"mask": self.mask_gen, "mask_select": self.select_gen}))
         return {
             "step": step,
             "epoch": epoch,
@@ -544,7 +562,7 @@ class Trainer:
             raise E.TrainingError(f"--resume: checkpoint {self.ckpt.latest_tag()} does not fit this run: "
                                   + "; ".join(problems))
         self.train_loader.load_state_dict(state["sampler"])
-        E.set_rng_state(state["rng"][self.rank], {"mask": self.mask_gen})
+        E.set_rng_state(state["rng"][self.rank], {"mask": self.mask_gen, "mask_select": self.select_gen})
         self.log(f"resumed from {self.ckpt.directory}/{self.ckpt.latest_tag()}: step {state['step']}, "
                  f"epoch {state['epoch']}, batch {state['sampler']['position']} of the epoch")
         return int(state["step"]), int(state["epoch"])
@@ -603,7 +621,7 @@ class Trainer:
         gen.manual_seed(self.args.seed + 7 * self.rank + 12345)
         engine.eval()
         try:
-            with torch.no_grad(), preserved_rng():
+            with torch.no_grad(), preserved_rng(), eager_forward(self.args.compile):
                 for i, raw in enumerate(loader):
                     if self.args.eval_batches is not None and i >= self.args.eval_batches:
                         break
@@ -636,7 +654,7 @@ class Trainer:
                               workers_mask=False, workers=0)
         self.engine.eval()
         try:
-            with preserved_rng():
+            with preserved_rng(), eager_forward(self.args.compile):
                 limit = self.args.grounding_batches
                 batches = (raw for i, raw in enumerate(loader) if limit is None or i < limit)
                 counts = grounding_counts(lambda **kw: self.engine(**kw), batches, torch.tensor(ids),
@@ -649,7 +667,7 @@ class Trainer:
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
-        from lxmert_fast.data.masking import mask_pretrain_batch
+        from lxmert_fast.data.masking import draw_selection, mask_pretrain_batch, masked_counts, selection_counts
 
         args, engine = self.args, self.engine
         step, start_epoch = 0, 0
@@ -688,12 +706,20 @@ class Trainer:
                         break
                     interval["data_s"] += time.perf_counter() - t_wait
                     consumed += 1
-                    batch = to_device(raw, self.device)
                     if args.mask_on == "device":
-                        batch = mask_pretrain_batch(batch, self.mask_cfg, self.mask_gen)
+                        draws = draw_selection(raw, self.select_gen)
+                        counts = selection_counts(raw, draws, self.mask_cfg)
+                        batch = mask_pretrain_batch(to_device({**raw, **draws}, self.device), self.mask_cfg,
+                                                    self.mask_gen)
+                    else:  # masked by the workers: the counts are on the host already
+                        counts = masked_counts(raw)
+                        batch = to_device(raw, self.device)
                     if not qa_on and "ans" in batch:
                         batch["ans"] = torch.full_like(batch["ans"], -100)
-                    out = engine(**model_inputs(batch, self.dtype))
+                    budget, fits = self._row_budget(batch, counts)
+                    step_begins(args.compile)
+                    with contextlib.nullcontext() if fits else eager_forward(args.compile):
+                        out = engine(**model_inputs(batch, self.dtype), row_budget=budget)
                     loss = out.loss
                     if args.debug_nonfinite_from_step is not None and step + 1 >= args.debug_nonfinite_from_step:
                         loss = loss * float("nan")
@@ -771,6 +797,21 @@ class Trainer:
         if self.is_main:
             E.atomic_write_json(os.path.join(self.out_dir, "result.json"), result)
         return result
+
+    def _row_budget(self, batch: dict, counts: tuple[int, int]) -> tuple[RowBudget, bool]:
+        """The static row budget for this batch shape, and whether this batch's masked words and objects
+        (counted on the host) fit it. One that does not gets room for every row (exact) and runs eagerly, so
+        the compiled step keeps its one shape."""
+        batch_size, seq_len = batch["input_ids"].shape
+        num_objects = batch["visual_feats"].shape[1]
+        budget = RowBudget.for_batch(batch_size, seq_len, num_objects, self.args.word_mask_rate,
+                                     self.args.obj_mask_rate, self.args.row_budget_sigmas)
+        if budget.fits(*counts):
+            return budget, True
+        self.overflow_batches += 1
+        self.log(f"a batch masks {counts[0]} words and {counts[1]} objects, beyond the row budget "
+                 f"({budget.words}, {budget.objects}): it runs with room for every row (exact; eager)")
+        return RowBudget.full(batch_size, seq_len, num_objects), False
 
     def _run_eval(self, step: int) -> dict[str, float]:
         res = self.evaluate()

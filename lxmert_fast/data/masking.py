@@ -14,6 +14,11 @@ on CUDA):
 
 As in the released code one uniform draw ``u`` per position decides both: selected iff
 ``u < p``, then ``u / p`` picks the 80/10/10 branch.
+
+Those selection draws may come from elsewhere (``u_words`` / ``u_objects`` in the raw batch):
+the trainer draws them on the host (:func:`draw_selection`), so that it knows how many words and
+objects a batch masks (:func:`selection_counts`) before the step, without reading anything back
+from the device, and can give the model a static row budget that fits (``lxmert_fast.model.rows``).
 """
 
 from __future__ import annotations
@@ -40,16 +45,29 @@ def _rand(shape, like: torch.Tensor, generator):
     return torch.rand(shape, generator=generator, device=like.device)
 
 
-def mask_words(input_ids_bl: torch.Tensor, attention_mask_bl: torch.Tensor, *, vocab_size: int,
-               mask_id: int, never_mask=(), generator: torch.Generator | None = None,
-               prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT word masking. Returns ``(masked_ids_bl, labels_bl)`` (labels -100 = not predicted)."""
-    ids = input_ids_bl
-    u_bl = _rand(ids.shape, ids, generator)
+def word_candidates(input_ids_bl: torch.Tensor, attention_mask_bl: torch.Tensor, never_mask=()) -> torch.Tensor:
+    """(B, L) bool: the word pieces masking may select (real tokens other than ``never_mask``)."""
     cand_bl = attention_mask_bl.bool()
     if len(never_mask):
-        specials = torch.as_tensor(list(never_mask), device=ids.device, dtype=ids.dtype)
-        cand_bl = cand_bl & ~torch.isin(ids, specials)
+        specials = torch.as_tensor(list(never_mask), device=input_ids_bl.device, dtype=input_ids_bl.dtype)
+        cand_bl = cand_bl & ~torch.isin(input_ids_bl, specials)
+    return cand_bl
+
+
+def mask_words(input_ids_bl: torch.Tensor, attention_mask_bl: torch.Tensor, *, vocab_size: int,
+               mask_id: int, never_mask=(), generator: torch.Generator | None = None,
+               prob: float = 0.15, u_bl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT word masking. Returns ``(masked_ids_bl, labels_bl)`` (labels -100 = not predicted).
+
+    ``u_bl``: the selection draws (uniform in [0, 1), shape of the ids); drawn from ``generator``
+    when not given.
+    """
+    ids = input_ids_bl
+    if u_bl is None:
+        u_bl = _rand(ids.shape, ids, generator)
+    elif u_bl.shape != ids.shape:
+        raise ValueError(f"mask_words: u_bl has shape {tuple(u_bl.shape)}, expected the ids' {tuple(ids.shape)}")
+    cand_bl = word_candidates(ids, attention_mask_bl, never_mask)
     sel_bl = cand_bl & (u_bl < prob)
     v_bl = u_bl / prob
     to_mask = sel_bl & (v_bl < 0.8)
@@ -76,18 +94,23 @@ def _donor_rows(group_b: torch.Tensor | None, b: int, n: int, device, generator)
 def mask_objects(feats_bnd: torch.Tensor, *, prob: float = 0.15,
                  generator: torch.Generator | None = None,
                  group_b: torch.Tensor | None = None,
-                 sync_free: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sync_free: bool | None = None,
+                 u_bn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Object masking. Returns ``(masked_feats_bnd float32, feat_mask_bn float32)``.
 
     ``group_b`` (B,): image id (store row) of each batch row; replacement features come from a
     row with a different image. Without it every other row counts as another image.
     ``sync_free``: dense ``torch.where`` formulation (default on accelerators) instead of
     boolean-index assignment (default on CPU); both give identical results.
+    ``u_bn``: the selection draws (B, N); drawn from ``generator`` when not given.
     """
     b, n, _ = feats_bnd.shape
     dev = feats_bnd.device
     feats = feats_bnd.float()
-    u_bn = _rand((b, n), feats, generator)
+    if u_bn is None:
+        u_bn = _rand((b, n), feats, generator)
+    elif u_bn.shape != (b, n):
+        raise ValueError(f"mask_objects: u_bn has shape {tuple(u_bn.shape)}, expected {(b, n)}")
     sel_bn = u_bn < prob
     v_bn = u_bn / prob
     zero_bn = sel_bn & (v_bn < 0.8)
@@ -113,14 +136,15 @@ def mask_pretrain_batch(raw: dict, cfg: MaskingConfig,
 
     ``raw`` keys (from :class:`~lxmert_fast.data.pretrain_data.PretrainDataset`): input_ids,
     attention_mask, token_type_ids (B, L); visual_feats (B, N, F) fp16/fp32; visual_pos (B, N, 4);
-    obj_ids, obj_conf, attr_ids, attr_conf (B, N); matched_label, ans, img_index (B,).
+    obj_ids, obj_conf, attr_ids, attr_conf (B, N); matched_label, ans, img_index (B,); optionally
+    the selection draws u_words (B, L) and u_objects (B, N) (:func:`draw_selection`).
     """
     ids, labels = mask_words(raw["input_ids"], raw["attention_mask"], vocab_size=cfg.vocab_size,
                              mask_id=cfg.mask_id, never_mask=cfg.never_mask,
-                             generator=generator, prob=cfg.word_prob)
+                             generator=generator, prob=cfg.word_prob, u_bl=raw.get("u_words"))
     feats = raw["visual_feats"].float()
     masked, feat_mask = mask_objects(feats, prob=cfg.obj_prob, generator=generator,
-                                     group_b=raw.get("img_index"))
+                                     group_b=raw.get("img_index"), u_bn=raw.get("u_objects"))
     return {
         "input_ids": ids,
         "attention_mask": raw["attention_mask"],
@@ -136,3 +160,25 @@ def mask_pretrain_batch(raw: dict, cfg: MaskingConfig,
         "matched_label": raw["matched_label"],
         "ans": raw["ans"],
     }
+
+
+def draw_selection(raw: dict, generator: torch.Generator | None = None) -> dict:
+    """The selection draws of a raw batch, on the raw batch's device (the host, for the trainer):
+    ``{"u_words": (B, L), "u_objects": (B, N)}``, to put into the batch before masking it."""
+    ids, feats = raw["input_ids"], raw["visual_feats"]
+    return {"u_words": _rand(ids.shape, ids, generator), "u_objects": _rand(feats.shape[:2], feats, generator)}
+
+
+def selection_counts(raw: dict, draws: dict, cfg: MaskingConfig) -> tuple[int, int]:
+    """(masked words, masked objects) that masking ``raw`` with ``draws`` selects: computed where the
+    raw batch is (the host), so the trainer knows them before the step."""
+    cand_bl = word_candidates(raw["input_ids"], raw["attention_mask"], cfg.never_mask)
+    words = int((cand_bl & (draws["u_words"] < cfg.word_prob)).sum())
+    objects = int((draws["u_objects"] < cfg.obj_prob).sum())
+    return words, objects
+
+
+def masked_counts(batch: dict) -> tuple[int, int]:
+    """(masked words, masked objects) of an already masked batch (read where it is: the host, for
+    batches the loader workers masked)."""
+    return int((batch["labels"] >= 0).sum()), int((batch["obj_labels"]["feat"][1] != 0).sum())

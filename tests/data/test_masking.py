@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lxmert_fast.data.masking import (IGNORE_INDEX, MaskingConfig, mask_objects,
-                                      mask_pretrain_batch, mask_words)
+from lxmert_fast.data.masking import (IGNORE_INDEX, MaskingConfig, draw_selection, mask_objects,
+                                      mask_pretrain_batch, mask_words, masked_counts, selection_counts)
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 VOCAB = 1000
@@ -164,6 +164,24 @@ def test_mask_pretrain_batch_contract():
     assert torch.equal(batch["obj_labels"]["feat"][0], raw["visual_feats"].float())
     changed = (batch["visual_feats"] != raw["visual_feats"].float()).any(-1)
     assert not (changed & (batch["obj_labels"]["feat"][1] == 0)).any()
+
+
+def test_selection_drawn_on_the_host_gives_the_counts_before_masking():
+    """The trainer draws the selection on the host, counts what it selects there, and masks (on the device)
+    with those draws: the counts are exactly what the masked batch holds, and the same draws mask alike."""
+    raw = raw_batch()
+    cfg = MaskingConfig(vocab_size=VOCAB, mask_id=MASK, never_mask=(CLS, SEP, PAD))
+    draws = draw_selection(raw, torch.Generator().manual_seed(4))
+    assert draws["u_words"].shape == (16, 20) and draws["u_objects"].shape == (16, 36)
+    counts = selection_counts(raw, draws, cfg)
+    a = mask_pretrain_batch({**raw, **draws}, cfg, torch.Generator().manual_seed(5))
+    b = mask_pretrain_batch({**raw, **draws}, cfg, torch.Generator().manual_seed(6))  # other branch draws
+    assert masked_counts(a) == masked_counts(b) == counts
+    assert counts[0] > 0 and counts[1] > 0
+    assert torch.equal(a["labels"], b["labels"])                                    # the same words selected
+    assert torch.equal(a["obj_labels"]["feat"][1], b["obj_labels"]["feat"][1])        # the same objects
+    with pytest.raises(ValueError, match="u_bl has shape"):
+        mask_pretrain_batch({**raw, **draws, "u_words": draws["u_words"][:, :5]}, cfg)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
