@@ -63,18 +63,22 @@ def variant_of(spec: dict, E, s, log):
     else:
         backend = spec.get("backend") or ("triton" if cuda else "sdpa")
         kernels = "triton" if backend == "triton" else "torch"
-        v = E.Variant(key, "ours", backend=backend, kernels=kernels, optimizer="torch_fused", note=note)
-        ds_err = E.deepspeed_import_error() if spec.get("loop", "auto") in ("auto", "deepspeed") else None
-        if spec.get("loop") == "plain" or ds_err:
-            v = E.without_deepspeed(v)
-            setup = f"ours ({backend}), no DeepSpeed: plain loop, {'autocast bf16' if cuda else 'fp32'}, torch fused AdamW"
-            if ds_err:
-                extra["deepspeed_error"] = ds_err
-                setup += " (deepspeed not importable)"
-                log(f"deepspeed does not import ({ds_err}): plain loop + torch fused AdamW")
+        precision = "autocast bf16" if cuda else "fp32"
+        if spec["loop"] == "plain":  # the peer's loop and optimizer: the model against the model
+            v = E.Variant(key, "ours_plain", backend=backend, kernels=kernels, optimizer="torch", note=note)
+            setup = f"ours ({backend}), the peer's plain loop: {precision}, torch AdamW"
         else:
-            setup = (f"ours ({backend}), DeepSpeed " + ("zero2.json (ZeRO-2, bf16)" if cuda else "cpu.json (fp32)")
-                     + ", torch fused AdamW")
+            v = E.Variant(key, "ours", backend=backend, kernels=kernels, optimizer="torch_fused", note=note)
+            ds_err = E.deepspeed_import_error()
+            if ds_err:
+                v = E.without_deepspeed(v)
+                extra["deepspeed_error"] = ds_err
+                setup = (f"ours ({backend}), NO DeepSpeed (deepspeed not importable): plain loop, {precision}, "
+                         f"torch fused AdamW")
+                log(f"deepspeed does not import ({ds_err}): plain loop + torch fused AdamW")
+            else:
+                setup = (f"ours ({backend}), DeepSpeed " + ("zero2.json (ZeRO-2, bf16)" if cuda else "cpu.json (fp32)")
+                         + ", torch fused AdamW")
     if spec.get("compile"):
         v = replace(v, compile=True, compile_mode=spec["compile"], fullgraph=spec["model"] != "hf")
         setup += f"; torch.compile mode {spec['compile']}" + (", fullgraph" if v.fullgraph else "")

@@ -18,15 +18,16 @@
 #                calls, flash attention vs SDPA, LayerNorm/GELU vs torch
 #                and vs a copy of the same bytes                          expected ~40 s   (limit 60 s)
 #   e2e          pre-training samples/s, batch 256, bf16: transformers
-#                eager and + torch.compile, ours eager, ours compiled
-#                (default, reduce-overhead, max-autotune), ours sdpa,
-#                ours without DeepSpeed; TFLOP/s and MFU each             expected ~150-220 s (the rest)
+#                eager and + torch.compile, ours eager and compiled
+#                (default, reduce-overhead, max-autotune) in the same
+#                plain loop, ours under DeepSpeed eager and compiled,
+#                ours sdpa; TFLOP/s and MFU each                          expected ~150-220 s (the rest)
 #   report       results.json, summary.md, the two plots, the tables     expected  ~10 s  (limit 20 s)
 # The e2e workers build and compile in the background from the start of the correctness part; they are
 # stopped while the kernels are timed, and each times its steps with every other worker stopped.
 # Every row is appended to $OUT/rows.jsonl the moment it is measured; what did not give a figure has
-# a row saying why (missing package, timeout, error). Without the wheels the DeepSpeed rows say
-# "missing package" and ours runs in a plain loop with torch's fused AdamW, labelled so.
+# a row saying why (missing package, timeout, error). Without the wheels the two DeepSpeed variants
+# run the same model in the plain loop with torch's fused AdamW, labelled so.
 #
 # Comes back in $OUT (7 files): gpu_check.log (everything printed), rows.jsonl, results.json,
 # summary.md, throughput.png, kernel_speedups.png, logs.tgz (each process's log). The part times and
