@@ -24,6 +24,7 @@ mismatched), with [CLS] / [SEP] added and the features in fp16, as the feature s
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import math
@@ -212,10 +213,32 @@ class BatchSource:
         return obj
 
     def get(self, i: int) -> dict:
+        """The model's batch on the device, with "_counts": its (masked words, masked objects), known on the
+        host before the step (as pretrain.py: the row budget of the compiled step depends on them)."""
+        from lxmert_fast.data.masking import draw_selection, masked_counts, selection_counts
+
         raw = self.micro[i]
         if self.v.masking == "host":
-            return self._to(self.mask(raw, self.cfg, self.host_gen))
-        return self.mask(self._to(raw), self.cfg, self.gen)
+            batch = self.mask(raw, self.cfg, self.host_gen)
+            return {**self._to(batch), "_counts": masked_counts(batch)}
+        # as pretrain.py (--mask_on device): the selection drawn on the host, the masking done on the device
+        draws = draw_selection(raw, self.host_gen)
+        counts = selection_counts(raw, draws, self.cfg)
+        return {**self.mask(self._to({**raw, **draws}), self.cfg, self.gen), "_counts": counts}
+
+
+def row_budget(batch: dict, sigmas: float = 6.0):
+    """(RowBudget, fits) for one of our model's batches, as pretrain.py's trainer: room for the expected
+    masked rows + `sigmas` standard deviations; a batch beyond it gets room for every row (exact) and
+    runs eagerly (lxmert_fast.train.compile.eager_forward), so the compiled step keeps its one shape."""
+    from lxmert_fast.model.rows import RowBudget
+
+    b, t = batch["input_ids"].shape
+    n = batch["visual_feats"].shape[1]
+    budget = RowBudget.for_batch(b, t, n, 0.15, 0.15, sigmas)
+    if budget.fits(*batch["_counts"]):
+        return budget, True
+    return RowBudget.full(b, t, n), False
 
 
 def model_kwargs(batch: dict, dtype: Optional[torch.dtype] = None) -> dict:
@@ -252,13 +275,35 @@ def compile_mode_of(v: Variant, s: Settings) -> Optional[str]:
 
 
 def compile_model(model, v: Variant, s: Settings):
-    """torch.compile of `model` as the variant asks (mode, fullgraph); returns the callable to use.
+    """torch.compile of transformers' `model` as the variant asks (mode); returns the callable to use.
     The 'eager' backend (dynamo only, for CPU smoke runs) takes no mode."""
     mode = compile_mode_of(v, s)
     kw = {"backend": s.compile_backend, "fullgraph": v.fullgraph}
     if s.compile_backend == "inductor" and mode not in (None, "default"):
         kw["mode"] = mode
     return torch.compile(model, **kw)
+
+
+def compile_ours(model, v: Variant, s: Settings) -> str:
+    """Our model's forward compiled in place, as `pretrain.py --compile MODE` does it
+    (lxmert_fast.train.compile.compile_model: fullgraph, static shapes, before DeepSpeed wraps the
+    model, whose module hooks stay eager). With another backend than inductor (the CPU smoke runs:
+    'eager', dynamo only) the same flags through torch.compile directly. Returns what was called."""
+    from lxmert_fast.train.compile import compile_model as recipe_compile
+
+    mode = compile_mode_of(v, s) or "default"
+    if s.compile_backend == "inductor":
+        recipe_compile(model, mode)
+        return f"lxmert_fast.train.compile.compile_model(model, {mode!r})"
+    model.forward = torch.compile(model.forward, backend=s.compile_backend, fullgraph=True, dynamic=False)
+    return f"torch.compile(model.forward, backend={s.compile_backend!r}, fullgraph=True, dynamic=False)"
+
+
+def step_begins(v: Variant, s: Settings) -> None:
+    """Before each step's forward: with CUDA graphs (reduce-overhead) the previous replay's outputs may
+    be overwritten from here on (lxmert_fast.train.compile.step_begins)."""
+    if v.compile and s.cuda and compile_mode_of(v, s) == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def unavailable_reason(v: Variant, s: Settings) -> Optional[str]:
@@ -306,19 +351,32 @@ class HFTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         kw = {"fused": True} if v.optimizer == "torch_fused" else {}
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, **kw)
-        self.forward = compile_model(model, v, s) if v.compile else model
-        # CUDA graphs (reduce-overhead): each step begins a new generation of the graphs' outputs
-        self.mark_step = v.compile and compile_mode_of(v, s) == "reduce-overhead" and s.cuda
+        self.ours = v.kind == "ours_plain"
+        self.compiled_with = None
+        if v.compile and self.ours:
+            self.compiled_with = compile_ours(model, v, s)
+        elif v.compile:
+            self.model_compiled = compile_model(model, v, s)
+            self.compiled_with = f"torch.compile(model, backend={s.compile_backend!r}, mode={compile_mode_of(v, s)!r})"
+        self.forward = getattr(self, "model_compiled", model)
+        self.v, self.s = v, s
         self.cuda = s.cuda
         self.accum = accum
         self.zero_stage = None
         self.loss = None
 
     def micro_step(self, batch: dict, last: bool, probe: MemoryProbe) -> None:
-        if self.mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            loss = self.forward(**model_kwargs(batch)).loss
+        kw = model_kwargs(batch)
+        ctx = contextlib.nullcontext()
+        if self.ours:
+            kw["row_budget"], fits = row_budget(batch)
+            if not fits and self.v.compile:
+                from lxmert_fast.train.compile import eager_forward
+
+                ctx = eager_forward(compile_mode_of(self.v, self.s) or "default")
+        step_begins(self.v, self.s)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda), ctx:
+            loss = self.forward(**kw).loss
         probe.sample()
         (loss / self.accum).backward()
         probe.sample()
@@ -371,12 +429,10 @@ class OursTrainer:
             model = LxmertForPreTraining(config)
         model.train()
         cfg = ds_config(s, v, s.world_size)
-        if v.compile:
-            # The forward method, not the module: DeepSpeed registers forward hooks on the module (its
-            # throughput timer calls time.time()), which fullgraph=True would refuse to trace; compiled
-            # this way they run eagerly around the compiled forward. Parameter names stay unchanged.
-            model.forward = compile_model(model.forward, v, s)
-        self.mark_step = v.compile and compile_mode_of(v, s) == "reduce-overhead" and s.cuda
+        # before DeepSpeed wraps the model, as pretrain.py: the forward method in place, so DeepSpeed's
+        # module hooks (its throughput timer calls time.time()) run eagerly around the compiled graph
+        self.compiled_with = compile_ours(model, v, s) if v.compile else None
+        self.v, self.s = v, s
         self.engine = initialize(model, cfg)
         if self.engine.train_batch_size() != s.batch or self.engine.gradient_accumulation_steps() != accum:
             raise RuntimeError(f"engine batch {self.engine.train_batch_size()} / accumulation "
@@ -392,9 +448,15 @@ class OursTrainer:
         kw = model_kwargs(batch, self.dtype)
         if self.all_logits:
             kw["output_prediction_logits"] = True
-        if self.mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss = self.engine(**kw).loss
+        kw["row_budget"], fits = row_budget(batch)
+        ctx = contextlib.nullcontext()
+        if not fits and self.v.compile:
+            from lxmert_fast.train.compile import eager_forward
+
+            ctx = eager_forward(compile_mode_of(self.v, self.s) or "default")
+        step_begins(self.v, self.s)
+        with ctx:
+            loss = self.engine(**kw).loss
         probe.sample()
         self.engine.backward(loss)
         probe.sample()
@@ -451,6 +513,8 @@ class Live:
         self.probe = MemoryProbe(s.cuda)
         self.trainer = (OursTrainer if v.kind == "ours" else HFTrainer)(config, s, v, self.accum)
         row["zero_stage"] = self.trainer.zero_stage
+        if self.trainer.compiled_with:
+            row["compiled_with"] = self.trainer.compiled_with
         self.source = BatchSource(config, s, v, s.micro_batch, self.accum)
         self.micro_timer = StepTimer(s.cuda)
         self.timing = False

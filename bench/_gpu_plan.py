@@ -30,7 +30,8 @@ ENV_KEYS = ("env:install", "env:versions", "env:gpu", "env:peak_matmul", "env:co
 # ---------------------------------------------------------------------------------------------- correctness
 # worker name -> the checks it runs (each check: one row; every output and gradient compared)
 CORRECTNESS = {
-    "attention": ("flash_attention L20 masked", "flash_attention L36", "flash_attention dropout"),
+    "attention": ("flash_attention L20 masked", "flash_attention L36", "flash_attention dropout",
+                  "flash_attention_qkv L20 masked"),
     "cross": ("cross_pair 20+36 masked", "cross_pair dropout"),
     "elementwise": ("layer_norm+residual", "layer_norm dropout", "bias_gelu"),
     "model": ("model triton vs eager bf16",),

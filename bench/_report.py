@@ -158,7 +158,7 @@ def kernel_summary(rows: list[dict], with_copy: bool = False) -> list[list[str]]
                               []).append(r)
     out = []
     for key, rs in groups.items():
-        ours = [r for r in rs if str(r.get("impl", "")).startswith("ours") and r.get("ms")]
+        ours = sorted((r for r in rs if str(r.get("impl", "")).startswith("ours") and r.get("ms")), key=lambda r: r["ms"])
         peers = [r for r in rs if is_peer(r) and r.get("ms")]
         copy = next((r for r in rs if r.get("reference") == "copy" and r.get("ms")), None)
         tail = [(_f(copy["ms"] / ours[0]["ms"], "{:.0%}") if copy and ours else "-")] if with_copy else []
@@ -316,7 +316,7 @@ def plots(out: Path, rows: list[dict], env: dict) -> tuple[list[str], str | None
         for r in kern:
             groups.setdefault((r["op"], r["mode"], r.get("shape"), r.get("dropout"), r.get("dtype")), []).append(r)
         for (op, mode, shape, dropout, _dt), rs in groups.items():
-            ours = [r for r in rs if str(r["impl"]).startswith("ours")]
+            ours = sorted((r for r in rs if str(r["impl"]).startswith("ours")), key=lambda r: r["ms"])
             peers = [r for r in rs if is_peer(r)]
             if not ours or not peers or ours[0].get("batch") is None:
                 continue

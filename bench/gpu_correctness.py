@@ -133,7 +133,11 @@ def _kernels():
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def _attention_case(lk, S: Shapes, L: int, masked: bool, dev, dtype, dropout_p=0.0, seed=1234):
+class Unavailable(RuntimeError):
+    """The op is not in this version of lxmert_kernels (a "no figure (unavailable)" row)."""
+
+
+def _attention_case(lk, S: Shapes, L: int, masked: bool, dev, dtype, dropout_p=0.0, seed=1234, packed=False):
     import torch
     from lxmert_kernels.reference import attention_ref
 
@@ -149,7 +153,13 @@ def _attention_case(lk, S: Shapes, L: int, masked: bool, dev, dtype, dropout_p=0
     dout = torch.randn(B, L, H, D, generator=g).to(dev)
     ref_dt = _ref_dtype(S.dry)
 
+    if packed and not hasattr(lk, "flash_attention_qkv"):
+        raise Unavailable("this lxmert_kernels has no flash_attention_qkv")
+
     def ours_fn(qkv):
+        if packed:  # one packed projection in, one gradient tensor out
+            return lk.flash_attention_qkv(qkv, key_padding_mask=mask, dropout_p=dropout_p,
+                                          seed=seed if dropout_p else None)
         q, k, v = qkv.unbind(2)
         return lk.flash_attention(q, k, v, key_padding_mask=mask, dropout_p=dropout_p, seed=seed if dropout_p else None)
 
@@ -369,7 +379,8 @@ def checks_of(group: str, lk, S: Shapes, dev, dtype):
     if group == "attention":
         return {"flash_attention L20 masked": lambda: _attention_case(lk, S, LANG, True, dev, dtype),
                 "flash_attention L36": lambda: _attention_case(lk, S, VIS, False, dev, dtype),
-                "flash_attention dropout": lambda: _attention_case(lk, S, LANG, True, dev, dtype, dropout_p=0.1)}
+                "flash_attention dropout": lambda: _attention_case(lk, S, LANG, True, dev, dtype, dropout_p=0.1),
+                "flash_attention_qkv L20 masked": lambda: _attention_case(lk, S, LANG, True, dev, dtype, packed=True)}
     if group == "cross":
         return {"cross_pair 20+36 masked": lambda: _cross_case(lk, S, dev, dtype),
                 "cross_pair dropout": lambda: _cross_case(lk, S, dev, dtype, dropout_p=0.1)}
@@ -413,6 +424,8 @@ def run_group(group: str, rows: str | None, dry: bool) -> int:
                 c, shape = cases[n]()
                 status, fields = c.verdict()
             row.update(status=status, figure=True, shape=shape, **fields)
+        except Unavailable as err:
+            row.update(figure=False, no_figure="unavailable", status=f"no figure (unavailable): {err}")
         except Exception as err:  # noqa: BLE001
             traceback.print_exc()
             row.update(figure=False, no_figure="error", status=f"no figure (error): {type(err).__name__}: {err}"[:400])

@@ -134,9 +134,14 @@ def test_every_planned_row_is_a_figure_or_says_why(dry_full):
 
 def test_correctness_checks_pass_in_the_interpreter(dry_full):
     out, _, _ = dry_full
+    import lxmert_kernels
+
     checks = {r["check"]: r for r in _rows(out) if r.get("part") == "correctness"}
     assert set(checks) == {c for cs in P.CORRECTNESS.values() for c in cs}
     for name, r in checks.items():
+        if name.startswith("flash_attention_qkv") and not hasattr(lxmert_kernels, "flash_attention_qkv"):
+            assert r["status"] == "no figure (unavailable): this lxmert_kernels has no flash_attention_qkv"
+            continue
         assert r["status"] == "ok", f"{name}: {r['status']}"
         assert r["errors"] and r["worst_err_over_bound"] <= 1.0
 
