@@ -46,3 +46,29 @@ def test_flash_attn_backend_reports_why_it_cannot_serve():
     q = torch.randn(1, 3, 2, 32)
     with pytest.raises(AttentionBackendError, match="flash_attn"):
         dispatcher.attention(q, q, q, None, 0.0, 0.2)
+
+
+def test_triton_backend_attention_qkv_matches_the_unbound_views():
+    """`attention_qkv` (packed self-attention, one dqkv from the kernels) equals `attention` on
+    the views of the same projection, output and gradient, with dropout for a fixed seed."""
+    from lxmert_fast.model.triton_backend import TritonAttention
+
+    backend = TritonAttention()
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 7, 3, 2, 32, generator=gen)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    dout = torch.randn(2, 7, 2, 32, generator=gen)
+    outs, grads = [], []
+    for packed in (True, False):
+        x = qkv.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        if packed:
+            out, probs = backend.attention_qkv(x, mask, 0.1, 0.2)
+        else:
+            out, probs = backend.attention(*x.unbind(2), mask, 0.1, 0.2)
+        assert probs is None
+        out.backward(dout)
+        outs.append(out.detach())
+        grads.append(x.grad)
+    assert torch.equal(outs[0], outs[1])
+    assert_close_scaled(grads[0], grads[1], "dqkv", rel=1e-6)

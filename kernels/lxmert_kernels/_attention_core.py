@@ -157,13 +157,16 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             keep = attention_keep(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p * inv_keep, 0.0)
+            p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied to the output
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = acc * (inv_keep / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
@@ -376,13 +379,15 @@ def _fwd_one_tile(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     p = tl.exp2(s - m_safe[:, None])
     l = tl.sum(p, 1)
+    row_scale = 1.0
     if HAS_DROPOUT:
         keep = attention_keep(seed, pid_bh, rows, 0, dropout_p, BLOCK_Q, BLOCK_K)
-        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        p = tl.where(keep, p, 0.0)
+        row_scale = 1.0 / (1.0 - dropout_p)  # applied once per output element, not per score
     acc = _dot(p.to(v.dtype), v, IEEE)
     l_ok = l > 0.0
     l_safe = tl.where(l_ok, l, 1.0)
-    out = acc / l_safe[:, None]
+    out = acc * (row_scale / l_safe)[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(l_ok, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))

@@ -4,7 +4,11 @@
 Here one Philox call gives 4 x 32 = 128 random bits, cut into eight 16-bit numbers, one per
 element of a group of 8 consecutive columns:
 
-    keep(c0 = column // 8, c1, c2, c3)[column % 8] = u16 >= round(65536 * p)
+    words r0..r3 = Philox-4x32-10(seed, counter (c0 = column // 8, c1, c2, c3))
+    column 8 c0 + 4 h + 2 i + j is kept when half h (0: low, 1: high 16 bits) of word
+    r[2 j + i] is >= round(65536 p)
+
+(``philox4x32`` is Triton's ``tl.philox`` written with one 32x32->64-bit multiply per product.)
 
 The counter (c0, c1, c2, c3) is four 32-bit words, so no offset is ever multiplied into one
 integer that could wrap: attention uses (key group, query row, batch * heads + head, 0), the
@@ -20,6 +24,32 @@ import triton
 import triton.language as tl
 
 GROUP = 8  # columns per Philox call
+
+
+@triton.jit
+def _mulhilo(a, M: tl.constexpr):
+    """(high, low) 32-bit words of the 64-bit product a * M: one wide multiply (IMAD.WIDE)
+    instead of separate mul.hi and mul.lo."""
+    prod = a.to(tl.uint64) * M
+    return (prod >> 32).to(tl.uint32), prod.to(tl.uint32)
+
+
+@triton.jit
+def philox4x32(seed, c0, c1, c2, c3, N_ROUNDS: tl.constexpr):
+    """Philox-4x32 (Salmon et al. 2011), same words as ``tl.philox`` for 32-bit counters."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(N_ROUNDS):
+        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
+        k0 = k0 + 0x9E3779B9  # uint32: wraps modulo 2**32
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -43,7 +73,7 @@ def keep_tile(seed, c1, c2, c3, col_start, dropout_p, ROWS: tl.constexpr, COLS: 
     w1 = zero + c1.to(tl.uint32)[:, None]
     w2 = zero + c2
     w3 = zero + c3
-    r0, r1, r2, r3 = tl.philox(seed, c0, w1, w2, w3)
+    r0, r1, r2, r3 = philox4x32(seed, c0, w1, w2, w3, 10)
     a0, a1 = _halves(r0)
     b0, b1 = _halves(r1)
     d0, d1 = _halves(r2)

@@ -16,14 +16,7 @@ import torch
 
 from . import _attention_core as core
 from ._common import as_seed_tensor, check_device, check_dropout, check_dtype, seed_tensor
-from .flash_attention import _check_head_dim, _check_mask
-
-
-def _check_packed(fn_name: str, qkv) -> None:
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"lxmert_kernels.{fn_name}: qkv must have shape (B, L, 3, H, D)")
-    check_dtype("qkv", qkv)
-    _check_head_dim(qkv.shape[4])
+from .flash_attention import _check_mask, _check_packed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,13 @@ def _check_mask(key_padding_mask, B: int, LK: int, device) -> None:
         raise ValueError("lxmert_kernels attention: key_padding_mask is on another device than q")
 
 
+def _check_packed(fn_name: str, qkv) -> None:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"lxmert_kernels.{fn_name}: qkv must have shape (B, L, 3, H, D)")
+    check_dtype("qkv", qkv)
+    _check_head_dim(qkv.shape[4])
+
+
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -162,6 +169,92 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
     out, _ = flash_attention_fwd(q, k, v, key_padding_mask, seed_t, dropout_p, float(softmax_scale))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: lxmert_kernels::flash_attention_qkv_fwd / flash_attention_qkv_bwd (packed input)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("lxmert_kernels::flash_attention_qkv_fwd", mutates_args=())
+def flash_attention_qkv_fwd(
+    qkv_bl3hd: torch.Tensor, key_padding_mask_bl: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+    dropout_p: float, softmax_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kernel contract: self-attention of one packed projection qkv_bl3hd (B, L, 3, H, D) (any
+    strides; q, k, v are read in place through qkv[:, :, i]); mask, seed, dropout and outputs
+    (o (B, L, H, D), lse (B, H, L)) as in ``flash_attention_fwd``."""
+    q_blhd, k_blhd, v_blhd = qkv_bl3hd.unbind(dim=2)
+    return core.attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale, dropout_p, seed)
+
+
+@flash_attention_qkv_fwd.register_fake
+def _(qkv_bl3hd, key_padding_mask_bl, seed, dropout_p, softmax_scale):
+    B, L, _, H, D = qkv_bl3hd.shape
+    return qkv_bl3hd.new_empty((B, L, H, D)), qkv_bl3hd.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("lxmert_kernels::flash_attention_qkv_bwd", mutates_args=())
+def flash_attention_qkv_bwd(
+    do_blhd: torch.Tensor, qkv_bl3hd: torch.Tensor, o_blhd: torch.Tensor, lse_bhl: torch.Tensor,
+    key_padding_mask_bl: Optional[torch.Tensor], seed: Optional[torch.Tensor], dropout_p: float,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Kernel contract: dqkv (B, L, 3, H, D) contiguous, dtype of qkv: dq, dk, dv are written
+    straight into one tensor (no stack copy in the projection's backward). Deterministic."""
+    q_blhd, k_blhd, v_blhd = qkv_bl3hd.unbind(dim=2)
+    dqkv_bl3hd = torch.empty(qkv_bl3hd.shape, dtype=qkv_bl3hd.dtype, device=qkv_bl3hd.device)
+    dq_blhd, dk_blhd, dv_blhd = dqkv_bl3hd.unbind(dim=2)
+    core.attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_padding_mask_bl,
+                            softmax_scale, dropout_p, seed, dq_blhd, dk_blhd, dv_blhd)
+    return dqkv_bl3hd
+
+
+@flash_attention_qkv_bwd.register_fake
+def _(do_blhd, qkv_bl3hd, o_blhd, lse_bhl, key_padding_mask_bl, seed, dropout_p, softmax_scale):
+    return qkv_bl3hd.new_empty(qkv_bl3hd.shape)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv_bl3hd, mask_bl, seed, dropout_p, softmax_scale = inputs
+    o_blhd, lse_bhl = output
+    ctx.save_for_backward(qkv_bl3hd, mask_bl, seed, o_blhd, lse_bhl)
+    ctx.dropout_p = dropout_p
+    ctx.softmax_scale = softmax_scale
+
+
+def _qkv_backward(ctx, do_blhd, _dlse):
+    qkv_bl3hd, mask_bl, seed, o_blhd, lse_bhl = ctx.saved_tensors
+    dqkv = flash_attention_qkv_bwd(do_blhd, qkv_bl3hd, o_blhd, lse_bhl, mask_bl, seed, ctx.dropout_p,
+                                   ctx.softmax_scale)
+    return dqkv, None, None, None, None
+
+
+flash_attention_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
+def flash_attention_qkv(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None):
+    """Self-attention of one packed projection: ``flash_attention(*qkv.unbind(2), ...)`` with one
+    gradient tensor.
+
+    Args:
+      qkv: (B, L, 3, H, D), e.g. ``linear(x).view(B, L, 3, H, D)``; any strides.
+      key_padding_mask, dropout_p, softmax_scale, seed: as in :func:`flash_attention`.
+    Returns:
+      (B, L, H, D) contiguous. The gradient of qkv is one (B, L, 3, H, D) tensor written by the
+      kernels (no ``torch.stack`` of dq, dk, dv in backward). Same dropout mask as
+      :func:`flash_attention` for the same seed.
+
+    Runs as the custom ops ``lxmert_kernels::flash_attention_qkv_fwd`` / ``flash_attention_qkv_bwd``.
+    """
+    _check_packed("flash_attention_qkv", qkv)
+    B, L, _, H, D = qkv.shape
+    check_device(core.INTERPRETED, qkv, key_padding_mask)
+    _check_mask(key_padding_mask, B, L, qkv.device)
+    dropout_p = check_dropout(dropout_p)
+    seed_t = seed_tensor(seed, dropout_p, qkv.device)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    out, _ = flash_attention_qkv_fwd(qkv, key_padding_mask, seed_t, dropout_p, float(softmax_scale))
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dropout import layer_norm_keep
 from ._common import (as_seed_tensor, check_device, check_dropout, check_dtype, is_interpreted,
                       num_programs_hint, seed_tensor)
 
@@ -17,21 +18,15 @@ MAX_HIDDEN = 8192  # a tile of whole rows is held in registers: N <= MAX_HIDDEN
 
 
 @triton.jit
-def _ln_dropout_keep(seed, rows, cols, N, dropout_p):
-    """keep(row, col) = rand(seed, row * N + col) >= p (int32 offsets, wrapping past 2**31)."""
-    return tl.rand(seed, rows[:, None] * N + cols[None, :]) >= dropout_p
-
-
-@triton.jit
 def _ln_load_input(X, RES, rows, cols, ok, stride_x, stride_r, N, dropout_p, SEED,
-                   HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                   HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """h = dropout(x) + residual on a (BLOCK_M, BLOCK_N) tile of rows, fp32, and the keep mask.
     SEED points to the int64 Philox seed (read only with HAS_DROPOUT)."""
     rows64 = rows.to(tl.int64)[:, None]
     h = tl.load(X + rows64 * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     keep = ok
     if HAS_DROPOUT:
-        keep = _ln_dropout_keep(tl.load(SEED), rows, cols, N, dropout_p) & ok
+        keep = layer_norm_keep(tl.load(SEED), rows, dropout_p, BLOCK_M, BLOCK_N) & ok
         h = tl.where(keep, h / (1.0 - dropout_p), 0.0)
     if HAS_RES:
         h += tl.load(RES + rows64 * stride_r + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -51,7 +46,8 @@ def _ln_fwd_kernel(
     row_ok = rows < M
     col_ok = cols < N
     ok = row_ok[:, None] & col_ok[None, :]
-    h, keep = _ln_load_input(X, RES, rows, cols, ok, stride_x, stride_r, N, dropout_p, SEED, HAS_RES, HAS_DROPOUT)
+    h, keep = _ln_load_input(X, RES, rows, cols, ok, stride_x, stride_r, N, dropout_p, SEED, HAS_RES, HAS_DROPOUT,
+                             BLOCK_M, BLOCK_N)
     mean = tl.sum(h, 1) / N
     hc = tl.where(ok, h - mean[:, None], 0.0)
     var = tl.sum(hc * hc, 1) / N
@@ -87,7 +83,7 @@ def _ln_bwd_kernel(
         row_ok = rows < row_end
         ok = row_ok[:, None] & col_ok[None, :]
         h, keep = _ln_load_input(X, RES, rows, cols, ok, stride_x, stride_r, N, dropout_p, SEED,
-                                 HAS_RES, HAS_DROPOUT)
+                                 HAS_RES, HAS_DROPOUT, BLOCK_M, BLOCK_N)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = tl.where(ok, (h - mean[:, None]) * rstd[:, None], 0.0)
@@ -115,7 +111,7 @@ def _ln_dropout_mask_kernel(OUT, M, N, dropout_p, SEED, BLOCK_M: tl.constexpr, B
     seed = tl.load(SEED)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    keep = _ln_dropout_keep(seed, rows, cols, N, dropout_p)
+    keep = layer_norm_keep(seed, rows, dropout_p, BLOCK_M, BLOCK_N)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     tl.store(OUT + rows.to(tl.int64)[:, None] * N + cols[None, :], keep.to(tl.uint8), mask=ok)
 
@@ -126,7 +122,7 @@ INTERPRETED = is_interpreted(_ln_fwd_kernel)
 
 def _launch_params(N: int, interpreted: bool):
     """(BLOCK_M, BLOCK_N, launch kwargs): whole rows per tile, ~4K elements per tile on GPU."""
-    block_n = triton.next_power_of_2(N)
+    block_n = max(16, triton.next_power_of_2(N))  # dropout groups of 8 columns need >= 8
     if interpreted:
         return max(1, min(16, 4096 // block_n)), block_n, {}
     block_m = max(2, min(16, 4096 // block_n))
@@ -209,7 +205,8 @@ def layer_norm_fwd(
       x (..., N) float16 / bfloat16 / float32, rows must be unit-stride in the last dim (other
         layouts are copied); residual: None or same shape (any float dtype);
       weight, bias (N,) any float dtype (fp32 master weights with bf16 activations are fine).
-      dropout_p on x only (not on the residual); Philox keep mask rand(seed, row * N + col) >= p
+      dropout_p on x only (not on the residual); keep mask from lxmert_kernels._dropout (one Philox
+        call per 8 columns, counter (col // 8, row low, row high, 1)),
         with the seed read from the 1-element int64 tensor ``seed`` (None without dropout).
     Outputs
       y (shape and dtype of x, contiguous), mean and rstd (M,) float32 with M = x.numel() / N.

@@ -65,8 +65,10 @@ TABLE: List[dict] = [
          BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
     dict(kernel="fwd", arch=0, max_tile=1 << 62, max_d=128, dtype="any", dropout=None,
          BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    dict(kernel="dkdv", arch=0, max_tile=1 << 62, max_d=64, dtype="any", dropout=None,
+    dict(kernel="dkdv", arch=0, max_tile=1 << 62, max_d=64, dtype="any", dropout=False,
          BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(kernel="dkdv", arch=0, max_tile=1 << 62, max_d=64, dtype="any", dropout=True,  # 4 warps: 255 regs + spills
+         BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(kernel="dkdv", arch=0, max_tile=1 << 62, max_d=128, dtype="any", dropout=None,
          BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(kernel="dq", arch=0, max_tile=64 * 64, max_d=128, dtype="any", dropout=None,
@@ -93,7 +95,9 @@ def candidates(kernel: str, lq: int, lk: int, D: int) -> List[dict]:
     """Pruned autotuning candidates: blocks no larger than the bucketed lengths need, and the
     warps / stages that make sense for the tile."""
     if kernel in ("fwd_one_tile", "bwd_one_tile"):
-        return [dict(num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2)]
+        tile = length_bucket(lq) * length_bucket(lk)
+        warps = (2, 4, 8) if tile <= 1024 else (4, 8)  # 2 warps spill on larger tiles (sm_90 report)
+        return [dict(num_warps=w, num_stages=s) for w in warps for s in (1, 2)]
     bq, bk = length_bucket(lq), length_bucket(lk)
     out = []
     for bm in (32, 64, 128):
@@ -101,7 +105,7 @@ def candidates(kernel: str, lq: int, lk: int, D: int) -> List[dict]:
             if bm > max(32, bq) or bn > max(32, bk) or bm * bn * D > 128 * 64 * 128:
                 continue
             for w in (4, 8):
-                if w == 8 and bm * bn < 64 * 64:
+                if w == 8 and bm * bn < 32 * 64:
                     continue
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=2))
     return out

@@ -4,10 +4,8 @@ import os
 
 if not (os.environ.get("LXMERT_KERNELS_GPU") == "1" and __import__("torch").cuda.is_available()):
     os.environ["TRITON_INTERPRET"] = "1"
-else:
-    # One heuristic config per kernel variant: autotuning every variant the tests touch would
-    # compile hundreds of kernels. test_autotuned_configs_agree covers the autotuned path.
-    os.environ.setdefault("LXMERT_KERNELS_AUTOTUNE", "0")
+# The kernels use the heuristics table unless lxmert_kernels.tuning.set_autotune(True) is called
+# (test_autotuned_configs_agree does, on a GPU).
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -171,17 +171,25 @@ def test_backward_is_deterministic():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="autotuning needs a GPU")
-def test_autotuned_configs_agree(monkeypatch):
-    """The autotuned kernels (every Hopper config is a candidate) match the reference too."""
-    monkeypatch.setenv("LXMERT_KERNELS_AUTOTUNE", "1")
-    monkeypatch.setattr(core, "_VARIANTS", {})
-    compare_attention(3, 20, 36, 2, 64, "full", torch.bfloat16)
-    B, nl, nv, H, D = 4, 20, 36, 12, 64
-    qkv = torch.randn(B, nl + nv, 3, H, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    out = lk.bidirectional_cross_attention(qkv, nl)
-    out.float().sum().backward()
-    ref = cross_attention_ref(qkv.detach(), nl, compute_dtype=REF_DTYPE)
-    assert (out.float() - ref.float()).abs().max().item() < 3e-2
+def test_autotuned_configs_agree(tmp_path, monkeypatch):
+    """The autotuned kernels (pruned candidates, cached in tmp_path) match the reference too,
+    on the one-tile and the multi-launch paths."""
+    from lxmert_kernels import tuning
+
+    monkeypatch.setattr(tuning, "tuner", tuning.Autotuner())
+    tuning.set_autotune(True, cache_dir=str(tmp_path))
+    try:
+        compare_attention(3, 20, 36, 2, 64, "full", torch.bfloat16)
+        compare_attention(1, 200, 150, 2, 64, "pad", torch.bfloat16)
+        B, nl, nv, H, D = 4, 20, 36, 12, 64
+        qkv = torch.randn(B, nl + nv, 3, H, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        out = lk.bidirectional_cross_attention(qkv, nl)
+        out.float().sum().backward()
+        ref = cross_attention_ref(qkv.detach(), nl, compute_dtype=REF_DTYPE)
+        assert (out.float() - ref.float()).abs().max().item() < 3e-2
+    finally:
+        tuning.set_autotune(False)
+    assert list(tmp_path.glob("autotune-*.json")), "the tuned configs were not cached on disk"
 
 
 def test_input_errors(monkeypatch):

@@ -23,7 +23,7 @@ def test_import_is_light_and_device_free():
     env["PYTHONPATH"] = str(KERNELS_DIR)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "0.1.0"
+    assert res.stdout.strip() == "0.2.0"
 
 
 def test_benchmark_script_imports(capsys):

@@ -4,7 +4,8 @@
     python kernels/tools/compile_check.py --report [--space]         # one JSON line per variant (sm_90 figures)
 
 How: the host code of each op runs on ``meta`` tensors at the LXMERT base-config shapes
-(B=64, H=12, D=64, 20 words + 36 objects, hidden 768, FFN 3072) with ``JITFunction.run``
+(B=64, H=12, D=64, 20 words + 36 objects, hidden 768, FFN 3072; and a 512-token self-attention
+for the multi-launch kernels) with ``JITFunction.run``
 replaced by a recorder, so every launch the op would make (kernel, arguments, constexprs,
 warps, stages) is captured without a device. Each launch is then specialised as Triton's
 launcher does (pointers 16-byte aligned, integers divisible by 16 get divisibility hints,
@@ -50,7 +51,7 @@ ln = importlib.import_module("lxmert_kernels.layer_norm")
 ge = importlib.import_module("lxmert_kernels.gelu")
 
 H200_SMS = 132
-BASE = dict(B=64, H=12, D=64, n_lang=20, n_vis=36, hidden=768, ffn=3072)
+BASE = dict(B=64, H=12, D=64, n_lang=20, n_vis=36, hidden=768, ffn=3072, long=512)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -123,7 +124,8 @@ def _tool(name, arch):
 
 
 def figures(compiled, arch):
-    """regs, spill bytes (stores + loads), smem bytes, SASS instruction count of a compiled kernel."""
+    """regs, spill bytes (stores + loads), smem bytes, SASS instruction count and ptxas warnings
+    (e.g. serialised wgmma) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         cubin = os.path.join(tmp, "k.cubin")
@@ -139,7 +141,9 @@ def figures(compiled, arch):
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.M))
-    return dict(regs=regs, spill_bytes=spill, smem_bytes=compiled.metadata.shared, sass_instructions=n_sass)
+    warnings = sorted({re.sub(r"^.*?warning\s*:\s*", "", line) for line in log.splitlines() if "warning" in line.lower()})
+    return dict(regs=regs, spill_bytes=spill, smem_bytes=compiled.metadata.shared, sass_instructions=n_sass,
+                ptxas_warnings=warnings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +185,17 @@ def scenarios(dtypes, dims, quick):
                         core.attention_backward(o, q, k, v, o, lse, mask, scale, p, seed, *d.unbind(2))
 
                     yield f"self {L}x{L} {dt} D={D} p={p} mask={masked}", [(L, L)], self_attn
+
+                def long_self(p=p, seed=seed, D=D, dtype=dtype, L=BASE["long"]):
+                    qkv = _meta(B // 8, L, 3, H, D, dtype=dtype)
+                    mask = _meta(B // 8, L, dtype=torch.bool)
+                    q, k, v = qkv.unbind(2)
+                    o, lse = core.attention_forward(q, k, v, mask, scale, p, seed)
+                    d = _meta(B // 8, L, 3, H, D, dtype=dtype)
+                    core.attention_backward(o, q, k, v, o, lse, mask, scale, p, seed, *d.unbind(2))
+
+                # beyond one tile: the multi-launch kernels and their heuristic blocks
+                yield f"self {BASE['long']}x{BASE['long']} {dt} D={D} p={p} mask=True", [(BASE["long"],) * 2], long_self
         for p in ((0.1,) if quick else (0.0, 0.1)):
             def layer_norm(p=p, dtype=dtype):
                 x = _meta(B, nl + nv, BASE["hidden"], dtype=dtype)
@@ -209,8 +224,7 @@ def useful_fraction(kernel_name, constexprs_by_name, lengths):
     real = tiles = 0
     for i, (lq, lk) in enumerate(lengths):
         if "BLOCK_Q" in c:  # one tile per direction (short kernels); BLOCK_Q/BLOCK_K per direction
-            bq = c["BLOCK_Q"] if i == 0 else c.get("BLOCK_Q2", c["BLOCK_Q"])
-            bk = c["BLOCK_K"] if i == 0 else c.get("BLOCK_K2", c["BLOCK_K"])
+            bq, bk = (c["BLOCK_Q"], c["BLOCK_K"]) if i == 0 else (c["BLOCK_K"], c["BLOCK_Q"])  # swapped
             tiles += bq * bk * triton.cdiv(lq, bq) * triton.cdiv(lk, bk)
         else:
             bm, bn = c["BLOCK_M"], c["BLOCK_N"]

@@ -49,6 +49,15 @@ class TritonAttention(AttentionBackend):
                                             dropout_p=dropout_p, softmax_scale=scale)
         return out, None
 
+    def attention_qkv(self, qkv_bl3hd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
+        """Self-attention of one packed (B, L, 3, H, D) projection: `lxmert_kernels.flash_attention_qkv`,
+        whose backward writes one dqkv (no stack of dq, dk, dv into the projection's gradient)."""
+        if need_weights:
+            raise AttentionBackendError("triton cannot return attention probabilities")
+        out = self._kernels.flash_attention_qkv(qkv_bl3hd, key_padding_mask=key_padding_mask_bl,
+                                                dropout_p=dropout_p, softmax_scale=scale)
+        return out, None
+
     def cross_pair(self, qkv_bl3hd, n_lang, key_padding_mask_bl, dropout_p, scale, need_weights=False):
         if need_weights:
             raise AttentionBackendError("triton cannot return attention probabilities")
