@@ -207,3 +207,29 @@ def test_compiled_training_step_has_no_graph_break_no_recompile_and_the_same_res
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["recompiles"], dict(counters["recompiles"])
     torch._dynamo.reset()
+
+
+def test_compiled_step_with_the_triton_kernels_has_no_graph_break():
+    """The Triton attention backend and fused ops (custom ops, interpreter here) inside the compiled step:
+    captured as one graph, with the eager model's loss and gradients (dropout seeds are device tensors drawn
+    inside the step, the same stream in both). One batch: the interpreter runs each kernel program in Python."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = CONFIG.replace(hidden_size=32, num_attention_heads=2, intermediate_size=48, l_layers=1, x_layers=1,
+                            r_layers=1)  # head dim 16; one layer each: the interpreter is slow
+    model = LxmertForPreTraining(config).train()
+    model.set_attention_backend("triton")
+    model.set_kernels("triton")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    for i, (inputs, labels) in enumerate(_batches(2, config)[:1]):
+        torch.manual_seed(2000 + i)
+        got = _step(compiled, inputs, labels, params_of=model, row_budget=BUDGET)
+        torch.manual_seed(2000 + i)
+        ref = _step(model, inputs, labels, row_budget=BUDGET)
+        _assert_same(got, ref, f"triton, batch {i}", rel=1e-4)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
