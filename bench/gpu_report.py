@@ -170,7 +170,9 @@ def main(argv=None) -> int:
     md += ["## Targets", "", R.md_table(("target", "measured", "verdict"), tg), ""]
     md += ["## Correctness (Triton vs PyTorch)", "", R.md_table(ccols, ct), ""]
     md += ["## Kernels", "", R.md_table(kcols, ks), ""]
-    md += ["## End-to-end pre-training (batch 256, bf16)", "", R.md_table(E2E_COLS, et), "",
+    s0 = next((r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"), {})
+    md += [f"## End-to-end pre-training ({s0.get('preset', '?')} config, batch {s0.get('batch', '?')}, "
+           f"{s0.get('precision', '?')}, median of {s0.get('steps', '?')} steps)", "", R.md_table(E2E_COLS, et), "",
            "MFU meas. = TFLOP/s over the bf16 matmul rate measured in this run; MFU sheet = over the datasheet peak "
            "(lxmert_fast/flops.py); FLOPs per sample: lxmert_fast.flops (what ours computes; the same count for "
            "transformers' model, which computes more).", ""]
