@@ -1,15 +1,23 @@
-"""Triton kernels shared by ``flash_attention`` and ``bidirectional_cross_attention``.
+"""Triton kernels shared by ``flash_attention``, ``flash_attention_qkv`` and
+``bidirectional_cross_attention``.
 
-One set of kernels serves both ops. A program owns a block of rows of one *segment* and loops
-over the rows of the *other* segment:
+Two paths serve every op (``uses_one_tile`` picks one per call):
 
-* plain attention (``TWO_SEGMENTS=False``): queries are rows ``[0, LQ)`` of q, keys are rows
-  ``[0, LK)`` of k and v;
-* bidirectional cross-attention (``TWO_SEGMENTS=True``): q, k, v are views of one packed
-  ``(B, L, 3, H, D)`` tensor with ``LQ == LK == L``. Rows ``[0, n_split)`` are the language
-  tokens, rows ``[n_split, L)`` the vision tokens. Query blocks of the language segment attend to
-  the vision keys and query blocks of the vision segment attend to the language keys, so both
-  directions run in one launch: the program id picks the segment (``_segment``).
+* **one tile** (``_attn_fwd_one_tile_kernel``, ``_attn_bwd_one_tile_kernel``): every query and
+  key of a direction fit one (BLOCK_Q, BLOCK_K) tile. One program per (batch * head, direction)
+  computes the softmax without online rescaling, and the backward computes delta, dQ, dK and dV
+  in the same program: one launch per pass. For the cross pair the tiles are sized to the
+  segments (direction 0 = language queries in BLOCK_Q x vision keys in BLOCK_K, direction 1 the
+  same tiles swapped; a runtime branch on the direction picks the specialisation).
+* **multi-launch** for longer sequences: a program owns a block of rows of one *segment* and
+  loops over the rows of the *other* segment (forward with an online softmax; backward = delta
+  pre-pass, dK/dV over key blocks, dQ over query blocks).
+
+Segments: plain attention (``TWO_SEGMENTS=False``) has queries ``[0, LQ)`` and keys ``[0, LK)``.
+Bidirectional cross-attention (``TWO_SEGMENTS=True``): q, k, v are views of one packed
+``(B, L, 3, H, D)`` tensor with ``LQ == LK == L``; rows ``[0, n_split)`` are the language
+tokens, rows ``[n_split, L)`` the vision tokens, and each segment's queries attend to the other
+segment's keys, both directions in one launch (the program id picks the segment).
 
 Layouts (all strided; the host passes every stride, nothing is copied):
   q_blhd, k_blhd, v_blhd, o_blhd, do_blhd: (B, L, H, D)
@@ -20,11 +28,14 @@ Numerics: scores and softmax statistics in fp32, exp2 with ``log2(e)`` folded in
 ``-inf`` for masked keys. A query row with no kept key gets ``l == 0``: its output is 0 and its
 logsumexp is stored as ``+inf`` so that the backward recomputes ``p = 0`` for it (zero grads).
 
-Dropout: keep(b, h, i, j) = rand(seed, ((b*H + h) * LQ + i) * LK + j) >= p, with i, j the global
-row indices (int32 arithmetic, wrapping for more than 2**31 scores: still deterministic).
-The backward regenerates exactly the same mask.
+Dropout: ``_dropout.attention_keep``: one Philox call per 8 keys, counter (key // 8, query row,
+b * H + h, 0), keys counted from the start of their segment, so both paths and the mask helper
+regenerate the same mask whatever their tiles; 1 / (1 - p) is applied once per output element
+in the forward. The seed is read from a device tensor (``SEED``).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -582,7 +593,12 @@ def one_tile_fits(lq: int, lk: int, D: int) -> bool:
 def _arch(device) -> int:
     if INTERPRETED or device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
     return major * 10 + minor
 
 

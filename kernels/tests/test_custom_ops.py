@@ -23,7 +23,7 @@ ca = importlib.import_module("lxmert_kernels.cross_attention")
 ln = importlib.import_module("lxmert_kernels.layer_norm")
 ge = importlib.import_module("lxmert_kernels.gelu")
 
-OPS = ("flash_attention", "cross_attention", "layer_norm", "bias_gelu")
+OPS = ("flash_attention", "flash_attention_qkv", "cross_attention", "layer_norm", "bias_gelu")
 
 
 def _rand(gen, *shape, dtype=torch.float32):
@@ -93,6 +93,7 @@ def _all_ops(q, k, v, mask, qkv, x, w, b, r, xg, bg, p=0.2, seed=None):
     """Every public op with dropout where it has one, reduced to one scalar."""
     o = lk.flash_attention(q, k, v, mask, dropout_p=p, seed=seed)
     c = lk.bidirectional_cross_attention(qkv, 3, dropout_p=p, seed=seed)
+    c = c + lk.flash_attention_qkv(qkv, dropout_p=p, seed=seed)
     y = lk.layer_norm(x, w, b, 1e-12, r, dropout_p=p, seed=seed)
     z = lk.bias_gelu(xg, bg)
     return (o * o).sum() + c.sum() + (y * y).sum() + z.sum()
