@@ -16,7 +16,6 @@ also the kernels inductor generated, each one call (inductor's kernel profiling 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import transformers  # noqa: E402
 
-from bench.step_vs_hf import git_commit, pretraining_batch  # noqa: E402
+from bench.step_vs_hf import append_json_row, git_commit, parse_step_args, pretraining_batch  # noqa: E402
 from lxmert_fast import LxmertConfig, LxmertForPreTraining  # noqa: E402
 from lxmert_fast.model.convert import hf_to_ours, load_state_into  # noqa: E402
 from lxmert_fast.model.rows import RowBudget  # noqa: E402
@@ -151,17 +150,9 @@ def run(batch: int = 16, preset: str = "base", repeats: int = 5, backend: str = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--preset", default="base", choices=["base", "small", "tiny"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--backend", default="sdpa")
-    parser.add_argument("--json", help="append the result as a JSON line to this file")
-    args = parser.parse_args()
+    args = parse_step_args(__doc__, batch=16, repeats=5)
     row = run(args.batch, args.preset, args.repeats, args.backend)
-    if args.json:
-        with open(args.json, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+    append_json_row(args.json, row)
     print(json.dumps(row["dispatcher"], indent=1))
     print(f"compile (first forward + backward): {row['compile_s']:.0f} s")
     print(f"{'variant':<16}{'step (s)':>10}{'samples/s':>11}")

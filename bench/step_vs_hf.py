@@ -96,18 +96,27 @@ def run(batch: int = 32, preset: str = "base", repeats: int = 7, backend: str = 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
+def parse_step_args(doc: str, batch: int, repeats: int) -> argparse.Namespace:
+    """The command line the one-step comparisons share."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--preset", default="base", choices=["base", "small", "tiny"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--backend", default="sdpa")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
-    args = parser.parse_args()
-    row = run(args.batch, args.preset, args.repeats, args.backend)
-    if args.json:
-        with open(args.json, "a", encoding="utf-8") as fh:
+    return parser.parse_args()
+
+
+def append_json_row(path, row: dict) -> None:
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    args = parse_step_args(__doc__, batch=32, repeats=7)
+    row = run(args.batch, args.preset, args.repeats, args.backend)
+    append_json_row(args.json, row)
     print(f"{'model':<14}{'step (s)':>10}{'samples/s':>11}")
     print(f"{'transformers':<14}{row['hf_s']:>10.3f}{row['hf_samples_per_s']:>11.1f}")
     print(f"{'lxmert-fast':<14}{row['ours_s']:>10.3f}{row['ours_samples_per_s']:>11.1f}")
