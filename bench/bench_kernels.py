@@ -221,23 +221,23 @@ def _finish_group(rows):
             r["ratio"] = round(r["ms"] / t_ours, 3)
 
 
-def bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads=HEADS):
+def bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads=HEADS, head_dim=HEAD_DIM):
     flash_attn_func = _flash_attn_func()
     gen = torch.Generator().manual_seed(0)
     for B in batches:
         for L, padded in ((LANG, True), (VIS, False)):
-            qkv = torch.randn(B, L, 3, heads, HEAD_DIM, generator=gen).to(device, dtype).requires_grad_(True)
+            qkv = torch.randn(B, L, 3, heads, head_dim, generator=gen).to(device, dtype).requires_grad_(True)
             q, k, v = qkv.unbind(dim=2)
             mask = None
             if padded:
                 lengths = torch.randint(6, L + 1, (B,), generator=gen)
                 mask = (torch.arange(L)[None] < lengths[:, None]).to(device)
-            dout = torch.randn(B, L, heads, HEAD_DIM, generator=gen).to(device, dtype)
+            dout = torch.randn(B, L, heads, head_dim, generator=gen).to(device, dtype)
             for mode in modes:
                 for p in dropouts if mode == "fwd+bwd" else (0.0,):
-                    group = dict(op="self_attention", mode=mode, shape=f"B{B} L{L} H{heads} D{HEAD_DIM}",
+                    group = dict(op="self_attention", mode=mode, shape=f"B{B} L{L} H{heads} D{head_dim}",
                                  dtype=str(dtype)[6:], masked=padded, dropout=p)
-                    fl = 4 * B * heads * L * L * HEAD_DIM * (3.5 if mode == "fwd+bwd" else 1.0)
+                    fl = 4 * B * heads * L * L * head_dim * (3.5 if mode == "fwd+bwd" else 1.0)
                     start = len(rec.rows)
                     rec.measure(group, "ours flash_attention",
                                 _step(lambda: lk.flash_attention(q, k, v, mask, dropout_p=p), [qkv], dout, mode),
@@ -258,17 +258,17 @@ def bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads
                     _finish_group(rec.rows[start:])
 
 
-def bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads=HEADS):
+def bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads=HEADS, head_dim=HEAD_DIM):
     gen = torch.Generator().manual_seed(1)
     L = LANG + VIS
     for B in batches:
-        qkv = torch.randn(B, L, 3, heads, HEAD_DIM, generator=gen).to(device, dtype).requires_grad_(True)
+        qkv = torch.randn(B, L, 3, heads, head_dim, generator=gen).to(device, dtype).requires_grad_(True)
         q, k, v = qkv.unbind(dim=2)
         lengths = torch.randint(6, LANG + 1, (B,), generator=gen)
         mask = torch.ones(B, L, dtype=torch.bool)
         mask[:, :LANG] = torch.arange(LANG)[None] < lengths[:, None]
         mask = mask.to(device)
-        dout = torch.randn(B, L, heads, HEAD_DIM, generator=gen).to(device, dtype)
+        dout = torch.randn(B, L, heads, head_dim, generator=gen).to(device, dtype)
 
         def two_sdpa(p):
             o_lang = _sdpa(q[:, :LANG], k[:, LANG:], v[:, LANG:], None, p)  # vision keys: no padding
@@ -277,9 +277,9 @@ def bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads=HEA
 
         for mode in modes:
             for p in dropouts if mode == "fwd+bwd" else (0.0,):
-                group = dict(op="cross_pair", mode=mode, shape=f"B{B} {LANG}+{VIS} H{heads} D{HEAD_DIM}",
+                group = dict(op="cross_pair", mode=mode, shape=f"B{B} {LANG}+{VIS} H{heads} D{head_dim}",
                              dtype=str(dtype)[6:], masked=True, dropout=p)
-                fl = 2 * 4 * B * heads * LANG * VIS * HEAD_DIM * (3.5 if mode == "fwd+bwd" else 1.0)
+                fl = 2 * 4 * B * heads * LANG * VIS * head_dim * (3.5 if mode == "fwd+bwd" else 1.0)
                 start = len(rec.rows)
                 rec.measure(group, "ours bidirectional (1 launch)",
                             _step(lambda: lk.bidirectional_cross_attention(qkv, LANG, mask, dropout_p=p), [qkv],
@@ -310,7 +310,7 @@ def _measure_copy(rec, group: dict, nbytes: int, device) -> None:
     rec.measure(group, "copy (same bytes)", lambda: dst.copy_(src), {"bytes": nbytes}, reference="copy")
 
 
-def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile):
+def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile, hidden=HIDDEN):
     gen = torch.Generator().manual_seed(2)
 
     def torch_ln(x, r, w, b):
@@ -319,16 +319,16 @@ def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile):
     compiled = _compiled(torch_ln, use_compile)
     for B in batches:
         M = B * (LANG + VIS)
-        x = torch.randn(M, HIDDEN, generator=gen).to(device, dtype).requires_grad_(True)
-        r = torch.randn(M, HIDDEN, generator=gen).to(device, dtype).requires_grad_(True)
-        w = torch.ones(HIDDEN, device=device, dtype=dtype, requires_grad=True)
-        b = torch.zeros(HIDDEN, device=device, dtype=dtype, requires_grad=True)
-        dy = torch.randn(M, HIDDEN, generator=gen).to(device, dtype)
+        x = torch.randn(M, hidden, generator=gen).to(device, dtype).requires_grad_(True)
+        r = torch.randn(M, hidden, generator=gen).to(device, dtype).requires_grad_(True)
+        w = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
+        b = torch.zeros(hidden, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(M, hidden, generator=gen).to(device, dtype)
         e = x.element_size()
         for mode in modes:
             # minimal traffic: fwd reads x, r, writes y; bwd reads dy, x, r, writes dx, dr
-            nbytes = M * HIDDEN * e * (3 if mode == "fwd" else 8)
-            group = dict(op="layer_norm+residual", mode=mode, shape=f"M{M} N{HIDDEN}", dtype=str(dtype)[6:],
+            nbytes = M * hidden * e * (3 if mode == "fwd" else 8)
+            group = dict(op="layer_norm+residual", mode=mode, shape=f"M{M} N{hidden}", dtype=str(dtype)[6:],
                          masked=False, dropout=0.0)
             start = len(rec.rows)
             inputs = [x, r, w, b]
@@ -342,7 +342,7 @@ def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile):
             _finish_group(rec.rows[start:])
 
 
-def bench_bias_gelu(lk, rec, batches, dtype, device, modes, use_compile):
+def bench_bias_gelu(lk, rec, batches, dtype, device, modes, use_compile, ffn=FFN):
     gen = torch.Generator().manual_seed(3)
 
     def torch_gelu(x, b):
@@ -351,13 +351,13 @@ def bench_bias_gelu(lk, rec, batches, dtype, device, modes, use_compile):
     compiled = _compiled(torch_gelu, use_compile)
     for B in batches:
         M = B * (LANG + VIS)
-        x = torch.randn(M, FFN, generator=gen).to(device, dtype).requires_grad_(True)
-        b = torch.randn(FFN, generator=gen).to(device, dtype).requires_grad_(True)
-        dy = torch.randn(M, FFN, generator=gen).to(device, dtype)
+        x = torch.randn(M, ffn, generator=gen).to(device, dtype).requires_grad_(True)
+        b = torch.randn(ffn, generator=gen).to(device, dtype).requires_grad_(True)
+        dy = torch.randn(M, ffn, generator=gen).to(device, dtype)
         e = x.element_size()
         for mode in modes:
-            nbytes = M * FFN * e * (2 if mode == "fwd" else 5)  # fwd: x, y; bwd: + dy, x, dx
-            group = dict(op="bias_gelu", mode=mode, shape=f"M{M} N{FFN}", dtype=str(dtype)[6:], masked=False,
+            nbytes = M * ffn * e * (2 if mode == "fwd" else 5)  # fwd: x, y; bwd: + dy, x, dx
+            group = dict(op="bias_gelu", mode=mode, shape=f"M{M} N{ffn}", dtype=str(dtype)[6:], masked=False,
                          dropout=0.0)
             start = len(rec.rows)
             rec.measure(group, "ours bias_gelu", _step(lambda: lk.bias_gelu(x, b), [x, b], dy, mode),
@@ -471,14 +471,15 @@ def run_gpu_check(batches, rows_path, dry: bool) -> list[dict]:
 
     rec = Recorder(env, 5 if on_gpu else 1, 30 if on_gpu else 1, on_row=keep,
                    sdpa_backends=("efficient", "flash", "cudnn") if on_gpu else ())
-    heads = HEADS if on_gpu else 2
+    # the dry run: 2 heads of 16, hidden 64, FFN 128 (the interpreter's time grows with every element)
+    heads, head_dim, hidden, ffn = (HEADS, HEAD_DIM, HIDDEN, FFN) if on_gpu else (2, 16, 64, 128)
     modes = ("fwd", "fwd+bwd")
     dropouts = (0.0, 0.1) if on_gpu else (0.0,)
     # the headline first: the cross pair, then self-attention, then the elementwise ops
-    bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads)
-    bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads)
-    bench_layer_norm(lk, rec, batches, dtype, device, modes, False)
-    bench_bias_gelu(lk, rec, batches, dtype, device, modes, False)
+    bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads, head_dim)
+    bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads, head_dim)
+    bench_layer_norm(lk, rec, batches, dtype, device, modes, False, hidden)
+    bench_bias_gelu(lk, rec, batches, dtype, device, modes, False, ffn)
     return rec.rows
 
 

@@ -312,8 +312,9 @@ def _model_case(S: Shapes, dev, dtype):
     from lxmert_fast import LxmertConfig, LxmertForPreTraining
     from tests.helpers import no_dropout, random_batch, random_labels
 
-    # dry: the tiny preset with 2 heads of 16 (the kernels take head dims 16..128)
-    config = no_dropout(LxmertConfig.preset("tiny", num_attention_heads=2) if S.dry else LxmertConfig.preset("base"))
+    # dry: the tiny preset with 2 heads of 16 (the kernels take head dims 16..128), one layer per encoder
+    config = no_dropout(LxmertConfig.preset("tiny", num_attention_heads=2, l_layers=1, x_layers=1, r_layers=1)
+                        if S.dry else LxmertConfig.preset("base"))
     B, T, O = (2, 8, 6) if S.dry else (8, LANG, VIS)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
