@@ -6,7 +6,7 @@
 Builds the variant (bench/_e2e.py: model, optimizer or DeepSpeed engine, device-side masking),
 warms it up (the first step compiles), frees the allocator's cache and waits for the quiet device
 (bench/_quiet.py: every other worker stopped); then one untimed step and the timed steps (CUDA
-events, median), and appends its row to ROWS at once. A failure is a row too: status "failed: ..."
+events, median), and appends its row to ROWS at once. A failure is a row too: status "no figure (error): ..."
 with the reason, the traceback in this process's log.
 
 GPU: the base config, batch 256 in one micro-batch, bf16, 3 warm-up + 10 timed steps. Dry run
@@ -139,7 +139,7 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
     row["peak_tflops_datasheet"] = peak_tflops_for(row["hardware"]) if cuda else None
     why = E.unavailable_reason(v, s)
     if why:
-        row.update(status=f"unavailable: {why}", figure=False, no_figure="unavailable")
+        row.update(status=f"no figure (unavailable): {why}", figure=False, no_figure="unavailable")
         append_row(rows, row)
         log(row["status"])
         return 0
@@ -197,7 +197,7 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
             _, row["mfu_datasheet"] = throughput(row["samples_per_s"], row["model_flops_per_sample"], 1,
                                                  row["peak_tflops_datasheet"])
         ok = math.isfinite(loss)
-        row["status"] = "ok" if ok else f"failed: loss is not finite ({loss})"
+        row["status"] = "ok" if ok else f"no figure (error): the loss is not finite ({loss})"
         row["figure"] = ok
         if not ok:
             row["no_figure"] = "error"
@@ -206,7 +206,8 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
         if isinstance(err, KeyboardInterrupt):
             raise
         traceback.print_exc()
-        row.update(status=f"failed: {short_error(err, 400)}", figure=False, no_figure="error")
+        kind = "missing package" if isinstance(err, ImportError) else "error"
+        row.update(status=f"no figure ({kind}): {short_error(err, 400)}", figure=False, no_figure=kind)
         log(row["status"])
     finally:
         row.update(dynamo_counters() if v.compile else {})
