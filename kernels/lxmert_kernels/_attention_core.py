@@ -28,7 +28,7 @@ Numerics: scores and softmax statistics in fp32, exp2 with ``log2(e)`` folded in
 ``-inf`` for masked keys. A query row with no kept key gets ``l == 0``: its output is 0 and its
 logsumexp is stored as ``+inf`` so that the backward recomputes ``p = 0`` for it (zero grads).
 
-Dropout: ``_dropout.attention_keep``: one Philox call per 8 keys, counter (key // 8, query row,
+Dropout: ``_dropout.attention_keep``: one Philox call per 4 keys, counter (key // 4, query row,
 b * H + h, 0), keys counted from the start of their segment, so both paths and the mask helper
 regenerate the same mask whatever their tiles; 1 / (1 - p) is applied once per output element
 in the forward. The seed is read from a device tensor (``SEED``).

@@ -54,9 +54,12 @@ def check_dtype(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"lxmert_kernels: {name} must be float16, bfloat16 or float32, got {t.dtype}")
 
 
+MAX_DROPOUT = 1.0 - 2.0**-24  # the largest p below 1 that stays below 1 as the kernels' fp32 argument
+
+
 def check_dropout(dropout_p: float) -> float:
     dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
+    if not 0.0 <= dropout_p <= MAX_DROPOUT:
         raise ValueError(f"lxmert_kernels: dropout_p must be in [0, 1), got {dropout_p}")
     return dropout_p
 

@@ -1,29 +1,31 @@
-"""Cheap dropout masks: one Philox call per 8 elements, 16-bit thresholds, 96-bit counters.
+"""Cheap dropout masks: one Philox call per 4 elements, 32-bit thresholds, 128-bit counters.
 
 ``tl.rand`` runs a full Philox-4x32-10 per element and keeps one of its four 32-bit outputs.
-Here one Philox call gives 4 x 32 = 128 random bits, cut into eight 16-bit numbers, one per
-element of a group of 8 consecutive columns:
+Here one Philox call serves 4 consecutive columns (as ``tl.randint4x`` does):
 
-    words r0..r3 = Philox-4x32-10(seed, counter (c0 = column // 8, c1, c2, c3))
-    column 8 c0 + 4 h + 2 i + j is kept when half h (0: low, 1: high 16 bits) of word
-    r[2 j + i] is >= round(65536 p)
+    words r0..r3 = Philox-4x32-10(seed, counter (c0 = column // 4, c1, c2, c3))
+    column 4 c0 + 2 i + j is kept when word r[2 j + i] >= floor(2**32 p)
 
-(``philox4x32`` is Triton's ``tl.philox`` written with one 32x32->64-bit multiply per product.)
+so the keep probability is 1 - p to within 2**-32 (p as the kernel argument's fp32 value) and
+kept values are scaled by 1 / (1 - p). The counter is four 32-bit words, so no offset is ever
+multiplied into one integer that could wrap: attention uses (key // 4, query row,
+batch * heads + head, 0) with keys counted from the start of their segment; the LayerNorm
+(column // 4, row low word, row high word, 1). A mask element depends only on the seed and its
+indices, never on a tile size, so every kernel (forward, backward, the multi-launch and one-tile
+paths, the mask helpers) regenerates the same mask whatever its block sizes, provided a tile's
+first column is a multiple of 4.
 
-The counter (c0, c1, c2, c3) is four 32-bit words, so no offset is ever multiplied into one
-integer that could wrap: attention uses (key group, query row, batch * heads + head, 0), the
-LayerNorm (column group, row low word, row high word, 1). A mask element depends only on the
-seed and its indices, never on a tile size, so every kernel (forward, backward, the mask
-helpers) regenerates the same mask whatever its block sizes, provided a tile's first column is
-a multiple of 8. The keep probability is ``1 - round(65536 p) / 65536`` (within 2**-17 of
-``1 - p``); kept values are scaled by ``1 / (1 - p)``.
+Measured offline for sm_90 (kernels/README.md): this costs fewer SASS instructions than one
+call per 8 or 16 elements with 16- or 8-bit thresholds, whose extra interleaving outweighs the
+Philox calls they save. ``philox4x32`` is Triton's ``tl.philox`` written with one
+32x32->64-bit multiply per product.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-GROUP = 8  # columns per Philox call
+GROUP = 4  # columns per Philox call
 
 
 @triton.jit
@@ -53,35 +55,24 @@ def philox4x32(seed, c0, c1, c2, c3, N_ROUNDS: tl.constexpr):
 
 
 @triton.jit
-def _halves(r):
-    """(low 16 bits, high 16 bits) of uint32 words."""
-    return r & 0xFFFF, r >> 16
-
-
-@triton.jit
 def keep_tile(seed, c1, c2, c3, col_start, dropout_p, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Boolean (ROWS, COLS) keep mask for columns [col_start, col_start + COLS).
 
     seed: int64 scalar (loaded from the seed tensor); c1: (ROWS,) row words (any int type, the
     low 32 bits count); c2, c3: uint32 scalars / (ROWS, 1) uint32 tensors or int literals;
-    col_start: a multiple of 8; COLS a multiple of 8.
+    col_start: a multiple of 4; COLS a multiple of 4.
     """
-    G: tl.constexpr = COLS // 8
-    groups = (col_start // 8 + tl.arange(0, G)).to(tl.uint32)
+    G: tl.constexpr = COLS // 4
+    groups = (col_start // 4 + tl.arange(0, G)).to(tl.uint32)
     zero = tl.zeros([ROWS, G], dtype=tl.uint32)
     c0 = zero + groups[None, :]
     w1 = zero + c1.to(tl.uint32)[:, None]
     w2 = zero + c2
     w3 = zero + c3
     r0, r1, r2, r3 = philox4x32(seed, c0, w1, w2, w3, 10)
-    a0, a1 = _halves(r0)
-    b0, b1 = _halves(r1)
-    d0, d1 = _halves(r2)
-    e0, e1 = _halves(r3)
-    # (ROWS, G, 2, 2, 2) -> (ROWS, COLS): one fixed order of the eight values of each group
-    u = tl.join(tl.join(tl.join(a0, a1), tl.join(b0, b1)), tl.join(tl.join(d0, d1), tl.join(e0, e1)))
-    u = tl.reshape(u, (ROWS, COLS))
-    thresh = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)
+    # (ROWS, G, 2, 2) -> (ROWS, COLS): column 4 g + 2 i + j takes word r[2 j + i]
+    u = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (ROWS, COLS))
+    thresh = tl.cast(dropout_p * 4294967296.0, tl.uint32)  # floor(2**32 p); p < 1
     return u >= thresh
 
 

@@ -206,7 +206,7 @@ def layer_norm_fwd(
         layouts are copied); residual: None or same shape (any float dtype);
       weight, bias (N,) any float dtype (fp32 master weights with bf16 activations are fine).
       dropout_p on x only (not on the residual); keep mask from lxmert_kernels._dropout (one Philox
-        call per 8 columns, counter (col // 8, row low, row high, 1)),
+        call per 4 columns, counter (col // 4, row low, row high, 1)),
         with the seed read from the 1-element int64 tensor ``seed`` (None without dropout).
     Outputs
       y (shape and dtype of x, contiguous), mean and rstd (M,) float32 with M = x.numel() / N.
