@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Fast LXMERT pre-training and fine-tuning (exact model, DeepSpeed, Triton kernels)",
     packages=find_packages(include=["lxmert_fast", "lxmert_fast.*"]),
+    package_data={"lxmert_fast": ["ds_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -395,7 +395,7 @@ def ds_config(s: Settings, v: Variant, world: int) -> dict:
     """The project's config for this device (GPU: zero2.json, ZeRO-2; CPU: cpu.json, no ZeRO and
     torch's fused AdamW), with the benchmark's batch split, the variant's optimizer implementation
     and the monitors off."""
-    from lxmert_fast.engine import load_ds_config, prepare_ds_config
+    from lxmert_fast.train.ds_config import load_ds_config, prepare_ds_config
 
     cfg = load_ds_config("zero2.json" if s.cuda else "cpu.json")
     cfg["train_batch_size"] = s.batch
@@ -422,7 +422,7 @@ def ds_config(s: Settings, v: Variant, world: int) -> dict:
 class OursTrainer:
     def __init__(self, config, s: Settings, v: Variant, accum: int):
         from lxmert_fast import LxmertForPreTraining
-        from lxmert_fast.engine import initialize
+        from lxmert_fast.train.ds_config import initialize
 
         torch.manual_seed(0)
         with torch.device(s.device):

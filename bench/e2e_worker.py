@@ -148,9 +148,9 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
         client.phase("building")
         t0 = time.perf_counter()
         if v.kind == "ours":  # the DeepSpeed engine: a one-process group first (NCCL on GPU, gloo on CPU)
-            from lxmert_fast.engine import init_distributed
+            from lxmert_fast.train.process import start_process
 
-            init_distributed()
+            start_process()
         live = E.Live(v, s, row)
         row["build_s"] = round(time.perf_counter() - t0, 2)
         client.phase("warming up (the first step compiles)" if v.compile else "warming up")

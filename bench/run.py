@@ -408,11 +408,12 @@ def main(argv=None) -> int:
         # wheels) the peer and ours still run, ours in the peer's plain loop with torch's fused AdamW
         a.deepspeed_error = E.deepspeed_import_error()
         if a.deepspeed_error is None:
-            from lxmert_fast.engine import init_distributed
+            from lxmert_fast.train.process import start_process
 
             if world > 1 and rank == 0 and not a.no_scaling_reference:
                 single = scaling_reference(a, out, log)  # a child process, before this one joins the group
-            rank, world, _ = init_distributed()
+            proc = start_process()
+            rank, world = proc.rank, proc.world
             log = log0(rank)
         elif world > 1:
             raise SystemExit(f"bench/run.py: {world} processes need DeepSpeed, which does not import here "

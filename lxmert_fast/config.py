@@ -34,6 +34,9 @@ _OWN_SECTION = "lxmert_fast"
 SUPPORTED_ACTIVATIONS = ("gelu",)
 OBJ_LABEL_LOSS_MODES = ("all", "masked")
 KERNEL_CHOICES = ("torch", "triton", "apex")
+# The released code multiplies each visual loss by 1 / 0.15 (lxmert_pretrain.py); transformers' configs say 6.67.
+# Our pre-training recipe and configs inferred from an original checkpoint use the released value.
+RELEASED_VISUAL_LOSS_NORMALIZER = 1.0 / 0.15
 
 
 class ConfigError(ValueError):

@@ -56,6 +56,11 @@ class FlopBreakdown:
     qa_head: int
 
     @property
+    def encoder_macs(self) -> int:
+        """The encoders and the pooler: what every task shares."""
+        return self.embeddings + self.language_layers + self.vision_layers + self.cross_layers + self.pooler
+
+    @property
     def forward_macs(self) -> int:
         return (self.embeddings + self.language_layers + self.vision_layers + self.cross_layers + self.pooler
                 + self.mlm_head + self.matching_head + self.object_head + self.qa_head)

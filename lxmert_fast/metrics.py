@@ -95,47 +95,58 @@ def mask_target_words(input_ids_bl: Tensor, target_ids: Tensor, mask_id: int) ->
 
 
 @torch.no_grad()
-def grounding_counts(forward: Callable[..., object], batches: Iterable[dict], target_ids: Tensor, mask_id: int,
-                     device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """[correct_true, total_true, correct_shuffled, total_shuffled, matched_correct, matched_total] (float64).
+def grounding_counts(forward: Callable[..., object], batches: Iterable[dict],
+                     maskers: dict[str, Callable[[dict], tuple[Tensor, Tensor]]], device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """Counts (float64): matched_correct, matched_total, then per masker correct_true, total_true,
+    correct_shuffled, total_shuffled.
 
     `batches`: raw (unmasked) pre-training batches with `img_index` and `matched_label`.
+    `maskers`: name -> ``mask(raw batch) -> (masked ids, labels (-100 = not predicted))``: which words
+    each measure predicts (e.g. the object and colour words of the demo world, or a random 15%).
     `forward(**inputs)` returns an output with `prediction_logits` and `cross_relationship_score`.
-    Shuffled: row i gets the features and boxes of row i+1 (rolled); rows whose rolled image is
-    the same image are left out of the shuffled count.
+    Words are counted in matched pairs only. Shuffled: row i gets the features and boxes of row i+1
+    (rolled); rows whose rolled image is the same image are left out of the shuffled count.
     """
-    counts = torch.zeros(6, dtype=torch.float64, device=device)
+    counts = torch.zeros(2 + 4 * len(maskers), dtype=torch.float64, device=device)
     for raw in batches:
         raw = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in raw.items()}
         keep = raw["matched_label"] == 1
-        ids, labels = mask_target_words(raw["input_ids"], target_ids, mask_id)
         feats, pos = raw["visual_feats"].to(dtype), raw["visual_pos"].to(dtype)
         common = dict(attention_mask=raw["attention_mask"], token_type_ids=raw["token_type_ids"])
         # matching accuracy on the unmasked pairs (positives and negatives)
         out = forward(input_ids=raw["input_ids"], visual_feats=feats, visual_pos=pos, **common)
-        counts[4] += (out.cross_relationship_score.argmax(-1) == raw["matched_label"]).sum().double()
-        counts[5] += raw["matched_label"].numel()
-        for shuffled in (False, True):
-            f, p, rows = feats, pos, keep
-            if shuffled:
-                f, p = feats.roll(1, dims=0), pos.roll(1, dims=0)
-                rows = keep & (raw["img_index"].roll(1, dims=0) != raw["img_index"])
-            out = forward(input_ids=ids, visual_feats=f, visual_pos=p, **common)
-            picked = (labels >= 0) & rows[:, None]
-            correct = ((out.prediction_logits.argmax(-1) == labels) & picked).sum().double()
-            base = 2 if shuffled else 0
-            counts[base] += correct
-            counts[base + 1] += picked.sum().double()
+        counts[0] += (out.cross_relationship_score.argmax(-1) == raw["matched_label"]).sum().double()
+        counts[1] += raw["matched_label"].numel()
+        for m, mask in enumerate(maskers.values()):
+            ids, labels = mask(raw)
+            for shuffled in (False, True):
+                f, p, rows = feats, pos, keep
+                if shuffled:
+                    f, p = feats.roll(1, dims=0), pos.roll(1, dims=0)
+                    rows = keep & (raw["img_index"].roll(1, dims=0) != raw["img_index"])
+                out = forward(input_ids=ids, visual_feats=f, visual_pos=p, **common)
+                picked = (labels >= 0) & rows[:, None]
+                correct = ((out.prediction_logits.argmax(-1) == labels) & picked).sum().double()
+                base = 2 + 4 * m + (2 if shuffled else 0)
+                counts[base] += correct
+                counts[base + 1] += picked.sum().double()
     return counts
 
 
-def grounding_result(counts: Tensor) -> dict[str, float]:
+def grounding_result(counts: Tensor, names: Iterable[str]) -> dict[str, float]:
+    """Per masker its accuracies with the true and the shuffled images and its word counts (keys: see
+    GROUNDING_KEYS), and ``matched_acc``, ``matched_pairs``. Collective."""
     c = _all_reduce_sum(counts.clone()).tolist()
-    return {
-        "word_acc_true_image": c[0] / max(c[1], 1.0),
-        "word_acc_shuffled_image": c[2] / max(c[3], 1.0),
-        "words_true": c[1],
-        "words_shuffled": c[3],
-        "matched_acc": c[4] / max(c[5], 1.0),
-        "matched_pairs": c[5],
-    }
+    res = {"matched_acc": c[0] / max(c[1], 1.0), "matched_pairs": c[1]}
+    for m, name in enumerate(names):
+        t, n, ts, ns = c[2 + 4 * m: 6 + 4 * m]
+        acc, count = GROUNDING_KEYS.get(name, (name, name))
+        res.update({f"{acc}_acc_true_image": t / max(n, 1.0), f"{acc}_acc_shuffled_image": ts / max(ns, 1.0),
+                    f"{count}_true": n, f"{count}_shuffled": ns})
+    return res
+
+
+# measure -> (accuracy key prefix, count key prefix): the demo world's object and colour words give
+# word_acc_true_image / words_true ..., a random 15% of the words masked_acc_true_image / masked_words_true ...
+GROUNDING_KEYS = {"named_words": ("word", "words"), "masked_words": ("masked", "masked_words")}

@@ -91,7 +91,7 @@ def test_finetuning_compiled_matches_eager(pretrain_runs):
             "--demo_images", "240", "--batch_size", "16", "--max_steps", str(STEPS), "--log_every", "1",
             "--no_progress", "--cpu_threads", "1", "--seed", "5", "--compile", mode, "--output_dir", out])
         assert proc.returncode == 0, f"fine-tuning --compile {mode} failed:\n{(proc.stdout + proc.stderr)[-5000:]}"
-        losses[mode] = _losses(os.path.join(out, "logs", "finetune_vqa", "Train_loss.csv"))
+        losses[mode] = _losses(os.path.join(out, "logs", "finetune_vqa", "Train_loss_total.csv"))
     _assert_same_losses(losses["none"], losses["default"], "fine-tuning")
 
 

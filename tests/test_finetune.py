@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from lxmert_fast import CheckpointError, LxmertConfig, LxmertForPreTraining
+from lxmert_fast import task_checkpoints as ckpts
 from lxmert_fast.model import task_heads as H
 from lxmert_fast.model.convert import hf_state_dict
 from tests.helpers import hf_config, no_dropout, random_batch
@@ -87,11 +88,11 @@ def _check_encoder(model, hf_state, prefix="lxmert."):
 
 
 def _load_vqa(path, **kw):
-    ckpt = H.read_task_checkpoint(path, config=kw.pop("config", None))
+    ckpt = ckpts.read_task_checkpoint(path, config=kw.pop("config", None))
     model = H.build_task_model("vqa", ckpt.config, len(TASK_ANSWERS))
     fresh = {k: v.clone() for k, v in model.answer_head.state_dict().items()}
-    answers, where = H.find_head_answers(ckpt, load_answers=kw.pop("load_answers", None), data_root=kw.pop("data_root", None))
-    info = H.load_task_weights("vqa", model, ckpt, task_answers=TASK_ANSWERS, head_answers=answers,
+    answers, where = ckpts.find_head_answers(ckpt, load_answers=kw.pop("load_answers", None), data_root=kw.pop("data_root", None))
+    info = ckpts.load_task_weights("vqa", model, ckpt, task_answers=TASK_ANSWERS, head_answers=answers,
                                head_answers_source=where, log=lambda m: None, **kw)
     return ckpt, model, fresh, info
 
@@ -122,6 +123,26 @@ def test_hf_pretraining_directory_copies_the_rows_of_shared_answers(hf_pretraine
     # the original code zeroes the rows it cannot copy
     _, model0, _, _ = _load_vqa(str(path), unmatched="zero")
     assert model0.answer_head.state_dict()["logit_fc.3.weight"][2].abs().sum() == 0
+
+
+def test_a_table_with_raw_and_normalised_forms_gives_the_normalised_row_as_the_original_code():
+    """The pre-training table holds "two" and "2": the task's "two" starts from the row of "2" (the original's
+    load_lxmert_qa looks up convert_ans(answer)); an answer whose normalised form is absent, as written."""
+    from lxmert_fast.task_checkpoints import copy_answer_head
+
+    table = ["two", "2", "the dog", "kite"]     # "the dog" normalises to "dog", which the table lacks
+    model = H.build_task_model("vqa", TINY, 3)
+    hid = TINY.hidden_size
+    torch.manual_seed(3)
+    src = {f"logit_fc.{i}.{p}": torch.randn(*shape) for i, shapes in
+           ((0, ((2 * hid, hid), (2 * hid,))), (2, ((2 * hid,), (2 * hid,))), (3, ((4, 2 * hid), (4,))))
+           for p, shape in zip(("weight", "bias"), shapes)}
+    info = copy_answer_head(model.answer_head, src, table, ["two", "the dog", "Kite"])
+    head = model.answer_head.state_dict()
+    assert info["copied"] == 3
+    assert torch.equal(head["logit_fc.3.weight"][0], src["logit_fc.3.weight"][1])   # "two" -> the row of "2"
+    assert torch.equal(head["logit_fc.3.weight"][1], src["logit_fc.3.weight"][2])   # "the dog" as written
+    assert torch.equal(head["logit_fc.3.weight"][2], src["logit_fc.3.weight"][3])   # "Kite" -> "kite"
 
 
 def test_hf_qa_directory_with_the_tasks_own_head_loads_it_whole(tmp_path):
@@ -175,9 +196,9 @@ def test_original_finetuned_best_pth_for_vqa_and_nlvr2(tmp_path):
     sd = {("lxrt_encoder.model.bert." + k[len("lxmert."):]
            if k.startswith("lxmert.") else k): v for k, v in hf_state_dict(nlvr).items()}
     torch.save(sd, tmp_path / "NLVR2_BEST.pth")
-    ckpt = H.read_task_checkpoint(str(tmp_path / "NLVR2_BEST.pth"))
+    ckpt = ckpts.read_task_checkpoint(str(tmp_path / "NLVR2_BEST.pth"))
     fresh = H.LxmertForNLVR2(ckpt.config)
-    H.load_task_weights("nlvr2", fresh, ckpt, task_answers=None, log=lambda m: None)
+    ckpts.load_task_weights("nlvr2", fresh, ckpt, task_answers=None, log=lambda m: None)
     for (k, a), b in zip(nlvr.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -186,44 +207,44 @@ def test_our_save_pretrained_and_bad_checkpoints(tmp_path):
     torch.manual_seed(14)
     ours = LxmertForPreTraining(TINY)
     ours.save_pretrained(tmp_path / "ours")
-    ckpt = H.read_task_checkpoint(str(tmp_path / "ours"))
+    ckpt = ckpts.read_task_checkpoint(str(tmp_path / "ours"))
     model = H.build_task_model("nlvr2", ckpt.config)
-    H.load_task_weights("nlvr2", model, ckpt, task_answers=None, log=lambda m: None)
+    ckpts.load_task_weights("nlvr2", model, ckpt, task_answers=None, log=lambda m: None)
     for k, v in ours.lxmert.state_dict().items():
         assert torch.equal(model.lxmert.state_dict()[k], v), k
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth"):
-        H.read_task_checkpoint(str(tmp_path / "junk.pth"))
+        ckpts.read_task_checkpoint(str(tmp_path / "junk.pth"))
     with pytest.raises(CheckpointError, match="no such file"):
-        H.read_task_checkpoint(str(tmp_path / "missing"))
+        ckpts.read_task_checkpoint(str(tmp_path / "missing"))
     wrong = _all_ans(tmp_path / "wrong.json", PRE_ANSWERS[:5])
     with pytest.raises(CheckpointError, match="5 answers.*11 rows"):
-        H.find_head_answers(ckpt, load_answers=wrong)
+        ckpts.find_head_answers(ckpt, load_answers=wrong)
     small_vocab = TINY.vocab_size - 1
-    H.check_config_fits(ckpt.config, vocab_size=small_vocab, feat_dim=TINY.visual_feat_dim, source="x")
+    ckpts.check_config_fits(ckpt.config, vocab_size=small_vocab, feat_dim=TINY.visual_feat_dim, source="x")
     with pytest.raises(CheckpointError, match="visual_feat_dim"):
-        H.check_config_fits(ckpt.config, vocab_size=small_vocab, feat_dim=2048, source="x")
+        ckpts.check_config_fits(ckpt.config, vocab_size=small_vocab, feat_dim=2048, source="x")
 
 
 def test_our_pretraining_output_export_and_deepspeed_checkpoints_load_the_same_weights():
     out = demo_pretraining()
     # no ZeRO, fp32: DeepSpeed computes no gradient norm; the job measures it on logging steps
     with open(os.path.join(out, "result.json")) as fh:
-        history = json.load(fh)["history"]
+        history = json.load(fh)["log"]
     assert history and all(r["grad_norm"] is not None and 0 < r["grad_norm"] < 1e4 for r in history), history
-    export = H.read_task_checkpoint(out)                     # the output dir -> its hf export
+    export = ckpts.read_task_checkpoint(out)                     # the output dir -> its hf export
     assert export.kind == "hf" and export.path.endswith("hf")
-    ds_dir = H.read_task_checkpoint(os.path.join(out, "checkpoints"))   # `latest`
+    ds_dir = ckpts.read_task_checkpoint(os.path.join(out, "checkpoints"))   # `latest`
     with open(os.path.join(out, "checkpoints", "latest")) as fh:
         tag = fh.read().strip()
-    ds_tag = H.read_task_checkpoint(os.path.join(out, "checkpoints", tag))
+    ds_tag = ckpts.read_task_checkpoint(os.path.join(out, "checkpoints", tag))
     for ck in (ds_dir, ds_tag):
         assert ck.kind == "deepspeed" and ck.path.endswith("mp_rank_00_model_states.pt")
         assert ck.config.hidden_size == export.config.hidden_size and ck.qa_rows == export.qa_rows
         assert set(ck.encoder) == set(export.encoder)
         for k, v in export.encoder.items():
             assert torch.equal(ck.encoder[k], v), k
-    answers, where = H.find_head_answers(export, data_root=demo_world())
+    answers, where = ckpts.find_head_answers(export, data_root=demo_world())
     assert where == os.path.join(out, "hf", "answers.json") and len(answers) == export.qa_rows  # written by the export
 
 
@@ -314,13 +335,13 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert finetune.main(["--task", "vqa", "--data_root", str(root), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "answer table missing" in err and "trainval_ans2label.json" in err
-    # a flag that contradicts a value the DeepSpeed config fixes
-    cfg = {"train_batch_size": 32, "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
-    with pytest.raises(finetune.E.DSConfigError, match="--lr 5e-05 contradicts.*optimizer.params.lr"):
-        finetune.fill_finetune_config(cfg, lr=5e-5, batch_size=32, grad_clip=5.0, explicit={"--lr"})
-    filled = finetune.fill_finetune_config({"optimizer": {"params": {"lr": "auto"}}, "gradient_clipping": "auto"},
-                                           lr=5e-5, batch_size=32, grad_clip=5.0, explicit=set())
-    assert (filled["optimizer"]["params"]["lr"], filled["gradient_clipping"], filled["train_batch_size"]) == (5e-5, 5.0, 32)
+    # a flag that contradicts a value the DeepSpeed config fixes (cpu.json fixes nothing of those: a config that does)
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({"train_batch_size": 32, "gradient_clipping": 1.0,
+                                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}))
+    assert finetune.main(["--task", "vqa", "--lr", "5e-5", "--deepspeed_config", str(fixed), "--data_root", world,
+                          "--output_dir", str(tmp_path / "o2")]) == 2
+    assert "--lr 5e-05 contradicts the DeepSpeed config's optimizer.params.lr = 0.0001" in capsys.readouterr().err
 
 
 def test_demo_objects_does_not_apply_with_a_data_root(tmp_path):

@@ -58,7 +58,9 @@ def demo_pretraining() -> str:
 
     root = demo_world()
     out = os.path.join(_tmpdir("lxmert-ft-pre-"), "pre")
-    with open(os.path.join(pretrain.E.DS_CONFIG_DIR, "cpu.json"), encoding="utf-8") as fh:
+    from lxmert_fast.train.ds_config import packaged_config
+
+    with open(packaged_config("cpu.json"), encoding="utf-8") as fh:
         cfg = json.load(fh)
     cfg["optimizer"]["params"]["lr"] = 5e-3
     cfg.pop("zero_optimization", None)

@@ -38,7 +38,9 @@ TEST_SEED = 3
 # ---------------------------------------------------------------------------------------------- worker side
 def _ds_config(path: str, stage: int, precision: str, lr: float = 3e-3, **overrides) -> str:
     """cpu.json at ZeRO `stage` and `precision`, peak lr `lr` (3e-3: a few steps must show learning)."""
-    with open(os.path.join(REPO, "ds_configs", "cpu.json"), encoding="utf-8") as fh:
+    from lxmert_fast.train.ds_config import packaged_config
+
+    with open(packaged_config("cpu.json"), encoding="utf-8") as fh:
         cfg = json.load(fh)
     cfg["zero_optimization"]["stage"] = stage
     if stage == 3:  # partition every parameter (the tiny model's all fall under the default threshold), so
@@ -86,9 +88,10 @@ def _zero_init_probe() -> str:
 
 
 def worker(work: str) -> None:
-    from lxmert_fast import engine as E
+    from lxmert_fast.train.process import barrier, start_process
 
-    rank, world, _ = E.init_distributed()
+    proc = start_process()
+    rank, world = proc.rank, proc.world
     results: dict = {"world": world}
     cfg = lambda name, stage, prec, **kw: _ds_config(os.path.join(work, f"{name}.json"), stage, prec, **kw)  # noqa: E731
     # the reference run (ZeRO-2 fp32, 12 steps, checkpoints every 6, export at the end)
@@ -114,7 +117,7 @@ def worker(work: str) -> None:
         from lxmert_fast import LxmertConfig
 
         LxmertConfig.preset("tiny", vocab_size=999, visual_feat_dim=2048).to_json(bad_vocab)
-    E.barrier()
+    barrier()
     results["bad_vocab"] = _run("bad_vocab", work, ["--deepspeed_config", z2, "--model_config", bad_vocab])
     results["no_data"] = _run("no_data", work, ["--deepspeed_config", z2, "--data_root", os.path.join(work, "nowhere")])
     results["bad_override"] = _run("bad_override", work, ["--deepspeed_config", z2, "--config_overrides",

@@ -29,6 +29,27 @@ def test_overrides_and_layer_flags_reach_a_preset():
     assert (cfg.vocab_size, cfg.num_qa_labels, cfg.visual_feat_dim) == (40, 5, 2048)  # from the data
 
 
+def test_the_pretraining_recipe_and_original_checkpoints_weigh_visual_losses_by_one_over_0_15(tmp_path):
+    """The released code multiplies each visual loss by 1 / 0.15; transformers' configs keep their 6.67."""
+    import torch
+
+    from lxmert_fast.model.convert import infer_config, original_to_hf
+
+    assert _config(["--model", "tiny"]).visual_loss_normalizer == 1 / 0.15
+    path = tmp_path / "hf.json"
+    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(path)
+    assert _config(["--model_config", str(path)]).visual_loss_normalizer == 6.67   # an HF config says 6.67
+    assert LxmertConfig.preset("base").visual_loss_normalizer == 6.67              # the HF class's default
+    import transformers
+
+    from tests.helpers import hf_config
+
+    hf = transformers.LxmertForPreTraining(hf_config(LxmertConfig.preset("tiny")))
+    original = {"module." + k.replace("lxmert.", "bert.", 1): v for k, v in hf.state_dict().items()}  # Epoch20_LXRT
+    assert infer_config(original_to_hf(original)).visual_loss_normalizer == 1 / 0.15
+    assert isinstance(next(iter(original.values())), torch.Tensor)
+
+
 def test_overrides_and_layer_flags_reach_a_model_config(tmp_path):
     path = tmp_path / "config.json"
     LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(path)
@@ -64,7 +85,8 @@ def test_store_cache_dirs_of_two_roots_of_one_name_differ(tmp_path):
 
 
 def test_cpu_threads_follow_the_flag_then_omp_num_threads_then_the_cores():
-    from lxmert_fast.pretrain import cpu_threads
+    from lxmert_fast.train.process import ThreadsError as UsageError
+    from lxmert_fast.train.process import cpu_threads
 
     assert cpu_threads(3, {"OMP_NUM_THREADS": "1"}) == 3
     assert cpu_threads(None, {"OMP_NUM_THREADS": "1"}) == 1  # two 1-thread jobs on a 2-core machine stay fast
@@ -78,6 +100,7 @@ def test_cpu_threads_follow_the_flag_then_omp_num_threads_then_the_cores():
 
 def test_demo_objects_is_parsed_and_refused_with_a_data_root(tmp_path, capsys):
     from lxmert_fast.pretrain import build_data
+    from lxmert_fast.train.runtime import Trainer
 
     assert build_parser().parse_args([]).demo_objects is None  # the default world (2-4)
     assert build_parser().parse_args(["--demo_objects", "1"]).demo_objects == (1, 1)
@@ -86,5 +109,6 @@ def test_demo_objects_is_parsed_and_refused_with_a_data_root(tmp_path, capsys):
         build_parser().parse_args(["--demo_objects", "0"])
     assert "--demo_objects" in capsys.readouterr().err
     args = build_parser().parse_args(["--data_root", str(tmp_path), "--demo_objects", "1"])
+    trainer = SimpleNamespace(is_main=True, log=print, data_root=lambda *a, **kw: Trainer.data_root(trainer, *a, **kw))
     with pytest.raises(UsageError, match="--demo_objects shapes the demo world"):
-        build_data(args, 0, print)
+        build_data(args, trainer)

@@ -66,9 +66,12 @@ def test_grounding_counts_separate_a_model_that_reads_the_image():
     raw = {"input_ids": words, "attention_mask": torch.ones_like(words), "token_type_ids": torch.zeros_like(words),
            "visual_feats": feats, "visual_pos": torch.zeros(4, 2, 4), "matched_label": torch.tensor([1, 1, 1, 0]),
            "img_index": torch.tensor([0, 1, 2, 3])}
-    counts = grounding_counts(forward, [raw], torch.arange(10, 18), mask_id, torch.device("cpu"))
-    res = grounding_result(counts)
+    maskers = {"named_words": lambda raw: mask_target_words(raw["input_ids"], torch.arange(10, 18), mask_id),
+               "masked_words": lambda raw: mask_target_words(raw["input_ids"], torch.tensor([11, 13, 15, 17]), mask_id)}
+    counts = grounding_counts(forward, [raw], maskers, torch.device("cpu"))
+    res = grounding_result(counts, maskers)
     assert res["words_true"] == 6  # rows 0-2 (row 3 is a mismatched pair)
     assert res["word_acc_true_image"] == 1.0
     assert res["word_acc_shuffled_image"] == 0.0
+    assert res["masked_words_true"] == 3 and res["masked_acc_true_image"] == 1.0 and res["masked_acc_shuffled_image"] == 0
     assert res["matched_acc"] == 0.75 and res["matched_pairs"] == 4

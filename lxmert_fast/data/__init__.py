@@ -19,7 +19,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenization", "tokenize_sentences": "tokenization",
     "AnswerTable": "answers",
     "PretrainIndex": "pretrain_data", "PretrainDataset": "pretrain_data",
-    "ShardedResumableSampler": "pretrain_data", "PretrainLoader": "pretrain_data",
+    "ShardedResumableSampler": "pretrain_data", "ResumableLoader": "pretrain_data",
     "build_pretrain_index": "pretrain_data", "build_pretrain_dataset": "pretrain_data",
     "make_pretrain_loader": "pretrain_data",
     "MaskingConfig": "masking", "mask_words": "masking", "mask_objects": "masking",

@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Callable
 
 import numpy as np
 
@@ -42,7 +43,6 @@ from .formats import (DEFAULT_FEAT_DIM, DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OB
 from .store import (MANIFEST, RowWriter, StoreError, _preadv_rows, finalize_store, fsync_dir,
                     source_fingerprint)
 
-_TEST_HOOK_ENV = "LXMERT_FAST_CONVERT_TEST_HOOK"  # "crash_after:<segments>" / "interrupt_after:<n>"
 _WRITE_BLOCK_ROWS = 32
 
 
@@ -225,14 +225,6 @@ def _compact(writer: RowWriter, directory: str, valid_rows: np.ndarray, opts: _O
     return new
 
 
-def _test_hook(kind: str, count: int) -> None:
-    hook = os.environ.get(_TEST_HOOK_ENV, "")
-    if hook.startswith(kind + ":") and count >= int(hook.split(":", 1)[1]):
-        if kind == "crash_after":
-            os._exit(17)  # a hard crash: no cleanup at all
-        raise KeyboardInterrupt
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -266,12 +258,14 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
                  num_obj_classes: int = DEFAULT_NUM_OBJ_CLASSES,
                  num_attr_classes: int = DEFAULT_NUM_ATTR_CLASSES, overwrite: bool = False,
                  checksum: bool = True, progress: bool = True, seg_lines: int | None = None,
-                 log=print) -> dict:
+                 log=print, on_segment: Callable[[int], None] | None = None) -> dict:
     """Convert TSV files into a feature store at ``out_dir``; returns the manifest.
 
     Raises :class:`DataFormatError` on the first bad row unless ``skip_bad``; then bad rows are
     skipped, counted, logged and listed in ``skipped_rows.tsv``. ``workers`` processes decode
-    in parallel (default: CPU count; 1 = in this process).
+    in parallel (default: CPU count; 1 = in this process). ``on_segment(n)`` is called in this
+    process after each converted segment with the number done so far (progress; an exception it
+    raises interrupts the conversion like Ctrl-C: nothing is left at ``out_dir``).
     """
     t0 = time.time()
     tsv_paths = [os.fspath(p) for p in tsv_paths]
@@ -335,8 +329,8 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
                     results[i] = _segment_task(t)
                     if bar:
                         bar.update(seg_bytes[i])
-                    _test_hook("crash_after", i + 1)
-                    _test_hook("interrupt_after", i + 1)
+                    if on_segment is not None:
+                        on_segment(i + 1)
             else:
                 # fork where available: no re-import of the package in every worker (the
                 # workers only run numpy code); spawn elsewhere
@@ -354,8 +348,8 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
                             done_n += 1
                             if bar:
                                 bar.update(seg_bytes[i])
-                            _test_hook("crash_after", done_n)
-                            _test_hook("interrupt_after", done_n)
+                            if on_segment is not None:
+                                on_segment(done_n)
                 except BaseException:
                     for p in list(getattr(ex, "_processes", {}).values()):
                         p.terminate()
@@ -466,14 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, on_segment: Callable[[int], None] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         convert_tsvs(args.tsv, args.out, fp32=args.fp32, skip_bad=args.skip_bad,
                      workers=args.workers, num_boxes=args.num_boxes, feat_dim=args.feat_dim,
                      num_obj_classes=args.num_obj_classes, num_attr_classes=args.num_attr_classes,
                      overwrite=args.overwrite, checksum=not args.no_checksum,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, on_segment=on_segment)
     except DataFormatError as e:
         print(f"error: {e}\n(no store written; use --skip-bad to skip and report bad rows)",
               file=sys.stderr)

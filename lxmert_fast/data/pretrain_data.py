@@ -549,21 +549,26 @@ def collate_identity(batch):
 # loader
 # ---------------------------------------------------------------------------------------------
 
-class PretrainLoader:
-    """DataLoader + :class:`ShardedResumableSampler` whose state counts *consumed* batches.
+class ResumableLoader:
+    """DataLoader + :class:`ShardedResumableSampler` whose state counts *consumed* batches (pre-training
+    and the fine-tuning tasks).
 
     (The sampler itself runs ahead of the training loop by the prefetch depth; this wrapper
     records how many batches the caller actually received, so ``state_dict()`` resumes at the
     first batch the caller has not seen.)
     """
 
-    def __init__(self, dataset: PretrainDataset, sampler: ShardedResumableSampler,
-                 loader: torch.utils.data.DataLoader):
+    def __init__(self, dataset, sampler: ShardedResumableSampler, loader: torch.utils.data.DataLoader):
         self.dataset, self.sampler, self.loader = dataset, sampler, loader
         self._consumed = sampler.position
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    @property
+    def consumed(self) -> int:
+        """Batches of the current epoch the caller has received (where a resume continues)."""
+        return self._consumed
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -588,7 +593,7 @@ def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, *, rank: int
                          drop_last: bool = True, num_workers: int = 2,
                          pin_memory: bool | None = None, prefetch_factor: int = 4,
                          persistent_workers: bool | None = None,
-                         multiprocessing_context=None) -> PretrainLoader:
+                         multiprocessing_context=None) -> ResumableLoader:
     """The pre-training loader: sharded, resumable, pinned when CUDA is available."""
     sampler = ShardedResumableSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
                                       seed=seed, shuffle=shuffle, drop_last=drop_last)
@@ -603,7 +608,7 @@ def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, *, rank: int
             kw["multiprocessing_context"] = multiprocessing_context
     dl = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                      collate_fn=collate_identity, pin_memory=pin_memory, **kw)
-    return PretrainLoader(dataset, sampler, dl)
+    return ResumableLoader(dataset, sampler, dl)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -464,15 +464,16 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
 
 def make_task_loader(dataset: TaskDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                      shuffle: bool = True, drop_last: bool = True, num_workers: int = 0):
-    """(DataLoader, sampler): sharded across ranks, deterministic per (seed, epoch); set_epoch on the sampler."""
-    from .pretrain_data import ShardedResumableSampler, collate_identity
+    """A :class:`~lxmert_fast.data.pretrain_data.ResumableLoader`: sharded across ranks, deterministic per
+    (seed, epoch), resumable mid-epoch (``set_epoch``, ``state_dict``, ``load_state_dict``)."""
+    from .pretrain_data import ResumableLoader, ShardedResumableSampler, collate_identity
 
     sampler = ShardedResumableSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
                                       shuffle=shuffle, drop_last=drop_last)
     kw = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=collate_identity, pin_memory=torch.cuda.is_available(), **kw)
-    return loader, sampler
+    return ResumableLoader(dataset, sampler, loader)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

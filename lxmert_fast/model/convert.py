@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from lxmert_fast.config import ConfigError, LxmertConfig
+from lxmert_fast.config import RELEASED_VISUAL_LOSS_NORMALIZER, ConfigError, LxmertConfig
 from lxmert_fast.utils import atomic_path
 
 Tensor = torch.Tensor
@@ -218,6 +218,7 @@ def infer_config(state_hf: Mapping[str, Tensor], **overrides: Any) -> LxmertConf
         l_layers=count("encoder.layer"),
         x_layers=count("encoder.x_layers"),
         r_layers=count("encoder.r_layers"),
+        visual_loss_normalizer=RELEASED_VISUAL_LOSS_NORMALIZER,  # no config: the released recipe's (1 / 0.15)
     )
     for layer_key in ("encoder.layer.0.intermediate.dense.weight", "encoder.r_layers.0.intermediate.dense.weight",
                       "encoder.x_layers.0.lang_inter.dense.weight"):

@@ -87,20 +87,28 @@ def test_count_lines(tmp_path):
     assert count_lines(str(p), every=1)[0] == 0
 
 
-def _run_cli(args, env_extra=None, timeout=120):
-    env = dict(os.environ, **(env_extra or {}))
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "lxmert_fast.data.convert", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+_INTERRUPTED_CLI = """
+import os, sys
+from lxmert_fast.data import convert
+
+def crash(done):  # a hard crash after the first segment: no cleanup at all
+    os._exit(17)
+
+def interrupt(done):  # Ctrl-C after the first segment
+    raise KeyboardInterrupt
+
+sys.exit(convert.main(sys.argv[2:], on_segment={"crash": crash, "interrupt": interrupt}[sys.argv[1]]))
+"""
 
 
-@pytest.mark.parametrize("hook,rc", [("crash_after:1", 17), ("interrupt_after:1", 130)])
+@pytest.mark.parametrize("hook,rc", [("crash", 17), ("interrupt", 130)])
 def test_interrupted_conversion_leaves_no_complete_store(pretrain_tsvs, tmp_path, hook, rc):
     """A hard crash (os._exit mid-conversion) and a Ctrl-C (KeyboardInterrupt) both leave
     nothing at --out that looks like a store; FeatureStore.open refuses the partial dir."""
     out = str(tmp_path / "store")
-    r = _run_cli([*pretrain_tsvs, "--out", out, "--workers", "2", "--no-progress"],
-                 {"LXMERT_FAST_CONVERT_TEST_HOOK": hook})
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_CLI, hook, *pretrain_tsvs, "--out", out, "--workers", "2",
+                        "--no-progress"], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
     assert r.returncode == rc, r.stderr
     assert not os.path.exists(out)
     with pytest.raises(StoreError):

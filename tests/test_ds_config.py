@@ -1,4 +1,5 @@
-"""DeepSpeed plumbing without processes: config resolution, shipped configs, parameter groups, checkpoint bookkeeping."""
+"""DeepSpeed plumbing without processes: config resolution, packaged configs, the CPU try-out of GPU configs,
+parameter groups, checkpoint bookkeeping."""
 
 from __future__ import annotations
 
@@ -9,39 +10,53 @@ import pytest
 import torch
 
 from lxmert_fast import LxmertConfig, LxmertForPreTraining
-from lxmert_fast import engine as E
+from lxmert_fast.train import checkpoint
+from lxmert_fast.train import ds_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CONFIGS = ("zero1.json", "zero2.json", "zero3.json", "zero2_fp16.json", "zero2_offload.json")
 
 
 def test_batch_resolution():
-    assert E.resolve_batch_size({"train_batch_size": 256}, 8) == (256, 32, 1)
-    assert E.resolve_batch_size({"train_batch_size": 256, "train_micro_batch_size_per_gpu": "auto",
+    assert ds_config.resolve_batch_size({"train_batch_size": 256}, 8) == (256, 32, 1)
+    assert ds_config.resolve_batch_size({"train_batch_size": 256, "train_micro_batch_size_per_gpu": "auto",
                                  "gradient_accumulation_steps": "auto"}, 2, micro_batch_size=32) == (256, 32, 4)
-    assert E.resolve_batch_size({"train_batch_size": 256, "gradient_accumulation_steps": 2}, 4) == (256, 32, 2)
-    assert E.resolve_batch_size({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+    assert ds_config.resolve_batch_size({"train_batch_size": 256, "gradient_accumulation_steps": 2}, 4) == (256, 32, 2)
+    assert ds_config.resolve_batch_size({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                                  "gradient_accumulation_steps": 1}, 2, micro_batch_size=8) == (16, 8, 1)
-    assert E.resolve_batch_size({}, 1) == (32, 32, 1)
+    assert ds_config.resolve_batch_size({}, 1) == (32, 32, 1)
 
 
 def test_batch_that_does_not_fit_the_world_names_the_numbers():
-    with pytest.raises(E.DSConfigError) as err:
-        E.resolve_batch_size({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 32,
+    with pytest.raises(ds_config.DSConfigError) as err:
+        ds_config.resolve_batch_size({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 32,
                               "gradient_accumulation_steps": 1}, 3)
     assert "train_batch_size (256)" in str(err.value)
     assert "train_micro_batch_size_per_gpu (32)" in str(err.value)
     assert "gradient_accumulation_steps (1)" in str(err.value)
     assert "world size (3)" in str(err.value)
-    with pytest.raises(E.DSConfigError, match="world size 3"):
-        E.resolve_batch_size({"train_batch_size": 256}, 3)
-    with pytest.raises(E.DSConfigError, match="positive integer"):
-        E.resolve_batch_size({"train_batch_size": 0}, 1)
+    with pytest.raises(ds_config.DSConfigError, match="world size 3"):
+        ds_config.resolve_batch_size({"train_batch_size": 256}, 3)
+    with pytest.raises(ds_config.DSConfigError, match="positive integer"):
+        ds_config.resolve_batch_size({"train_batch_size": 0}, 1)
 
 
 def _load(name: str) -> dict:
-    with open(os.path.join(REPO, "ds_configs", name), encoding="utf-8") as fh:
+    with open(ds_config.packaged_config(name), encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def test_packaged_configs_are_found_from_anywhere(tmp_path, monkeypatch):
+    """By file name or by the checkout's path, from any working directory; a wrong name lists what ships."""
+    monkeypatch.chdir(tmp_path)
+    assert ds_config.resolve_config_path("zero2.json") == ds_config.packaged_config("zero2.json")
+    assert ds_config.resolve_config_path("ds_configs/zero2.json") == ds_config.packaged_config("zero2.json")
+    assert ds_config.load_ds_config("cpu.json")["zero_optimization"]["stage"] == 0
+    own = tmp_path / "zero2.json"
+    own.write_text(json.dumps({"train_batch_size": 8}))
+    assert ds_config.load_ds_config("zero2.json") == {"train_batch_size": 8}  # a file of that name here wins
+    with pytest.raises(ds_config.DSConfigError, match="no packaged config of that name.*zero2_offload.json"):
+        ds_config.load_ds_config("zero9.json")
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
@@ -58,7 +73,7 @@ def test_gpu_configs_hold_the_recipe(name):
     assert sched["params"]["warmup_min_lr"] == 0.0
     expected = {"zero1.json": ("bf16", 1), "zero2.json": ("bf16", 2), "zero3.json": ("bf16", 3),
                 "zero2_fp16.json": ("fp16", 2), "zero2_offload.json": ("bf16", 2)}[name]
-    assert (E.precision_of(cfg), E.zero_stage_of(cfg)) == expected
+    assert (ds_config.precision_of(cfg), ds_config.zero_stage_of(cfg)) == expected
     if name == "zero2_fp16.json":
         assert cfg["fp16"]["loss_scale"] == 0  # dynamic
     if name == "zero2_offload.json":
@@ -70,13 +85,11 @@ def test_all_configs_are_valid_deepspeed_configs():
 
     for name in GPU_CONFIGS + ("cpu.json",):
         raw = _load(name)
-        if not torch.cuda.is_available() and name != "cpu.json":
-            raw.setdefault("optimizer", {}).setdefault("params", {})["torch_adam"] = True
-            raw.pop("fp16", None)
-            raw.get("zero_optimization", {}).pop("offload_optimizer", None)
+        if not torch.cuda.is_available():
+            raw, _ = ds_config.fit_to_cpu(raw)
         for world in (1, 2, 8):
-            cfg = E.prepare_ds_config(raw, world_size=world, total_steps=1000, output_dir="/tmp/x", micro_batch_size=16)
-            assert not E._find_auto(cfg)
+            cfg = ds_config.prepare_ds_config(raw, world_size=world, total_steps=1000, output_dir="/tmp/x", micro_batch_size=16)
+            assert not ds_config._find_auto(cfg)
             sched = cfg["scheduler"]["params"]
             assert sched["total_num_steps"] == 1000 and sched["warmup_num_steps"] == 50
             assert sched["warmup_max_lr"] == cfg["optimizer"]["params"]["lr"]
@@ -86,25 +99,45 @@ def test_all_configs_are_valid_deepspeed_configs():
                 assert parsed.train_batch_size == cfg["train_batch_size"]
 
 
-def test_cpu_config_refuses_fused_adam_and_fp16_without_gpu():
-    common = dict(world_size=8, total_steps=10, output_dir="/tmp/x")
-    with pytest.raises(E.DSConfigError, match="torch_adam"):
-        E.prepare_ds_config(_load("zero2.json"), on_gpu=False, **common)
-    with pytest.raises(E.DSConfigError, match="fp16 needs a GPU"):
-        E.prepare_ds_config(dict(_load("zero2_fp16.json"), optimizer=_load("cpu.json")["optimizer"]),
-                            on_gpu=False, **common)
-    assert E.prepare_ds_config(_load("zero2.json"), on_gpu=True, **common)["bf16"]["enabled"]  # a GPU takes it
-    cpu = E.prepare_ds_config(_load("cpu.json"), on_gpu=False, **common)
-    assert cpu["optimizer"]["params"]["fused"] is True
+def test_gpu_configs_run_on_cpu_as_a_try_out_with_each_change_named():
+    """Only what cannot run without CUDA changes (the fused optimizer, fp16's loss scaling), one line each;
+    the recipe (batch, lr, schedule, clipping, ZeRO) stays."""
+    z2 = _load("zero2.json")
+    cpu, changes = ds_config.fit_to_cpu(z2)
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["optimizer"]["params"]["fused"] is True
+    assert len(changes) == 2 and "FusedAdam needs CUDA" in changes[0] and "fused CPU AdamW" in changes[1]
+    for key in ("train_batch_size", "gradient_clipping", "scheduler", "zero_optimization", "bf16"):
+        assert cpu[key] == z2[key], key
+    assert {k: v for k, v in cpu["optimizer"]["params"].items() if k not in ("torch_adam", "fused")} == \
+        z2["optimizer"]["params"]
+    fp16, changes = ds_config.fit_to_cpu(_load("zero2_fp16.json"))
+    assert ds_config.precision_of(fp16) == "bf16" and any("fp16 with loss scaling needs CUDA -> bf16" in c for c in changes)
+    offload, changes = ds_config.fit_to_cpu(_load("zero2_offload.json"))
+    assert changes == [] and "torch_adam" not in offload["optimizer"]["params"]  # DeepSpeed's CPU Adam runs here
+    same, changes = ds_config.fit_to_cpu(_load("cpu.json"))
+    assert changes == [] and same == _load("cpu.json")
+
+
+def test_flags_fill_auto_entries_and_may_not_contradict_fixed_ones():
+    cfg = {"train_batch_size": 32, "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
+    values = {"--lr": ("optimizer.params.lr", 5e-5), "--grad_clip": ("gradient_clipping", 5.0),
+              "--batch_size": ("train_batch_size", 32)}
+    with pytest.raises(ds_config.DSConfigError, match="--lr 5e-05 contradicts the DeepSpeed config's optimizer.params.lr"):
+        ds_config.fill_from_flags(cfg, values, explicit={"--lr"})
+    kept = ds_config.fill_from_flags(cfg, values, explicit=set())  # defaults, not flags: the config's values stay
+    assert (kept["optimizer"]["params"]["lr"], kept["gradient_clipping"]) == (1e-4, 1.0)
+    filled = ds_config.fill_from_flags({"optimizer": {"params": {"lr": "auto"}}, "gradient_clipping": "auto"}, values, set())
+    assert (filled["optimizer"]["params"]["lr"], filled["gradient_clipping"], filled["train_batch_size"]) == \
+        (5e-5, 5.0, 32)
 
 
 def test_no_weight_decay_on_biases_and_layernorm():
     model = LxmertForPreTraining(LxmertConfig.preset("tiny"))
-    groups = E.param_groups(model)
+    groups = ds_config.param_groups(model)
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     assert "weight_decay" not in groups[0]  # the config's weight decay applies
     assert groups[1]["weight_decay"] == 0.0
-    names = set(E.no_decay_names(model))
+    names = set(ds_config.no_decay_names(model))
     all_names = {n for n, _ in model.named_parameters()}
     for name in all_names:
         is_ln = "LayerNorm" in name or "layer_norm" in name or name.startswith("answer_head.logit_fc.2.")
@@ -116,33 +149,35 @@ def test_no_weight_decay_on_biases_and_layernorm():
 
 def test_rng_state_round_trip():
     gen = torch.Generator().manual_seed(5)
-    state = E.rng_state({"mask": gen})
+    state = checkpoint.rng_state({"mask": gen})
     a = (torch.rand(3), torch.rand(2, generator=gen))
-    E.set_rng_state(state, {"mask": gen})
+    checkpoint.set_rng_state(state, {"mask": gen})
     b = (torch.rand(3), torch.rand(2, generator=gen))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_checkpoint_pruning_keeps_the_last_k(tmp_path):
-    mgr = E.CheckpointManager(str(tmp_path), keep=2)
+    mgr = checkpoint.CheckpointManager(str(tmp_path), keep=2)
     for step in (1, 2, 3, 10):
-        os.makedirs(tmp_path / E.tag_for(step))
-    (tmp_path / "latest").write_text(E.tag_for(10))
-    mgr._prune(E.tag_for(10))
-    assert mgr.tags() == [E.tag_for(3), E.tag_for(10)]
-    assert mgr.latest_tag() == E.tag_for(10)
+        os.makedirs(tmp_path / checkpoint.tag_for(step))
+    (tmp_path / "latest").write_text(checkpoint.tag_for(10))
+    mgr._prune(checkpoint.tag_for(10))
+    assert mgr.tags() == [checkpoint.tag_for(3), checkpoint.tag_for(10)]
+    assert mgr.latest_tag() == checkpoint.tag_for(10)
 
 
 _SAME_STEPS_SCRIPT = r"""
 import copy, json, sys
 import torch
 from lxmert_fast import LxmertConfig, LxmertForPreTraining
-from lxmert_fast import engine as E
+from lxmert_fast.train import ds_config
+from lxmert_fast.train.export import full_fp32_state_dict
+from lxmert_fast.train.process import start_process
 
-E.init_distributed()
+start_process()
 torch.set_num_threads(1)
 config = LxmertConfig.preset("tiny")
-base = E.load_ds_config("cpu.json")
+base = ds_config.load_ds_config("cpu.json")
 for section in ("tensorboard", "csv_monitor"):
     base[section]["enabled"] = False
 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -155,14 +190,15 @@ def run(stage, **opt):
     params = cfg["optimizer"]["params"]
     params.pop("fused", None)
     params.update(opt)
-    cfg = E.prepare_ds_config(cfg, world_size=world, total_steps=10, output_dir=sys.argv[1])
+    cfg, _ = ds_config.fit_to_cpu(cfg)
+    cfg = ds_config.prepare_ds_config(cfg, world_size=world, total_steps=10, output_dir=sys.argv[1])
     torch.manual_seed(0)
     model = LxmertForPreTraining(config)
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    engine = E.initialize(model, cfg)
+    engine = ds_config.initialize(model, cfg)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     kind = "fused" if inner.defaults.get("fused") else ("foreach" if inner.defaults.get("foreach") else "loop")
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data: the reduction matters
@@ -176,12 +212,12 @@ def run(stage, **opt):
                      matched_label=torch.randint(0, 2, (b,), generator=gen))
         engine.backward(out.loss)
         engine.step()
-    state = E.full_fp32_state_dict(engine)
+    state = full_fp32_state_dict(engine)
     engine.destroy()
     return kind, state
 
 stage_new = base["zero_optimization"]["stage"]
-kind_new, new = run(stage_new)            # cpu.json: no ZeRO (stage 0), fused filled in by prepare_ds_config
+kind_new, new = run(stage_new)            # cpu.json: no ZeRO (stage 0), fused filled in by fit_to_cpu
 kind_z1, z1 = run(1)                      # cpu.json of 7d87844: ZeRO-1, fused AdamW
 kind_old, old = run(2, fused=False)       # the cpu.json before: ZeRO-2, torch's per-tensor loop
 if rank == 0:

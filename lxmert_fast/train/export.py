@@ -1,0 +1,56 @@
+"""The engine's full fp32 weights, gathered from any ZeRO stage, and written as an HF directory."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from lxmert_fast.train.checkpoint import TrainingError
+from lxmert_fast.train.process import barrier
+
+
+def full_fp32_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
+    """The model's full fp32 weights on CPU, on rank 0 (None elsewhere). Collective: call on every rank.
+
+    ZeRO-1/2 and the bf16/fp16 optimizers: the fp32 master copy (`safe_get_full_fp32_param`);
+    ZeRO-3: the partitions gathered; plain fp32: the module's parameters.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            if hasattr(param, "ds_id"):
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    full = param.detach().clone()
+            else:
+                full = param.detach()
+        if rank == 0:
+            out[name] = full.detach().to("cpu", torch.float32).clone()
+    for name, buf in module.named_buffers():
+        if rank == 0:
+            out[name] = buf.detach().to("cpu").clone()
+    return out if rank == 0 else None
+
+
+def export_hf(engine, build_model: Callable[[], nn.Module], directory: str) -> Optional[str]:
+    """Write an HF directory (config.json + model.safetensors) from the engine's fp32 weights.
+
+    Collective (all ranks call it); rank 0 writes. `build_model()` makes a CPU model of the same config.
+    """
+    state = full_fp32_state_dict(engine)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        model = build_model()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise TrainingError(f"export: state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+        model.save_pretrained(directory)
+    barrier()
+    return directory if rank == 0 else None

@@ -1,0 +1,144 @@
+"""The process: accelerator, torch.distributed through DeepSpeed, device, CPU threads, collectives.
+
+Nothing here runs at import. `start_process` is called by a job's `main()` (or a test): it picks
+the accelerator (DS_ACCELERATOR=cpu without a GPU, before DeepSpeed is imported), fills the
+single-process launcher variables where no launcher set them (so `python -m ...` works), and
+initialises torch.distributed. The collectives below are no-ops in a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def local_world(self) -> int:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def select_accelerator() -> str:
+    """'cuda' when a GPU is visible, else 'cpu' (and DS_ACCELERATOR=cpu, before DeepSpeed picks one)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return "cpu"
+
+
+def set_single_process_env() -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for a single process, where a launcher has not set them."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def start_process() -> Process:
+    """Initialise torch.distributed through DeepSpeed; the rank, world size and device."""
+    kind = select_accelerator()
+    set_single_process_env()
+    import deepspeed
+    import deepspeed.comm as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if kind == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return Process(rank, world, device)
+
+
+class ThreadsError(ValueError):
+    """A bad --cpu_threads or OMP_NUM_THREADS (the message names it)."""
+
+
+def cpu_threads(requested: Optional[int], environ: Optional[Mapping[str, str]] = None) -> int:
+    """Torch threads for a CPU process: --cpu_threads, else OMP_NUM_THREADS (as torch reads it), else the
+    cores divided among the node's processes (two 2-thread runs on 2 cores crawl at 1/30 speed)."""
+    if requested is not None:
+        if requested < 1:
+            raise ThreadsError(f"--cpu_threads must be at least 1, got {requested}")
+        return requested
+    omp = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        if not omp.isdigit() or int(omp) < 1:
+            raise ThreadsError(f"OMP_NUM_THREADS={omp!r}: expected a positive integer (or pass --cpu_threads N)")
+        return int(omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the launcher's: processes on this node
+    return max(1, cores // max(1, local))
+
+
+def barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def rank_zero_first(build, process: Process):
+    """``build()`` on rank 0 first (it writes caches: converted stores, tokenised sentences, the demo
+    world), then on the other ranks (they read them); every rank gets its own result."""
+    result = None
+    for turn in (0, 1):
+        if process.is_main == (turn == 0):
+            result = build()
+        barrier()
+    return result

@@ -1,0 +1,534 @@
+"""The one training runtime pre-training and fine-tuning share; a job is a `Recipe` plugged into it.
+
+The `Trainer` owns the process (rank, device, CPU threads), the DeepSpeed config (found, fitted to
+the hardware, "auto" entries filled) and engine, precision, the schedule (epochs x steps, resume),
+the loop (micro-batches, accumulation, the optimizer step), logging (DeepSpeed's monitor, a progress
+bar, the mean of every loss, samples/s without evaluation time, TFLOP/s, MFU, data wait), the
+non-finite policy, evaluation and checkpoint points, and checkpoints that resume exactly.
+
+A recipe supplies only what is its own: data and loaders, the model, the loss of a micro-batch, the
+evaluation, what to keep of each evaluation (fine-tuning keeps the best model) and what to do at the
+end (exports, predictions). See `Recipe` for the hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lxmert_fast.flops import device_name, peak_tflops_for
+from lxmert_fast.train import ds_config as ds_cfg
+from lxmert_fast.train.checkpoint import (CheckpointManager, TrainingError, check_resumable, preserved_rng,
+                                          rng_state, seed_everything, set_rng_state)
+from lxmert_fast.train.compile import (COMPILE_MODES, CompileModeError, check_compile_mode, compile_model,
+                                       eager_forward, step_begins)
+from lxmert_fast.train.meter import IntervalMeter
+from lxmert_fast.train.process import (ThreadsError, all_gather_object, barrier, broadcast_object, cpu_threads,
+                                      start_process)
+from lxmert_fast.utils import atomic_write_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class UsageError(ValueError):
+    """A bad command line or a data/model mismatch found before training starts (exit code 2)."""
+
+
+def default_cache_dir() -> str:
+    """Where the demo world (and, on request, converted stores) go: $LXMERT_FAST_CACHE or ~/.cache/lxmert_fast."""
+    return os.environ.get("LXMERT_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lxmert_fast")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, *, save_every: int, log_every: int) -> None:
+    """The flags every job shares (a recipe adds its own)."""
+    r = p.add_argument_group("run")
+    r.add_argument("--epochs", type=int, default=None, help="epochs (default: the job's)")
+    r.add_argument("--max_steps", type=int, default=None, help="optimizer steps (sets the LR schedule's length)")
+    r.add_argument("--stop_at_step", type=int, default=None,
+                   help="stop (after a checkpoint) at this step, keeping the full run's schedule; resume later")
+    r.add_argument("--micro_batch_size", type=int, default=None,
+                   help="fills an \"auto\" train_micro_batch_size_per_gpu of the DeepSpeed config")
+    r.add_argument("--warmup_ratio", type=float, default=None, help="fills an \"auto\" warmup_num_steps")
+    r.add_argument("--output_dir", "--output", default=None, help="where checkpoints, logs and exports go")
+    r.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output_dir that holds an earlier run (its checkpoints and logs are deleted)")
+    r.add_argument("--seed", type=int, default=9595)
+    r.add_argument("--log_every", type=int, default=log_every)
+    r.add_argument("--eval_every", type=int, default=None,
+                   help="steps between evaluations (default: the job's; 0 = at the end only)")
+    r.add_argument("--save_every", type=int, default=save_every,
+                   help="steps between checkpoints (also at epoch ends and where the run stops; 0 = only there)")
+    r.add_argument("--keep_checkpoints", type=int, default=3)
+    r.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU (default: a table by GPU name)")
+    r.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="stop when the loss has been non-finite this many steps in a row")
+    r.add_argument("--no_progress", action="store_true", help="no progress bar")
+    r.add_argument("--cpu_threads", type=int, default=None,
+                   help="torch threads per process on CPU (default: OMP_NUM_THREADS when set, else the cores "
+                        "divided among the local processes; 1 is far faster on a CPU shared with other jobs)")
+    r.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile the model's forward and backward as whole static graphs (reduce-overhead: "
+                        "with CUDA graphs, GPU only); none = eager")
+    r.add_argument("--debug_nonfinite_from_step", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    import deepspeed
+
+    deepspeed.add_config_arguments(p)
+
+
+class Recipe:
+    """A job: what the runtime cannot know. Override the hooks; the defaults do nothing.
+
+    Attributes a recipe sets in `build_data` / `build_model`: `train_loader` (None: nothing to train:
+    `finish` alone runs), `config` (the model's LxmertConfig), `model`.
+    """
+
+    job = "train"                      # finds the default DeepSpeed config (`ds_config.default_config_name`)
+    job_name = "train"                 # the monitor's job name and the progress bar's label
+    loss_names: tuple[str, ...] = ()   # parts of the loss logged beside the total
+    eval_at_epoch_end = False          # evaluate at every epoch end (fine-tuning) or only every --eval_every
+    outputs: tuple[str, ...] = ()      # what the job writes in --output_dir besides checkpoints/ and logs/
+    train_loader = None
+    model: Optional[nn.Module] = None
+
+    def fill_config(self, raw: dict) -> dict:
+        """The DeepSpeed config before its "auto" batch entries are resolved (fill the job's own)."""
+        return raw
+
+    def build_data(self, trainer: "Trainer", micro_batch_size: int) -> None:
+        raise NotImplementedError
+
+    def schedule(self, steps_per_epoch: int) -> tuple[Optional[int], Optional[int]]:
+        """(max_steps, epochs) when the command line gives neither."""
+        return None, 1
+
+    def warmup_ratio(self) -> float:
+        return 0.05
+
+    def default_eval_every(self, total_steps: int) -> int:
+        return 0
+
+    def build_model(self, trainer: "Trainer", ds_config: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def describe(self, trainer: "Trainer") -> list[str]:
+        return []
+
+    def flops_per_sample(self) -> Optional[float]:
+        return None
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """Generators the recipe draws from, saved in checkpoints (per rank)."""
+        return {}
+
+    def epoch_begins(self, trainer: "Trainer", epoch: int) -> None:
+        pass
+
+    def micro_step(self, trainer: "Trainer", raw: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward one micro-batch through `trainer.engine`: (the loss to backward, its logged parts)."""
+        raise NotImplementedError
+
+    def evaluate(self, trainer: "Trainer") -> dict[str, float]:
+        """Collective: every rank calls it. Runs with the model eager and in eval mode."""
+        return {}
+
+    def evaluated(self, trainer: "Trainer", step: int, epoch: int, result: dict) -> None:
+        """What to keep of an evaluation (fine-tuning: the best model)."""
+
+    def client_state(self) -> dict:
+        return {}
+
+    def load_client_state(self, state: dict) -> None:
+        pass
+
+    def finish(self, trainer: "Trainer", result: dict) -> dict:
+        return result
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, recipe: Recipe):
+        self.args = args
+        self.recipe = recipe
+        self.process = start_process()
+        self.rank, self.world, self.device = self.process.rank, self.process.world, self.process.device
+        self.is_main = self.process.is_main
+        self.bar = None
+        self.engine = None
+        self.log_lines: list[str] = []
+        if self.device.type == "cpu":
+            try:
+                torch.set_num_threads(cpu_threads(args.cpu_threads))
+            except ThreadsError as err:
+                raise UsageError(str(err)) from None
+
+    # -- output ---------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, flush=True)
+
+    def data_root(self, data_root: Optional[str], *, cache_dir: str, demo_images: int,
+                  demo_objects: Optional[tuple[int, int]]) -> tuple[str, bool]:
+        """(the data root, whether it is the demo world): ``data_root`` as given, or the demo world, built
+        once by rank 0 under ``cache_dir`` (on first use; atomically) and found by the others."""
+        if data_root is not None:
+            if demo_objects is not None:
+                raise UsageError("--demo_objects shapes the demo world; it does not apply with --data_root")
+            root = os.path.abspath(data_root)
+            if not os.path.isdir(root):
+                raise UsageError(f"--data_root {root}: no such directory (expected the original data/ folder)")
+            return root, False
+        from lxmert_fast.data.demo import DEFAULT_OBJECTS, ensure_demo_data
+
+        root = None
+        if self.is_main:
+            root = ensure_demo_data(cache_dir, images=demo_images, seed=0, log=self.log,
+                                    objects=demo_objects or DEFAULT_OBJECTS)
+        return broadcast_object(root), True
+
+    def rank_zero_first(self, build):
+        """``build()`` on rank 0 first (it writes the caches), then on the others (they read them)."""
+        result = None
+        for turn in (0, 1):
+            if self.is_main == (turn == 0):
+                result = build()
+            barrier()
+        return result
+
+    # -- setup ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        args, recipe = self.args, self.recipe
+        seed_everything(args.seed)
+        ds_path = args.deepspeed_config or ds_cfg.default_config_name(recipe.job, self.device.type == "cuda")
+        raw = ds_cfg.load_ds_config(ds_path)
+        self.ds_path = ds_cfg.resolve_config_path(ds_path)
+        try:
+            check_compile_mode(args.compile, self.device, ds_cfg.zero_stage_of(raw))
+        except CompileModeError as err:
+            raise UsageError(str(err)) from None
+        self.hardware_changes: list[str] = []
+        if self.device.type != "cuda":
+            raw, self.hardware_changes = ds_cfg.fit_to_cpu(raw)
+        raw = recipe.fill_config(raw)
+        _, micro, accum = ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)
+        self.accum = accum
+        recipe.build_data(self, micro)
+        self.out_dir = os.path.abspath(args.output_dir)
+        if recipe.train_loader is None:  # nothing to train: the recipe's finish alone
+            seed_everything(args.seed)
+            self.model = recipe.build_model(self, raw)
+            return
+        micro_per_epoch = len(recipe.train_loader)
+        self.steps_per_epoch = micro_per_epoch // accum
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"the training set ({micro_per_epoch} micro-batches of {micro} per process) is smaller "
+                             f"than one optimizer step ({micro} x {accum} x {self.world} samples)")
+        self._schedule()
+        self.ckpt = CheckpointManager(os.path.join(self.out_dir, "checkpoints"), keep=args.keep_checkpoints)
+        self._check_output_dir()
+        warmup = args.warmup_ratio if args.warmup_ratio is not None else recipe.warmup_ratio()
+        self.ds_config = ds_cfg.prepare_ds_config(raw, world_size=self.world, total_steps=self.total_steps,
+                                             output_dir=self.out_dir, micro_batch_size=args.micro_batch_size,
+                                             warmup_ratio=warmup, job_name=recipe.job_name)
+        if self.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            atomic_write_json(os.path.join(self.out_dir, "ds_config.json"), self.ds_config)
+        seed_everything(args.seed)
+        model = recipe.build_model(self, self.ds_config)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        compile_model(model, args.compile)
+        self.engine = ds_cfg.initialize(model, self.ds_config)
+        seed_everything(args.seed + 1_000_003 * self.rank)  # the same init everywhere, per-rank dropout streams
+        self.settings = ds_cfg.optim_settings(self.engine)
+        self.dtype = DTYPES[self.settings.precision]
+        self.peak = args.peak_tflops or (peak_tflops_for(device_name()) if self.device.type == "cuda" else None)
+        for line in recipe.describe(self):
+            self.log(line)
+        self.log(f"model {n_params / 1e6:.2f}M parameters; {self.world} process(es) on {device_name()}"
+                 + (f"; compiled ({args.compile})" if args.compile != "none" else ""))
+        shown = os.path.relpath(self.ds_path) if not self.ds_path.startswith(ds_cfg.PACKAGED_DIR) else \
+            f"{os.path.basename(self.ds_path)}, packaged"
+        self.log(f"DeepSpeed ({shown}): {self.settings.describe()}")
+        for change in self.hardware_changes:
+            self.log(f"CPU try-out of a GPU config: {change}")
+        flops = recipe.flops_per_sample()
+        self.log(f"schedule: {self.epochs} epoch(s) x {self.steps_per_epoch} steps, {self.total_steps} steps in all"
+                 + (f"; {flops / 1e9:.2f} GFLOP per sample" if flops else ""))
+
+    def _schedule(self) -> None:
+        args = self.args
+        if args.max_steps is None and args.epochs is None:
+            max_steps, epochs = self.recipe.schedule(self.steps_per_epoch)
+        else:
+            max_steps, epochs = args.max_steps, args.epochs
+        if max_steps is not None:
+            self.epochs = math.ceil(max_steps / self.steps_per_epoch) if epochs is None else epochs
+            self.total_steps = min(max_steps, self.epochs * self.steps_per_epoch)
+            self.epochs = min(self.epochs, math.ceil(self.total_steps / self.steps_per_epoch))
+        else:
+            self.epochs = epochs
+            self.total_steps = epochs * self.steps_per_epoch
+
+    def _check_output_dir(self) -> None:
+        args = self.args
+        earlier = self.ckpt.latest_tag() is not None or bool(self.ckpt.tags())
+        if args.resume:
+            if self.ckpt.latest_tag() is None:
+                raise UsageError(f"--resume: no checkpoint in {self.ckpt.directory} (no 'latest' file)")
+            return
+        if earlier and not args.overwrite:
+            raise UsageError(f"--output_dir {self.out_dir} holds checkpoints of an earlier run: pass --resume to "
+                             f"continue it, --overwrite to start afresh there, or another --output_dir")
+        barrier()
+        if earlier and self.is_main:
+            for sub in ("checkpoints", "logs") + tuple(self.recipe.outputs):
+                path = os.path.join(self.out_dir, sub)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                elif os.path.exists(path):
+                    os.unlink(path)
+        barrier()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _generators(self) -> dict[str, torch.Generator]:
+        return self.recipe.generators()
+
+    def _client_state(self, step: int, epoch: int, sampler_state: dict) -> dict:
+        return {
+            "step": step, "epoch": epoch, "sampler": sampler_state,
+            "rng": all_gather_object(rng_state(self._generators())),
+            "world_size": self.world, "seed": self.args.seed, "total_steps": self.total_steps,
+            "train_batch_size": self.settings.train_batch_size, "recipe": self.recipe.client_state(),
+        }
+
+    def save(self, step: int, epoch: int, sampler_state: dict) -> Optional[str]:
+        if not self._finite_since_last_save():
+            self.log(f"step {step}: not saving a checkpoint: the loss was non-finite since the last one")
+            return None
+        with preserved_rng():
+            tag = self.ckpt.save(self.engine, step, self._client_state(step, epoch, sampler_state), self.rank)
+        self.bad_since_save.zero_()
+        return tag
+
+    def restore(self) -> tuple[int, int]:
+        state = self.ckpt.load(self.engine)
+        check_resumable(state, {"world_size": self.world, "train_batch_size": self.settings.train_batch_size,
+                                "total_steps": self.total_steps, "seed": self.args.seed}, self.ckpt.latest_tag())
+        self.recipe.train_loader.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"][self.rank], self._generators())
+        self.recipe.load_client_state(state.get("recipe", {}))
+        self.log(f"resumed from {self.ckpt.directory}/{self.ckpt.latest_tag()}: step {state['step']}, "
+                 f"epoch {state['epoch']}, batch {state['sampler']['position']} of the epoch")
+        return int(state["step"]), int(state["epoch"])
+
+    # -- non-finite losses ----------------------------------------------------------------------
+    def _nonfinite_status(self) -> tuple[int, int]:
+        t = torch.stack([self.streak, self.bad_since_save]).to(torch.float64)
+        import torch.distributed as tdist
+
+        if tdist.is_initialized() and self.world > 1:
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return int(t[0].item()), int(t[1].item())
+
+    def _finite_since_last_save(self) -> bool:
+        streak, bad = self._nonfinite_status()
+        if self.settings.precision == "fp16":
+            return streak == 0  # the loss scaler skipped the overflowing steps: the weights are intact
+        return bad == 0
+
+    def _check_nonfinite(self, step: int) -> None:
+        streak, _ = self._nonfinite_status()
+        if streak >= self.args.max_nonfinite_steps:
+            last = self.ckpt.latest_tag()
+            where = (f"the last good checkpoint, {os.path.join(self.ckpt.directory, last)}, is intact "
+                     f"(continue from it with --resume, e.g. with a lower learning rate)") if last else \
+                "no checkpoint had been written"
+            raise TrainingError(
+                f"the training loss has been non-finite (NaN/inf) for {streak} steps in a row, up to step {step}; "
+                f"stopping. {where}")
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, step: int, epoch: int) -> dict:
+        """The recipe's evaluation (eager, eval mode, global RNG untouched); the time it takes is not training."""
+        t0 = time.perf_counter()
+        self.engine.eval()
+        try:
+            with preserved_rng(), eager_forward(self.args.compile), torch.no_grad():
+                res = self.recipe.evaluate(self)
+        finally:
+            self.engine.train()
+        scalars = {k: v for k, v in res.items() if isinstance(v, (int, float))}
+        if scalars:
+            self.engine.monitor.write_events([(f"Valid/{k}", v, step) for k, v in scalars.items()])
+            self.log(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        self.recipe.evaluated(self, step, epoch, res)
+        self.meter.exclude(time.perf_counter() - t0)
+        self.last_eval_step = step
+        return res
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        args, engine, recipe = self.args, self.engine, self.recipe
+        loader = recipe.train_loader
+        step, start_epoch = 0, 0
+        self.streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_since_save = torch.zeros((), dtype=torch.int64, device=self.device)
+        if args.resume:
+            step, start_epoch = self.restore()
+        eval_every = args.eval_every if args.eval_every is not None else recipe.default_eval_every(self.total_steps)
+        stop_at = min(self.total_steps, args.stop_at_step) if args.stop_at_step else self.total_steps
+        # Without ZeRO and in fp32 DeepSpeed computes no gradient norm: measure it on logging steps.
+        own_grad_norm = ds_cfg.zero_stage_of(self.ds_config) == 0 and self.settings.precision == "fp32"
+        self.last_grad_norm: Optional[float] = None
+        names = ("total",) + tuple(recipe.loss_names)
+        self.meter = IntervalMeter(names, self.device, self.settings.train_batch_size, recipe.flops_per_sample(),
+                                   self.world, self.peak)
+        self.last_eval_step = -1
+        self.trained_steps, self.train_seconds = 0, 0.0  # in this process's run (after a resume: since it)
+        history: list[dict] = []
+        evals: list[dict] = []
+        self.bar = tqdm(total=self.total_steps, initial=step, disable=not self.is_main or args.no_progress,
+                        desc=recipe.job_name, dynamic_ncols=True, mininterval=1.0)
+        cap = self.steps_per_epoch * self.accum
+        finished = step >= stop_at
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch, self.epochs):
+                if finished:
+                    break
+                loader.set_epoch(epoch)
+                recipe.epoch_begins(self, epoch)
+                with preserved_rng():  # a loader iterator draws its workers' seed from the global RNG
+                    it = iter(loader)
+                while loader.consumed < cap:
+                    t_wait = time.perf_counter()
+                    try:
+                        raw = next(it)
+                    except StopIteration:
+                        break
+                    self.meter.add_data_wait(time.perf_counter() - t_wait)
+                    step_begins(args.compile)
+                    loss, parts = recipe.micro_step(self, raw)
+                    if args.debug_nonfinite_from_step is not None and step + 1 >= args.debug_nonfinite_from_step:
+                        loss = loss * float("nan")
+                    engine.backward(loss)
+                    boundary = loader.consumed % self.accum == 0
+                    if own_grad_norm and boundary and ((step + 1) % args.log_every == 0 or step + 1 == stop_at):
+                        self.last_grad_norm = grad_norm(engine.module.parameters())  # before step() clips/zeroes
+                    engine.step()
+                    finite = torch.isfinite(loss.detach())
+                    self.meter.add_micro({"total": loss, **parts}, finite)
+                    self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+                    self.bad_since_save += (~finite).to(torch.int64)
+                    if not boundary:
+                        continue
+                    # ---- an optimizer step is complete
+                    step += 1
+                    self.meter.steps += 1
+                    self.bar.update(1)
+                    if self.device.type == "cpu" or step % args.log_every == 0:
+                        self._check_nonfinite(step)
+                    if step % args.log_every == 0 or step == stop_at:
+                        row = self._log_interval(step, epoch)
+                        history.append(row)
+                        self.trained_steps += self.meter.steps
+                        self.train_seconds += row["train_seconds"]
+                        self.meter.reset()
+                    end_of_epoch = loader.consumed >= cap
+                    if eval_every and step % eval_every == 0 and step != self.total_steps and not (
+                            end_of_epoch and recipe.eval_at_epoch_end):
+                        evals.append({"step": step, "epoch": epoch, **self.evaluate(step, epoch)})
+                    if end_of_epoch and recipe.eval_at_epoch_end:
+                        evals.append({"step": step, "epoch": epoch + 1, **self.evaluate(step, epoch + 1)})
+                    if step == stop_at or (args.save_every and step % args.save_every == 0) or end_of_epoch:
+                        t0 = time.perf_counter()
+                        if end_of_epoch:
+                            self.save(step, epoch + 1, dict(loader.state_dict(), epoch=epoch + 1, position=0))
+                        else:
+                            self.save(step, epoch, loader.state_dict())
+                        self.meter.exclude(time.perf_counter() - t0)
+                    if step >= stop_at:
+                        finished = True
+                        break
+                del it
+        finally:
+            self.bar.close()
+            self.bar = None
+        trained = self.trained_steps * self.settings.train_batch_size
+        result: dict[str, Any] = {"step": step, "log": history, "evaluations": evals, "train_samples": trained,
+                                  "train_seconds": self.train_seconds,
+                                  "train_samples_per_s": trained / max(self.train_seconds, 1e-9)}
+        if step >= self.total_steps:
+            if self.last_eval_step != step:
+                evals.append({"step": step, "epoch": self.epochs, **self.evaluate(step, self.epochs)})
+            result["eval"] = {k: v for k, v in evals[-1].items() if k not in ("step", "epoch")} if evals else {}
+        else:
+            self.log(f"stopped at step {step} of {self.total_steps} (--stop_at_step); continue with --resume")
+        result["completed"] = step >= self.total_steps
+        return result
+
+    def _log_interval(self, step: int, epoch: int) -> dict:
+        m = self.meter.read()
+        means = m["means"]
+        grad = self.engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (no ZeRO, fp32)
+        grad = float(grad) if grad is not None else self.last_grad_norm
+        lr = self.engine.get_lr()[0]
+        parts = [n for n in self.recipe.loss_names]
+        row = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad, "samples_per_s": m["samples_per_s"],
+               "tflops": m["tflops"], "mfu": m["mfu"], "data_wait": m["data_wait"], "train_seconds": m["train_seconds"],
+               **{f"loss_{n}": means[n] for n in ("total", *parts)}}
+        if self.settings.precision == "fp16":
+            row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+        events = [(f"Train/loss/{n}", means[n], step) for n in ("total", *parts)]
+        if grad is not None:
+            events.append(("Train/grad_norm", grad, step))
+        events += [("Train/lr", lr, step), ("Train/samples_per_s", m["samples_per_s"], step),
+                   ("Train/data_wait_share", m["data_wait"], step)]
+        if m["tflops"] is not None:
+            events.append(("Train/tflops_per_device", m["tflops"], step))
+        if m["mfu"] is not None:
+            events.append(("Train/mfu", m["mfu"], step))
+        self.engine.monitor.write_events(events)
+        mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+        tflops = f" | TFLOP/s {m['tflops']:.3f} | MFU {mfu}" if m["tflops"] is not None else ""
+        detail = " (" + " ".join(f"{n} {means[n]:.3f}" for n in parts) + ")" if parts else ""
+        self.log(f"step {step}/{self.total_steps} ep {epoch} | loss {means['total']:.4f}{detail} | lr {lr:.2e} | "
+                 f"gnorm {'n/a' if grad is None else f'{grad:.3f}'} | {m['samples_per_s']:.1f} samples/s{tflops}"
+                 f" | data wait {100 * m['data_wait']:.1f}%")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{means['total']:.3f}", refresh=False)
+        return row
+
+    # -- the whole job ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.setup()
+        result: dict[str, Any] = {}
+        if self.engine is not None:
+            result.update(self.train())
+            result["settings"] = vars(self.settings)
+        result = self.recipe.finish(self, result)
+        if self.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            atomic_write_json(os.path.join(self.out_dir, "result.json"), result)
+        barrier()
+        return result
+
+
+def grad_norm(parameters) -> Optional[float]:
+    """The global L2 norm of the gradients (all ranks hold the same ones without ZeRO); None if there are none."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
