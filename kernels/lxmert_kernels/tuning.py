@@ -55,6 +55,17 @@ def length_bucket(n: int) -> int:
 # Values: warps / stages and, for multi-block kernels, BLOCK_M / BLOCK_N.
 # Sized with kernels/tools/compile_check.py --report (sm_90, no spills at the LXMERT shapes).
 TABLE: List[dict] = [
+    # fp32 inputs use IEEE fp32 dots (FMA, no tensor cores): twice the warps for the same tile
+    dict(kernel="fwd_one_tile", arch=0, max_tile=2048, max_d=128, dtype="float32", dropout=None, num_warps=8, num_stages=1),
+    dict(kernel="fwd_one_tile", arch=0, max_tile=16384, max_d=128, dtype="float32", dropout=None, num_warps=16, num_stages=1),
+    dict(kernel="bwd_one_tile", arch=0, max_tile=2048, max_d=128, dtype="float32", dropout=None, num_warps=8, num_stages=1),
+    dict(kernel="bwd_one_tile", arch=0, max_tile=16384, max_d=128, dtype="float32", dropout=None, num_warps=16, num_stages=1),
+    dict(kernel="fwd", arch=0, max_tile=1 << 62, max_d=128, dtype="float32", dropout=None,
+         BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+    dict(kernel="dkdv", arch=0, max_tile=1 << 62, max_d=128, dtype="float32", dropout=None,
+         BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+    dict(kernel="dq", arch=0, max_tile=1 << 62, max_d=128, dtype="float32", dropout=None,
+         BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
     # one-tile forward / backward (a direction's queries and keys fit one tile)
     dict(kernel="fwd_one_tile", arch=0, max_tile=2048, max_d=128, dtype="any", dropout=None, num_warps=4, num_stages=1),
     dict(kernel="fwd_one_tile", arch=0, max_tile=16384, max_d=128, dtype="any", dropout=None, num_warps=8, num_stages=1),
