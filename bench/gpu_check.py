@@ -393,6 +393,11 @@ class Check:
 
     def serve_e2e(self) -> None:
         self.coord.serve({c.name: c.pid for c in self.e2e_workers if c.running}, allow_grants=True)
+        for c in self.e2e_workers:  # a worker whose row is written but that hangs on its way out (NCCL, ...)
+            phase, since = self.coord.phase_of(c.name)
+            if phase == "row written" and since is not None and since > 15 and c.running:
+                self.say(f"   {c.name}: row written {since:.0f} s ago but still running; killed")
+                kill_group([c], 1.0)
 
     def part_e2e(self) -> None:
         self.start_e2e_workers()  # when the correctness part was not run
