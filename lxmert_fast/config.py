@@ -125,14 +125,16 @@ class LxmertConfig:
     @property
     def visual_losses(self) -> tuple[str, ...]:
         """The enabled visual losses, in the order of the fused object-head decoder: obj, attr, feat."""
-        names = []
-        if self.visual_obj_loss:
-            names.append("obj")
-        if self.visual_attr_loss:
-            names.append("attr")
-        if self.visual_feat_loss:
-            names.append("feat")
-        return tuple(names)
+        switches = (("obj", self.visual_obj_loss), ("attr", self.visual_attr_loss), ("feat", self.visual_feat_loss))
+        return tuple(name for name, on in switches if on)
+
+    @property
+    def pretraining_losses(self) -> tuple[str, ...]:
+        """The losses `LxmertForPreTraining` computes with this config, in its order: mlm, matched, the visual
+        losses, qa (the keys of its output's `losses`)."""
+        visual = self.visual_losses if self.task_obj_predict else ()
+        return (("mlm",) if self.task_mask_lm else ()) + (("matched",) if self.task_matched else ()) + visual \
+            + (("qa",) if self.task_qa else ())
 
     @property
     def masked_visual_losses(self) -> tuple[str, ...]:

@@ -10,8 +10,10 @@ A backend answers `not_supported_reasons(call)` with a list of reasons it cannot
 (empty = it can). `auto` takes the first backend of `AUTO_ORDER` with no reasons; a named
 backend that cannot serve a call raises `AttentionBackendError` listing why, never falls back.
 
-Two entry points:
-- `attention(q, k, v, mask, ...)`: one attention (self-attention, or one cross direction).
+Three entry points:
+- `attention(q, k, v, mask, ...)`: one attention (one cross direction; a rows-only query set).
+- `attention_qkv(qkv, mask, ...)`: self-attention of one packed (B, L, 3, H, D) projection; the
+  default unbinds it into `attention`, the Triton backend takes it whole (one dqkv in backward).
 - `cross_pair(qkv, n_lang, mask, ...)`: LXMERT's bidirectional cross-attention from ONE packed
   projection of the concatenated [lang; vision] tokens: language queries attend to vision
   keys/values and vision queries attend to language keys/values. The default is two
@@ -20,6 +22,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from dataclasses import dataclass
@@ -74,6 +77,19 @@ class AttentionBackend:
     ) -> tuple[Tensor, Optional[Tensor]]:  # pragma: no cover - interface
         """Returns (out_blhd, probs_bhqk or None)."""
         raise NotImplementedError
+
+    def attention_qkv(
+        self,
+        qkv_bl3hd: Tensor,
+        key_padding_mask_bl: Optional[Tensor],
+        dropout_p: float,
+        scale: float,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Self-attention of one packed (B, L, 3, H, D) projection; by default `attention` on its views (a
+        backend may take the packed tensor whole, e.g. to write one gradient for the projection)."""
+        q_blhd, k_blhd, v_blhd = qkv_bl3hd.unbind(dim=2)
+        return self.attention(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights)
 
     def cross_pair(
         self,
@@ -185,7 +201,7 @@ class UnavailableBackend(AttentionBackend):
     def attention(self, *args, **kwargs):
         raise AttentionBackendError(f"attention backend {self.name!r} is unavailable: {self._why}")
 
-    cross_pair = attention
+    cross_pair = attention_qkv = attention
 
 
 # name -> zero-argument factory. Optional backends live in their own modules and are imported
@@ -227,10 +243,18 @@ def _build_backend(name: str) -> AttentionBackend:
     )
 
 
-@torch._dynamo.assume_constant_result
 def _backend_name_for(dispatcher: "AttentionDispatcher", name: str, call_key: tuple) -> str:
     """The name of the backend `dispatcher` (configured as `name`) picks for a call (see `resolve`)."""
     return dispatcher._resolve_cached(AttentionCall(*call_key)).name
+
+
+@functools.cache
+def _constant_backend_name_for() -> Callable[..., str]:
+    """`_backend_name_for` marked for torch.compile as a constant of its arguments. Built on first use (a
+    dispatcher's construction), not at import: importing torch._dynamo takes seconds."""
+    import torch._dynamo
+
+    return torch._dynamo.assume_constant_result(_backend_name_for)
 
 
 class AttentionDispatcher:
@@ -240,6 +264,7 @@ class AttentionDispatcher:
     """
 
     def __init__(self, name: str = "auto"):
+        self._backend_name_for = _constant_backend_name_for()
         self._backends: dict[str, AttentionBackend] = {}
         self._resolved: dict[tuple, AttentionBackend] = {}
         self.name = "auto"
@@ -261,7 +286,7 @@ class AttentionDispatcher:
             # Resolved once while tracing, as a constant: the choice depends only on the call's static
             # properties and the configured name (which the compiled code guards on), and tracing the
             # cache would make its first fill a guard failure (a recompile on the second call).
-            return self._backends[_backend_name_for(self, self.name, call.key())]
+            return self._backends[self._backend_name_for(self, self.name, call.key())]
         return self._resolve_cached(call)
 
     def _resolve_cached(self, call: AttentionCall) -> AttentionBackend:
@@ -296,6 +321,10 @@ class AttentionDispatcher:
     def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
         backend = self.resolve(AttentionCall.of(q_blhd, dropout_p, need_weights))
         return backend.attention(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights)
+
+    def attention_qkv(self, qkv_bl3hd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
+        backend = self.resolve(AttentionCall.of(qkv_bl3hd[:, :, 0], dropout_p, need_weights))
+        return backend.attention_qkv(qkv_bl3hd, key_padding_mask_bl, dropout_p, scale, need_weights)
 
     def cross_pair(self, qkv_bl3hd, n_lang, key_padding_mask_bl, dropout_p, scale, need_weights=False):
         backend = self.resolve(AttentionCall.of(qkv_bl3hd[:, :, 0], dropout_p, need_weights))

@@ -123,11 +123,9 @@ class LxmertSelfAttentionLayer(nn.Module):
     def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor],
                 need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         qkv_bl3hd = self.self(x_bld)
-        q_blhd, k_blhd, v_blhd = qkv_bl3hd.unbind(dim=2)
         p = self.attn_dropout_p if self.training else 0.0
-        ctx_blhd, probs = self._ctx.dispatcher.attention(
-            q_blhd, k_blhd, v_blhd, key_padding_mask_bl, p, self.scale, need_weights
-        )
+        ctx_blhd, probs = self._ctx.dispatcher.attention_qkv(qkv_bl3hd, key_padding_mask_bl, p, self.scale,
+                                                             need_weights)
         ctx_bld = ctx_blhd.reshape(x_bld.shape)
         return self.output(ctx_bld, x_bld), probs
 

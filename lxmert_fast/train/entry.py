@@ -26,15 +26,27 @@ def report(err: BaseException) -> None:
         print(f"error: {err}", file=sys.stderr, flush=True)
 
 
+def usage_errors() -> tuple[type, ...]:
+    """What a job reports as a usage or data error (exit code 2): found before training starts."""
+    from lxmert_fast.config import ConfigError
+    from lxmert_fast.data.formats import DataFormatError
+    from lxmert_fast.data.store import StoreError
+    from lxmert_fast.model.convert import CheckpointError
+    from lxmert_fast.train.ds_config import DSConfigError
+    from lxmert_fast.train.runtime import UsageError
+
+    return (UsageError, DSConfigError, FileNotFoundError, ConfigError, DataFormatError, StoreError, CheckpointError)
+
+
 def run_job(run: Callable[[Optional[list[str]]], dict], argv: Optional[list[str]],
-            usage_errors: Callable[[], tuple[type, ...]]) -> int:
+            more_usage_errors: tuple[type, ...] = ()) -> int:
     quiet_known_warnings()
     try:
         run(argv)
     except TrainingError as err:
         report(err)
         return 3
-    except usage_errors() as err:
+    except usage_errors() + more_usage_errors as err:
         report(err)
         return 2
     return 0

@@ -19,12 +19,8 @@ from lxmert_fast.train.process import all_reduce_sum
 class IntervalMeter:
     def __init__(self, names: tuple[str, ...], device: torch.device, train_batch_size: int,
                  flops_per_sample: Optional[float], world: int, peak_tflops: Optional[float]):
-        self.names = names
-        self.device = device
-        self.train_batch_size = train_batch_size
-        self.flops_per_sample = flops_per_sample
-        self.world = world
-        self.peak_tflops = peak_tflops
+        self.names, self.device, self.train_batch_size = names, device, train_batch_size
+        self.flops_per_sample, self.world, self.peak_tflops = flops_per_sample, world, peak_tflops
         self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
         self.reset()

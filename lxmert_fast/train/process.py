@@ -132,13 +132,3 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
 
-
-def rank_zero_first(build, process: Process):
-    """``build()`` on rank 0 first (it writes caches: converted stores, tokenised sentences, the demo
-    world), then on the other ranks (they read them); every rank gets its own result."""
-    result = None
-    for turn in (0, 1):
-        if process.is_main == (turn == 0):
-            result = build()
-        barrier()
-    return result
