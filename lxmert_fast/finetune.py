@@ -176,6 +176,9 @@ class FinetuneRecipe(Recipe):
             self.train_loader = tasks_data.make_task_loader(
                 self.train_ds, micro_batch_size, rank=trainer.rank, world_size=trainer.world, seed=args.seed,
                 shuffle=True, drop_last=True, num_workers=self._workers(trainer))
+            # The DataLoader draws its workers' base seed when an iterator starts (at the first batch): from its
+            # own generator, not the global one, so that a resumed run's dropout stream is not shifted by it.
+            self.train_loader.loader.generator = torch.Generator().manual_seed(args.seed * 7919 + trainer.rank)
         self.config = self._model_config(trainer)
 
     def _workers(self, trainer: Trainer) -> int:
@@ -404,17 +407,6 @@ class FinetuneRecipe(Recipe):
         return result
 
 
-def _errors() -> tuple[type, ...]:
-    from lxmert_fast.config import ConfigError
-    from lxmert_fast.data.formats import DataFormatError
-    from lxmert_fast.data.store import StoreError
-    from lxmert_fast.model.convert import CheckpointError
-    from lxmert_fast.train.ds_config import DSConfigError
-
-    return (UsageError, DSConfigError, FileNotFoundError, ConfigError, DataFormatError, StoreError,
-            CheckpointError, tasks_data.TaskDataError)
-
-
 def run(argv: Optional[list[str]] = None) -> dict:
     """Parse, set up, train/evaluate; returns the result dict (raises on errors). For in-process use."""
     from lxmert_fast.train.process import select_accelerator
@@ -427,7 +419,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     from lxmert_fast.train.entry import run_job
 
-    return run_job(run, argv, _errors)
+    return run_job(run, argv, (tasks_data.TaskDataError,))
 
 
 if __name__ == "__main__":

@@ -317,6 +317,9 @@ class PretrainRecipe(Recipe):
     # -- building -----------------------------------------------------------------------------------
     def build_data(self, trainer: Trainer, micro_batch_size: int) -> None:
         args = self.args
+        if args.grounding_eval == "yes" and not (args.valid or "").strip():
+            raise UsageError("--grounding_eval yes needs held-out data (--valid): the check predicts words of "
+                             "held-out captions")
         self.data = build_data(args, trainer)
         self.config = build_model_config(args, self.data)
         self.mask_cfg = self.data.index.masking_config(args.word_mask_rate, args.obj_mask_rate)
@@ -328,7 +331,7 @@ class PretrainRecipe(Recipe):
         self.mask_gen.manual_seed(args.seed * 1000 + 17 * trainer.rank + 1)
         self.select_gen = torch.Generator()
         self.select_gen.manual_seed(args.seed * 1000 + 17 * trainer.rank + 2)
-        self.loss_names = self._active_losses()
+        self.loss_names = self.config.pretraining_losses
 
     def _loader(self, trainer: Trainer, dataset, micro: int, *, shuffle: bool, drop_last: bool, workers_mask: bool,
                 workers=None):
@@ -383,19 +386,6 @@ class PretrainRecipe(Recipe):
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"mask": self.mask_gen, "mask_select": self.select_gen}
-
-    def _active_losses(self) -> tuple[str, ...]:
-        c = self.config
-        active = []
-        if c.task_mask_lm:
-            active.append("mlm")
-        if c.task_matched:
-            active.append("matched")
-        if c.task_obj_predict:
-            active += list(c.visual_losses)
-        if c.task_qa:
-            active.append("qa")
-        return tuple(active)
 
     # -- training ---------------------------------------------------------------------------------
     def epoch_begins(self, trainer: Trainer, epoch: int) -> None:
@@ -554,16 +544,6 @@ class PretrainRecipe(Recipe):
 
 
 # ---------------------------------------------------------------------------------------------- the command
-def _errors() -> tuple[type, ...]:
-    from lxmert_fast.config import ConfigError
-    from lxmert_fast.data.formats import DataFormatError
-    from lxmert_fast.data.store import StoreError
-    from lxmert_fast.model.convert import CheckpointError
-    from lxmert_fast.train.ds_config import DSConfigError
-
-    return (UsageError, DSConfigError, FileNotFoundError, ConfigError, DataFormatError, StoreError, CheckpointError)
-
-
 def run(argv: Optional[list[str]] = None) -> dict:
     """Parse, set up, train; the result (raises on errors). For in-process use."""
     from lxmert_fast.train.process import select_accelerator
@@ -576,7 +556,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     from lxmert_fast.train.entry import run_job
 
-    return run_job(run, argv, _errors)
+    return run_job(run, argv)
 
 
 if __name__ == "__main__":
