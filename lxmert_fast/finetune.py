@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature files for splits the defaults do not know: SPLIT=PATH[,SPLIT=PATH]")
     d.add_argument("--vocab", default=None, help="vocab.txt or tokenizer dir (default <data_root>/vocab.txt)")
     d.add_argument("--store_dir", default=None,
-                   help="where converted feature stores go (default <data_root>/lxmert_fast)")
+                   help="the store root: one converted store per feature file, found again by its content "
+                        "and shared with pre-training (default <data_root>/lxmert_fast, pre-training's default; "
+                        "after pre-training with --store_in_cache: <cache_dir>/stores/<root name>-<hash>)")
     d.add_argument("--cache_dir", default=default_cache_dir(), help="the demo world's home")
     d.add_argument("--demo_images", type=int, default=2000, help="images of the demo world")
     add_demo_objects_argument(d)

@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--vocab", default=None, help="vocab.txt or tokenizer dir (default <data_root>/vocab.txt)")
     d.add_argument("--qa_sets", "--qaSets", default=None, help="restrict the QA answer table to these sets (vqa,gqa,visual7w)")
     d.add_argument("--cache_dir", default=default_cache_dir(),
-                   help="demo world and (with --store_in_cache) converted feature stores")
+                   help="demo world and (with --store_in_cache) the store root of the data root's converted "
+                        "feature stores")
     d.add_argument("--store_in_cache", action="store_true",
-                   help="put converted feature stores under --cache_dir instead of <data_root>/lxmert_fast")
+                   help="keep the store root (one converted store per feature file, shared with fine-tuning, "
+                        "and the tokenised sentences) under --cache_dir/stores/<root name>-<hash of the root's "
+                        "path> instead of <data_root>/lxmert_fast (fine-tuning: give that folder as --store_dir)")
     d.add_argument("--demo_images", type=int, default=2000, help="images of the demo world")
     add_demo_objects_argument(d)
     d.add_argument("--skip_bad", action="store_true", help="skip (and report) malformed data rows instead of failing")
@@ -159,42 +162,37 @@ def _check_data_paths(data_root: str, train: list[str], valid: list[str], vocab:
         raise UsageError(f"--data_root {data_root}: missing " + "; ".join(missing))
 
 
-def _store_dir(data_root: str, splits: list[str], cache_dir: Optional[str]) -> Optional[str]:
-    if cache_dir is None:
-        return None
-    from lxmert_fast.data.pretrain_data import feature_files_for
-
-    tag = "+".join(os.path.basename(p).replace("_obj36.tsv", "") for p in feature_files_for(data_root, splits))
+def _store_dir(data_root: str, cache_dir: Optional[str]) -> str:
+    """The store root of ``data_root``: ``<data_root>/lxmert_fast``, or with a cache
+    ``<cache_dir>/stores/<root name>-<hash of the root's path>``, one converted store per feature file."""
     root = os.path.abspath(data_root)
-    # the root's name for people, a hash of its path so two roots of one name never share a store
+    if cache_dir is None:
+        return os.path.join(root, "lxmert_fast")
+    # the root's name for people, a hash of its path so two roots of one name never share a store root
     key = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}"
-    return os.path.join(cache_dir, "stores", f"{key}-{tag}")
+    return os.path.join(cache_dir, "stores", key)
 
 
 def build_data(args, trainer: Trainer) -> DataSetup:
-    from lxmert_fast.data.pretrain_data import build_pretrain_dataset, feature_files_for, split_names
+    from lxmert_fast.data.pretrain_data import build_pretrain_dataset, split_names
 
     data_root, is_demo = trainer.data_root(args.data_root, cache_dir=args.cache_dir, demo_images=args.demo_images,
                                            demo_objects=args.demo_objects)
     train_splits, valid_splits = split_names(args.train), split_names(args.valid or "")
     vocab = args.vocab or os.path.join(data_root, "vocab.txt")
     _check_data_paths(data_root, train_splits, valid_splits, vocab)
-    cache = args.cache_dir if args.store_in_cache else None
+    store_dir = _store_dir(data_root, args.cache_dir if args.store_in_cache else None)
     tasks = selected_tasks(args)
     log = trainer.log if trainer.is_main else None
-    common = dict(vocab=vocab, skip_bad=args.skip_bad, qa_sets=args.qa_sets, task_matched="matched" in tasks,
-                  task_qa="qa" in tasks, seed=args.seed)
+    common = dict(store_dir=store_dir, vocab=vocab, skip_bad=args.skip_bad, qa_sets=args.qa_sets,
+                  task_matched="matched" in tasks, task_qa="qa" in tasks, seed=args.seed)
 
     def build():  # rank 0 converts and tokenises (cached, atomic); the others then open the caches
-        train = build_pretrain_dataset(data_root, train_splits, store_dir=_store_dir(data_root, train_splits, cache),
-                                       log=log, **common)
-        valid = None
-        if valid_splits:
-            # Reuse the training store when it holds the held-out images (minival is in val2014).
-            valid_store = train.store.path if set(feature_files_for(data_root, valid_splits)) <= set(
-                feature_files_for(data_root, train_splits)) else _store_dir(data_root, valid_splits, cache)
-            valid = build_pretrain_dataset(data_root, valid_splits, store_dir=valid_store, log=log,
-                                           **dict(common, task_qa=True, task_matched=True))
+        # one store per feature file under one store root: the held-out split (minival, in val2014)
+        # reads the store the training splits converted, and fine-tuning finds them again
+        train = build_pretrain_dataset(data_root, train_splits, log=log, **common)
+        valid = (build_pretrain_dataset(data_root, valid_splits, log=log, **dict(common, task_qa=True, task_matched=True))
+                 if valid_splits else None)
         return train, valid
 
     train, valid = trainer.rank_zero_first(build)

@@ -72,16 +72,19 @@ def test_bad_overrides_are_usage_errors(tmp_path):
 
 
 def test_store_cache_dirs_of_two_roots_of_one_name_differ(tmp_path):
-    """--cache_dir keeps converted stores by data root: two roots with the same folder name must not share one."""
+    """--cache_dir keeps a store root (one store per feature file) by data root: two roots with the same
+    folder name must not share one. Without the cache the store root is <data_root>/lxmert_fast, fine-tuning's
+    default --store_dir too, so both jobs convert each feature file once."""
     from lxmert_fast.pretrain import _store_dir
     a, b = tmp_path / "x" / "data", tmp_path / "y" / "data"
     for root in (a, b):
         (root / "mscoco_imgfeat").mkdir(parents=True)
     cache = str(tmp_path / "cache")
-    da, db = (_store_dir(str(r), ["mscoco_minival"], cache) for r in (a, b))
-    assert da != db and os.path.basename(da).startswith("data-") and da.endswith("-val2014")
-    assert _store_dir(str(a), ["mscoco_minival"], cache) == da       # stable
-    assert _store_dir(str(a), ["mscoco_minival"], None) is None      # no cache: the store lives under the root
+    da, db = (_store_dir(str(r), cache) for r in (a, b))
+    assert da != db and os.path.basename(da).startswith("data-")
+    assert os.path.dirname(da) == os.path.join(cache, "stores")
+    assert _store_dir(str(a), cache) == da                              # stable
+    assert _store_dir(str(a), None) == str(a / "lxmert_fast")           # no cache: under the root
 
 
 def test_cpu_threads_follow_the_flag_then_omp_num_threads_then_the_cores():

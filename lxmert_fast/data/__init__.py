@@ -4,6 +4,9 @@ Modules (imported on use, so ``python -m lxmert_fast.data.convert`` stays light)
 
 * :mod:`~lxmert_fast.data.formats`   readers + strict validation of the original files
 * :mod:`~lxmert_fast.data.store`     the memory-mapped feature store (:class:`FeatureStore`)
+* :mod:`~lxmert_fast.data.store_root`  one store per feature file under a store root, found again
+  by its source fingerprint (:func:`ensure_store`), shared by pre-training and the tasks
+* :mod:`~lxmert_fast.data.store_set`   several stores read as one (:class:`StoreSet`)
 * :mod:`~lxmert_fast.data.convert`   ``python -m lxmert_fast.data.convert TSV ... --out DIR``
 * :mod:`~lxmert_fast.data.tokenization`  WordPiece tokenisation, once, into int32 arrays
 * :mod:`~lxmert_fast.data.answers`   the QA answer table (``all_ans.json``)
@@ -15,6 +18,7 @@ Modules (imported on use, so ``python -m lxmert_fast.data.convert`` stays light)
 _EXPORTS = {
     "DataFormatError": "formats", "BadRowLog": "formats",
     "FeatureStore": "store", "StoreError": "store",
+    "ensure_store": "store_root", "find_store": "store_root", "StoreSet": "store_set",
     "convert_tsvs": "convert",
     "load_tokenizer": "tokenization", "tokenize_sentences": "tokenization",
     "AnswerTable": "answers",

@@ -1,7 +1,8 @@
 """Data-pipeline measurements: conversion MB/s, loader samples/s, masking samples/s.
 
 ``python -m lxmert_fast.data.bench [--images 2000] [--workers 2] [--batch 256] [--device cpu]``
-generates (or reuses) a demo world, converts its pre-training TSVs, then times the loader and
+generates (or reuses) a demo world, converts its pre-training TSVs (one store each, under one
+store root, as the jobs keep them), then times the loader and
 the batch masking. Functions are importable by the project's benchmark suite.
 """
 
@@ -18,16 +19,21 @@ import time
 
 def bench_convert(tsvs: list[str], out: str, *, workers: int | None = None,
                   fp32: bool = False) -> dict:
-    """Convert ``tsvs`` into ``out`` (replaced); MB/s of TSV input, checksums included."""
+    """Convert each of ``tsvs`` into its own store under the store root ``out`` (replacing any
+    there), as the jobs keep them; MB/s of TSV input, checksums included."""
     from .convert import convert_tsvs
+    from .store_root import store_dir_for
     size = sum(os.path.getsize(p) for p in tsvs)
     t0 = time.perf_counter()
-    man = convert_tsvs(tsvs, out, workers=workers, fp32=fp32, overwrite=True, progress=False,
-                       log=None)
+    images, dtype = 0, None
+    for p in tsvs:
+        man = convert_tsvs([p], store_dir_for(p, out, fp32), workers=workers, fp32=fp32, overwrite=True,
+                           progress=False, log=None)
+        images, dtype = images + man["num_images"], man["feat_dtype"]
     dt = time.perf_counter() - t0
     return {"what": "convert", "tsv_mb": size / 1e6, "seconds": dt, "mb_per_s": size / 1e6 / dt,
-            "images": man["num_images"], "workers": workers or os.cpu_count(),
-            "feat_dtype": man["feat_dtype"]}
+            "images": images, "files": len(tsvs), "workers": workers or os.cpu_count(),
+            "feat_dtype": dtype}
 
 
 def bench_loader(dataset, *, batch_size: int = 256, num_workers: int = 2, batches: int = 40,

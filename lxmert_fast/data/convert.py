@@ -6,6 +6,10 @@ Usage::
         data/mscoco_imgfeat/val2014_obj36.tsv data/vg_gqa_imgfeat/vg_gqa_obj36.tsv \\
         --out data/store [--fp32] [--skip-bad] [--workers 8] [--num-boxes 36]
 
+    # one store per file under a store root, as pre-training and fine-tuning keep them
+    # (files already converted there, found by their content fingerprint, are left as they are)
+    python -m lxmert_fast.data.convert data/mscoco_imgfeat/*_obj36.tsv --store-root data/lxmert_fast
+
 How it works (bounded memory, parallel, crash safe):
 
 1. one fast pass counts the lines of every file (vectorised newline search over 16 MB blocks)
@@ -437,8 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "naming its file, line and field (exit code 2) unless --skip-bad.",
         epilog="Example: python -m lxmert_fast.data.convert data/mscoco_imgfeat/*_obj36.tsv "
                "data/vg_gqa_imgfeat/vg_gqa_obj36.tsv --out data/store")
-    p.add_argument("tsv", nargs="+", help="input *_obj36.tsv files (all go into one store)")
-    p.add_argument("--out", required=True, help="store directory to create")
+    p.add_argument("tsv", nargs="+", help="input *_obj36.tsv files")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="store directory to create (every input file goes into this one store)")
+    where.add_argument("--store-root", help="store root (as the jobs use: default <data_root>/lxmert_fast): each "
+                       "input file gets its own store there, store-<name>; a file whose content is already "
+                       "converted there is not converted again")
     p.add_argument("--fp32", action="store_true", help="store features as float32 "
                    "(default float16: half the size, within fp16 rounding)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows instead of failing; "
@@ -462,12 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None, on_segment: Callable[[int], None] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    options = dict(num_boxes=args.num_boxes, feat_dim=args.feat_dim, num_obj_classes=args.num_obj_classes,
+                   num_attr_classes=args.num_attr_classes, checksum=not args.no_checksum)
     try:
+        if args.store_root is not None:
+            if args.overwrite:
+                raise ValueError("--overwrite goes with --out; under --store-root delete a store to convert it again")
+            from .store_root import ensure_store
+            for tsv in args.tsv:
+                st = ensure_store(tsv, args.store_root, fp32=args.fp32, skip_bad=args.skip_bad,
+                                  workers=args.workers, convert_options=options,
+                                  log=print if not args.no_progress else None)
+                print(f"{tsv} -> {st.path} ({st.num_images} images)")
+            return 0
         convert_tsvs(args.tsv, args.out, fp32=args.fp32, skip_bad=args.skip_bad,
-                     workers=args.workers, num_boxes=args.num_boxes, feat_dim=args.feat_dim,
-                     num_obj_classes=args.num_obj_classes, num_attr_classes=args.num_attr_classes,
-                     overwrite=args.overwrite, checksum=not args.no_checksum,
-                     progress=not args.no_progress, on_segment=on_segment)
+                     workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
+                     on_segment=on_segment, **options)
     except DataFormatError as e:
         print(f"error: {e}\n(no store written; use --skip-bad to skip and report bad rows)",
               file=sys.stderr)

@@ -3,7 +3,8 @@
 Data flow::
 
     data/lxmert/<split>.json  --build_pretrain_index-->  PretrainIndex (tokens.npy, img_row.npy,
-    feature store (convert.py)                            qa_ptr/qa_ans/qa_score.npy, index.json)
+    one store per feature file (store_root.py),           qa_ptr/qa_ans/qa_score.npy, index.json)
+      read as one StoreSet (store_set.py)
         --ShardedResumableSampler--> BatchRequest --PretrainDataset.__getitems__--> raw batch
         --(optionally on the GPU) masking.mask_pretrain_batch--> model batch
 
@@ -14,8 +15,10 @@ its answers (normalised, pruned to the answer table, ``{answer: score}``).
 Batches are built by whole-batch numpy ops (one ``__getitems__`` call per batch): matching
 negatives (p 0.5: the sentence is replaced by one of another image, never the same image),
 one QA answer sampled in proportion to its score (none for negatives: -100), features read
-from the store. All randomness of a batch derives from ``(seed, epoch, rank, position)``, so a
-resumed run reproduces the remaining batches exactly, whatever the number of workers.
+from the stores of the splits' feature files (a :class:`StoreSet`: a global row = store offset +
+row identifies an image across the files). All randomness of a batch derives from
+``(seed, epoch, rank, position)``, so a resumed run reproduces the remaining batches exactly,
+whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from .answers import AnswerTable, convert_ans
 from .formats import BadRowLog, DataFormatError, file_fingerprint, read_pretrain_json
 from .masking import IGNORE_INDEX, MaskingConfig, mask_pretrain_batch
 from .store import FeatureStore, StoreError, sha256_file
+from .store_root import SENTENCES_DIR, ensure_store
+from .store_set import StoreSet
 from .tokenization import MAX_LEN, load_tokenizer, special_ids, tokenize_sentences
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: img_row is a row of the StoreSet of the splits' feature files
 DEFAULT_SPLITS = "mscoco_train,mscoco_nominival,vgnococo"
 # feature file of each pre-training split, relative to the data root (as in the release)
 SPLIT_FEATURE_FILES = {
@@ -59,7 +64,9 @@ def split_names(splits) -> list[str]:
 class PretrainIndex:
     """Pre-tokenised items, memory-mapped (lazy, picklable). ``S`` items, ``M`` QA answers.
 
-    Arrays: ``tokens`` (S, L) int32, ``lengths`` (S,) int16, ``img_row`` (S,) int32 store row,
+    Arrays: ``tokens`` (S, L) int32, ``lengths`` (S,) int16, ``img_row`` (S,) int32 global row
+    of the image in the :class:`StoreSet` the index was built on (``meta["stores"]``, key
+    ``meta["store_key"]``),
     ``source`` (S,) int8 index into ``SOURCES``, ``qa_ptr`` (S + 1,) int64 CSR offsets into
     ``qa_ans`` (M,) int32 / ``qa_score`` (M,) float32.
     """
@@ -124,14 +131,12 @@ class PretrainIndex:
                              word_prob=word_prob, obj_prob=obj_prob)
 
 
-def _index_key(json_paths, store: FeatureStore, vocab_path, all_ans_path, qa_sets, max_len,
+def _index_key(json_paths, stores: StoreSet, vocab_path, all_ans_path, qa_sets, max_len,
                skip_bad) -> str:
     vocab_file = os.path.join(vocab_path, "vocab.txt") if os.path.isdir(vocab_path) else vocab_path
     key = {
         "version": INDEX_VERSION, "json": [file_fingerprint(p) for p in json_paths],
-        "store": {k: store.manifest["files"][k].get("sha256") or store.manifest["files"][k]["bytes"]
-                  for k in ("img_ids", "features")},
-        "store_path": store.path,
+        "stores": stores.key,
         "vocab": sha256_file(vocab_file) if os.path.exists(vocab_file) else vocab_path,
         "all_ans": file_fingerprint(all_ans_path), "qa_sets": sorted(qa_sets) if qa_sets else None,
         "max_len": max_len, "skip_bad": skip_bad,
@@ -139,17 +144,21 @@ def _index_key(json_paths, store: FeatureStore, vocab_path, all_ans_path, qa_set
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def build_pretrain_index(data_root: str, splits, store: FeatureStore, vocab: str, *,
+def build_pretrain_index(data_root: str, splits, store: StoreSet | FeatureStore, vocab: str, *,
                          out_dir: str | None = None, all_ans: str | None = None, qa_sets=None,
                          max_len: int = MAX_LEN, skip_bad: bool = False, rebuild: bool = False,
                          log=print) -> PretrainIndex:
     """Tokenise every sentence of ``splits`` once; cached by content under ``out_dir``.
 
-    ``out_dir`` defaults to ``<store>/sentences/<key>``, the key hashing the inputs (JSON files,
-    store, vocab, answer table, options). A sentence whose image has no features in ``store``
-    (or any malformed record) raises :class:`DataFormatError` naming the JSON file, the line
-    and the field, unless ``skip_bad``: then it is skipped, counted and reported.
+    ``store``: the :class:`StoreSet` of the splits' feature files (a single store is read as a set
+    of one). ``out_dir`` defaults to ``<store root>/sentences/<key>``, the key hashing the inputs
+    (JSON files, the stores' content, vocab, answer table, options), so one store root holds the
+    indexes of every split combination. A sentence whose image has no features in the stores
+    (or any malformed record, or an img_id with features in two stores) raises
+    :class:`DataFormatError` naming the file, the line and the field, unless ``skip_bad``: then
+    it is skipped (a duplicated image keeps the features of the first store), counted and reported.
     """
+    store = StoreSet.of(store)
     names = split_names(splits)
     json_paths = [os.path.join(data_root, "lxmert", f"{s}.json") for s in names]
     for p in json_paths:
@@ -159,7 +168,11 @@ def build_pretrain_index(data_root: str, splits, store: FeatureStore, vocab: str
     qa_sets = None if qa_sets is None else (
         [s for s in qa_sets.split(",") if s] if isinstance(qa_sets, str) else list(qa_sets))
     key = _index_key(json_paths, store, vocab, all_ans, qa_sets, max_len, skip_bad)
-    out_dir = out_dir or os.path.join(store.path, "sentences", key)
+    if out_dir is None:
+        if store.root is None:
+            raise ValueError(f"the stores {store.paths} have no common store root: give out_dir for the "
+                             f"sentence index")
+        out_dir = os.path.join(store.root, SENTENCES_DIR, key)
     if not rebuild and os.path.exists(os.path.join(out_dir, "index.json")):
         idx = PretrainIndex.open(out_dir)
         if idx.meta.get("key") == key:
@@ -168,8 +181,9 @@ def build_pretrain_index(data_root: str, splits, store: FeatureStore, vocab: str
     table = AnswerTable(all_ans, qa_sets)
     tok = load_tokenizer(vocab)
     sp = special_ids(tok)
-    rows = store.index()
     bad = BadRowLog(skip_bad)
+    rows = store.index(skip_bad=skip_bad)
+    bad.extend(store.duplicates())
     sents, img_row, source, qa_ptr, qa_ans, qa_score = [], [], [], [0], [], []
     pruned = kept = 0
     seen_img: dict[str, str] = {}
@@ -179,8 +193,8 @@ def build_pretrain_index(data_root: str, splits, store: FeatureStore, vocab: str
             ridx = rows.get(img_id)
             if ridx is None:
                 bad.handle(DataFormatError(path, line, "img_id",
-                                           f"img_id {img_id!r} has no features in the store "
-                                           f"{store.path}"))
+                                           f"img_id {img_id!r} has no features in the stores "
+                                           f"{', '.join(store.paths)}"))
                 continue
             if img_id in seen_img:
                 bad.handle(DataFormatError(path, line, "img_id",
@@ -232,7 +246,8 @@ def build_pretrain_index(data_root: str, splits, store: FeatureStore, vocab: str
         n_qa = int((np.diff(arrays["qa_ptr"]) > 0).sum())
         meta = {
             "version": INDEX_VERSION, "key": key, "splits": names,
-            "json": [os.path.abspath(p) for p in json_paths], "store": store.path,
+            "json": [os.path.abspath(p) for p in json_paths], "stores": store.paths,
+            "store_key": store.key,
             "num_items": len(sents), "num_images": len(seen_img), "max_len": max_len,
             "vocab": os.path.abspath(vocab), "vocab_size": len(tok),
             "special_ids": {"pad": sp.pad, "unk": sp.unk, "cls": sp.cls, "sep": sp.sep,
@@ -405,7 +420,8 @@ def sample_answers(rng: np.random.Generator, qa_ptr: np.ndarray, qa_ans: np.ndar
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """(image, sentence) items of a :class:`PretrainIndex` with features from a store.
+    """(image, sentence) items of a :class:`PretrainIndex` with features from its stores
+    (``store``: the :class:`StoreSet` the index was built on, or its single store).
 
     Use with :class:`ShardedResumableSampler` as ``batch_sampler`` (see
     :func:`make_pretrain_loader`): ``__getitems__`` builds a whole batch at once.
@@ -415,12 +431,13 @@ class PretrainDataset(torch.utils.data.Dataset):
     :class:`MaskingConfig` masks in the worker and returns the model batch.
     """
 
-    def __init__(self, store: FeatureStore, index: PretrainIndex, *, task_matched: bool = True,
+    def __init__(self, store: StoreSet | FeatureStore, index: PretrainIndex, *, task_matched: bool = True,
                  neg_prob: float = 0.5, task_qa: bool = True, seed: int = 0,
                  masking: MaskingConfig | None = None):
-        if index.meta["store"] != store.path:
-            raise ValueError(f"index {index.path} was built for store {index.meta['store']}, "
-                             f"not {store.path}")
+        store = StoreSet.of(store)
+        if index.meta.get("store_key") != store.key:
+            raise ValueError(f"index {index.path} was built for the stores {index.meta.get('stores')}, "
+                             f"not {store.paths} (other content)")
         self.store, self.index = store, index
         self.task_matched, self.neg_prob, self.task_qa = task_matched, neg_prob, task_qa
         self.seed, self.masking = seed, masking
@@ -449,8 +466,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     def sample_text(self, items_b: np.ndarray, rng: np.random.Generator) -> dict:
         """The language side of a batch, as numpy arrays (no features read).
 
-        ``img_b`` store row of each item's image; ``matched_b`` 1 / 0; ``sent_b`` the sentence
-        used (another image's for negatives); ``tokens_bl`` / ``lengths_b`` its ids;
+        ``img_b`` the global store-set row of each item's image; ``matched_b`` 1 / 0; ``sent_b``
+        the sentence used (another image's for negatives); ``tokens_bl`` / ``lengths_b`` its ids;
         ``ans_b`` the sampled answer or -100.
         """
         ix = self.index
@@ -496,10 +513,9 @@ class PretrainDataset(torch.utils.data.Dataset):
             "img_index": ((b,), i64), "item_index": ((b,), i64),
         }, shared=torch.utils.data.get_worker_info() is not None)
         np_ = {k: v.numpy() for k, v in raw.items()}
-        st.read_features(img_b, np_["visual_feats"])
-        for name, key in (("boxes", "visual_pos"), ("obj_ids", "obj_ids"), ("obj_conf", "obj_conf"),
-                          ("attr_ids", "attr_ids"), ("attr_conf", "attr_conf")):
-            np_[key][...] = st.array(name)[img_b]
+        st.gather_into(img_b, {"features": np_["visual_feats"], "boxes": np_["visual_pos"],
+                               "obj_ids": np_["obj_ids"], "obj_conf": np_["obj_conf"],
+                               "attr_ids": np_["attr_ids"], "attr_conf": np_["attr_conf"]})
         np_["input_ids"][...] = tokens_bl
         np_["attention_mask"][...] = np.arange(L)[None, :] < txt["lengths_b"][:, None]
         np_["token_type_ids"][...] = 0
@@ -634,22 +650,20 @@ def build_pretrain_dataset(data_root: str, splits=DEFAULT_SPLITS, *, store_dir: 
                            masking: MaskingConfig | None = None, log=print) -> PretrainDataset:
     """Data root (original layout) -> :class:`PretrainDataset`, converting and tokenising once.
 
-    ``store_dir`` defaults to ``<data_root>/lxmert_fast/store-<feature files>``; ``vocab`` to
-    ``<data_root>/vocab.txt`` (the demo world writes one; for the real data give
-    bert-base-uncased's vocab.txt). Both caches are built atomically and reused.
+    ``store_dir`` is the store root (default ``<data_root>/lxmert_fast``, as fine-tuning's
+    ``--store_dir``): each feature file of ``splits`` gets its own store there, found again by its
+    source fingerprint or converted on first use (:func:`~lxmert_fast.data.store_root.ensure_store`),
+    shared with the other splits and with the fine-tuning tasks; the stores are read as one
+    :class:`StoreSet`, and the sentence index goes to ``<store_dir>/sentences/<key>``. ``vocab``
+    defaults to ``<data_root>/vocab.txt`` (the demo world writes one; for the real data give
+    bert-base-uncased's vocab.txt). Every cache is built atomically and reused.
     """
-    from .convert import convert_tsvs
     tsvs = feature_files_for(data_root, splits)
-    if store_dir is None:
-        tag = "+".join(os.path.basename(p).replace("_obj36.tsv", "") for p in tsvs)
-        store_dir = os.path.join(data_root, "lxmert_fast", f"store-{tag}{'-fp32' if fp32 else ''}")
-    if not os.path.exists(os.path.join(store_dir, "manifest.json")):
-        convert_tsvs(tsvs, store_dir, fp32=fp32, skip_bad=skip_bad, workers=convert_workers,
-                     overwrite=os.path.exists(store_dir), progress=bool(log), log=log)
-    store = FeatureStore.open(store_dir)
-    store.check_sources(tsvs)
+    root = os.path.abspath(store_dir or os.path.join(data_root, "lxmert_fast"))
+    stores = StoreSet([ensure_store(t, root, fp32=fp32, skip_bad=skip_bad, workers=convert_workers, log=log)
+                       for t in tsvs], root=root)
     vocab = vocab or os.path.join(data_root, "vocab.txt")
-    index = build_pretrain_index(data_root, splits, store, vocab, qa_sets=qa_sets,
+    index = build_pretrain_index(data_root, splits, stores, vocab, qa_sets=qa_sets,
                                  skip_bad=skip_bad, log=log)
-    return PretrainDataset(store, index, task_matched=task_matched, task_qa=task_qa, seed=seed,
+    return PretrainDataset(stores, index, task_matched=task_matched, task_qa=task_qa, seed=seed,
                            masking=masking)

@@ -185,10 +185,12 @@ class RowWriter:
 
 
 def _preadv_rows(fd: int, offset: int, row_bytes: int, rows_b: np.ndarray,
-                 out_b: np.ndarray) -> None:
-    """``out_b[i] = row rows_b[i]`` of a file of fixed-size rows, via positional reads.
+                 out_b: np.ndarray, dest_b: np.ndarray | None = None) -> None:
+    """``out_b[dest_b[i]] = row rows_b[i]`` of a file of fixed-size rows, via positional reads
+    (``dest_b`` defaults to ``0 .. len(rows_b) - 1``).
 
-    Runs of consecutive rows are read with one call each.
+    Runs of rows consecutive in the file and in ``out_b`` are read with one call each, so a
+    caller scattering the rows of several files into one batch buffer needs no extra copy.
     """
     rows_b = np.asarray(rows_b, np.int64)
     if not out_b.flags.c_contiguous:
@@ -197,11 +199,15 @@ def _preadv_rows(fd: int, offset: int, row_bytes: int, rows_b: np.ndarray,
     n = len(rows_b)
     if n == 0:
         return
-    breaks = np.flatnonzero(np.diff(rows_b) != 1) + 1
+    dest_b = np.arange(n, dtype=np.int64) if dest_b is None else np.asarray(dest_b, np.int64)
+    if dest_b.shape != rows_b.shape:
+        raise ValueError(f"dest_b has shape {dest_b.shape}, rows_b {rows_b.shape}")
+    breaks = np.flatnonzero((np.diff(rows_b) != 1) | (np.diff(dest_b) != 1)) + 1
     starts = np.concatenate([[0], breaks]).tolist()
     ends = np.concatenate([breaks, [n]]).tolist()
     for s, e in zip(starts, ends):
-        view = flat[s * row_bytes:e * row_bytes]
+        d0 = int(dest_b[s])
+        view = flat[d0 * row_bytes:(d0 + e - s) * row_bytes]
         pos = offset + int(rows_b[s]) * row_bytes
         while len(view):
             got = os.preadv(fd, [view], pos)
@@ -263,39 +269,41 @@ class FeatureStore:
             store.verify()
         return store
 
+    @property
+    def sources(self) -> list[dict]:
+        """What the store was converted from: ``[{"path", "bytes", "lines", "fingerprint"}]``
+        (``fingerprint``: :func:`source_fingerprint`; absent in stores of early versions)."""
+        return self.manifest.get("sources") or []
+
     def check_sources(self, tsv_paths: Iterable[str]) -> None:
         """Raise :class:`StoreError` unless every file of ``tsv_paths`` is one this store was
-        converted from (matched by file name, then by content fingerprint; by size for stores
-        written before fingerprints were recorded).
+        converted from: matched by content fingerprint, whatever the file's name or place now (a
+        renamed, moved or copied file is still its source); for stores written before fingerprints
+        were recorded, by absolute path and size.
 
-        A store directory is reused by name, so without this check a store converted from other
-        data (a re-generated demo world, another data root with the same file names) would be read
-        silently, pairing sentences with the wrong images.
+        Stores are found again by name or fingerprint (:mod:`lxmert_fast.data.store_root`), so
+        without this check a store converted from other data (a re-generated demo world, another
+        data root with the same file names) could be read silently, pairing sentences with the
+        wrong images. The error names both files.
         """
-        sources = self.manifest.get("sources") or []
-        by_name: dict[str, list[dict]] = {}
-        for src in sources:
-            by_name.setdefault(os.path.basename(src["path"]), []).append(src)
+        sources = self.sources
         built_from = ", ".join(s["path"] for s in sources) or "(no sources recorded)"
         for p in tsv_paths:
-            cands = by_name.get(os.path.basename(p), [])
-            if not cands:
+            size = os.path.getsize(p)
+            fp = source_fingerprint(p) if any("fingerprint" in s for s in sources) else None
+            if any(s.get("fingerprint") == fp if "fingerprint" in s
+                   else (s.get("bytes") == size and os.path.abspath(p) == s["path"])
+                   for s in sources):
+                continue
+            same_name = [s for s in sources if os.path.basename(s["path"]) == os.path.basename(p)]
+            if not same_name:
                 raise StoreError(f"{self.path}: this store was converted from {built_from}, which does "
                                  f"not include {p}; delete the store directory or give another one")
-            size = os.path.getsize(p)
-            fp = None
-            for src in cands:
-                if "fingerprint" in src:
-                    fp = fp or source_fingerprint(p)
-                    if src["fingerprint"] == fp:
-                        break
-                elif src.get("bytes") == size and os.path.abspath(p) == src["path"]:
-                    break
-            else:
-                raise StoreError(f"{self.path}: this store was converted from another {os.path.basename(p)} "
-                                 f"({cands[0]['path']}, {cands[0].get('bytes')} bytes) than {p} ({size} bytes; "
-                                 f"the content differs: re-generated or replaced?); delete the store "
-                                 f"directory to convert again, or give another one")
+            src = same_name[0]
+            raise StoreError(f"{self.path}: this store was converted from another {os.path.basename(p)} "
+                             f"({src['path']}, {src.get('bytes')} bytes) than {p} ({size} bytes; "
+                             f"the content differs: re-generated or replaced?); delete the store "
+                             f"directory to convert again, or give another one")
 
     def verify(self) -> None:
         """Recompute the sha256 of every file and compare with the manifest."""
@@ -359,16 +367,34 @@ class FeatureStore:
             fd = self._fds[name] = os.open(self._file(name), os.O_RDONLY)
         return fd
 
-    def read_features(self, rows_b: np.ndarray, out_bkd: np.ndarray | None = None) -> np.ndarray:
-        """Feature rows (B, K, D) in the store dtype, read with ``preadv`` (not mapped)."""
+    def read_features(self, rows_b: np.ndarray, out_bkd: np.ndarray | None = None,
+                      out_rows: np.ndarray | None = None) -> np.ndarray:
+        """Feature rows (B, K, D) in the store dtype, read with ``preadv`` (not mapped).
+
+        With ``out_rows``, row ``rows_b[i]`` goes to ``out_bkd[out_rows[i]]`` (the other rows of
+        ``out_bkd`` are left as they are): how a :class:`~lxmert_fast.data.store_set.StoreSet`
+        fills one batch from several stores without a copy.
+        """
         rows_b = np.asarray(rows_b, dtype=np.int64)
         if rows_b.size and (rows_b.min() < 0 or rows_b.max() >= self.num_images):
             raise IndexError(f"row out of range [0, {self.num_images})")
         spec = self.manifest["files"]["features"]
         if out_bkd is None:
+            if out_rows is not None:
+                raise ValueError("out_rows needs out_bkd")
             out_bkd = np.empty((len(rows_b), self.num_boxes, self.feat_dim), self.feat_dtype)
+        elif (out_bkd.dtype != np.dtype(self.feat_dtype)
+              or out_bkd.shape[1:] != (self.num_boxes, self.feat_dim)):
+            raise ValueError(f"out_bkd is {out_bkd.dtype} {out_bkd.shape}, this store's rows are "
+                             f"{self.feat_dtype} {(self.num_boxes, self.feat_dim)} ({self.path})")
+        if out_rows is not None:
+            out_rows = np.asarray(out_rows, np.int64)
+            if out_rows.size and (out_rows.min() < 0 or out_rows.max() >= len(out_bkd)):
+                raise IndexError(f"out_rows out of range [0, {len(out_bkd)})")
+        elif len(out_bkd) != len(rows_b):
+            raise ValueError(f"out_bkd has {len(out_bkd)} rows for {len(rows_b)} reads")
         row_bytes = self.num_boxes * self.feat_dim * np.dtype(self.feat_dtype).itemsize
-        _preadv_rows(self._fd("features"), spec["offset"], row_bytes, rows_b, out_bkd)
+        _preadv_rows(self._fd("features"), spec["offset"], row_bytes, rows_b, out_bkd, out_rows)
         return out_bkd
 
     def gather(self, rows_b, names: Iterable[str] = ROW_ARRAYS) -> dict[str, np.ndarray]:

@@ -13,9 +13,10 @@ Records: VQA ``{"question_id", "img_id", "sent", "label": {answer: score}, "answ
 "question_type"}``, GQA ``{"question_id", "img_id", "sent", "label"}``, NLVR2
 ``{"identifier", "uid", "img0", "img1", "sent", "label": 0|1}``; test splits may lack labels.
 
-Each feature file is converted once into its own memory-mapped store
-(``<store_root>/store-<name>``, see :mod:`lxmert_fast.data.store`); a split's examples point at
-(store, row) pairs and batches read features with ``preadv``. Sentences are tokenised once, as
+Each feature file is converted once into its own memory-mapped store under the store root
+(``<store_root>/store-<name>``, found again by its source fingerprint, shared with pre-training:
+see :mod:`lxmert_fast.data.store_root`); a split's examples point at (store, row) pairs and batches
+read features with ``preadv``. Sentences are tokenised once, as
 the original: ``[CLS] pieces [SEP]``, at most 20 tokens.
 
 Targets, as the original code builds them: VQA a dense soft-score vector over the answer table
@@ -47,6 +48,7 @@ import torch
 
 from .formats import BadRowLog, DataFormatError, iter_json_records, read_ans2label, read_label2ans, read_task_json
 from .store import FeatureStore
+from .store_root import ensure_store
 from .tokenization import MAX_LEN
 
 IGNORE_INDEX = -100
@@ -252,29 +254,6 @@ def _line_of(path: str, id_field: str, key) -> Optional[int]:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- stores
-def store_dir_for(tsv_path: str, store_root: str, fp32: bool = False) -> str:
-    name = os.path.basename(tsv_path)
-    name = name[: -len("_obj36.tsv")] if name.endswith("_obj36.tsv") else os.path.splitext(name)[0]
-    return os.path.join(store_root, f"store-{name}{'-fp32' if fp32 else ''}")
-
-
-def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad: bool = False,
-                 workers: Optional[int] = None, log: Optional[Callable[[str], None]] = print) -> FeatureStore:
-    """The store of one feature file, converted on first use (atomically; reused after)."""
-    from .convert import convert_tsvs
-
-    out = store_dir_for(tsv_path, store_root, fp32)
-    if not os.path.exists(os.path.join(out, "manifest.json")):
-        if not os.path.isfile(tsv_path):
-            raise TaskDataError(f"feature file {tsv_path} not found")
-        convert_tsvs([tsv_path], out, fp32=fp32, skip_bad=skip_bad, workers=workers,
-                     overwrite=os.path.exists(out), progress=bool(log), log=log)
-    store = FeatureStore.open(out)
-    store.check_sources([tsv_path])
-    return store
-
-
 # ---------------------------------------------------------------------------------------------- dataset
 class TaskDataset(torch.utils.data.Dataset):
     """Examples of a task split, tokenised, with their images located in feature stores.
@@ -386,8 +365,10 @@ class TaskDataset(torch.utils.data.Dataset):
             sel = np.flatnonzero(loc_m2[:, 0] == si)
             rows = loc_m2[sel, 1]
             store = self.stores[si]
-            f = store.read_features(rows)
-            feats[sel] = f if f.dtype == feats.dtype else f.astype(feats.dtype)
+            if store.feat_dtype == s0.feat_dtype:  # straight into the batch's slots
+                store.read_features(rows, feats, out_rows=sel)
+            else:
+                feats[sel] = store.read_features(rows).astype(feats.dtype)
             boxes[sel] = np.asarray(store.array("boxes")[rows])
         return feats, boxes
 
@@ -438,7 +419,8 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
                        feature_overrides: Optional[Mapping[str, str]] = None, skip_bad: bool = False,
                        fp32: bool = False, max_len: int = MAX_LEN, convert: bool = True,
                        log: Optional[Callable[[str], None]] = print) -> TaskDataset:
-    """Read ``splits``, open (``convert``: or build) the stores of their feature files, tokenise."""
+    """Read ``splits``, find (``convert``: or build) the stores of their feature files under
+    ``store_root`` (:func:`~lxmert_fast.data.store_root.ensure_store`), tokenise."""
     from .tokenization import tokenize_sentences
 
     skip = BadRowLog(skip_bad)
@@ -448,11 +430,9 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
         raise TaskDataError(f"{spec.name} {','.join(ex.splits)}: no examples")
     stores = {}
     for tsv in sorted({f for files in ex.feature_files for f in files}):
-        if convert:
-            stores[tsv] = ensure_store(tsv, store_root, fp32=fp32, skip_bad=skip_bad, log=log)
-        else:
-            stores[tsv] = FeatureStore.open(store_dir_for(tsv, store_root, fp32))
-            stores[tsv].check_sources([tsv])
+        if not os.path.isfile(tsv):
+            raise TaskDataError(f"feature file {tsv} not found")
+        stores[tsv] = ensure_store(tsv, store_root, fp32=fp32, skip_bad=skip_bad, convert=convert, log=log)
     tokens, lengths = tokenize_sentences(tokenizer, ex.sents, max_len)
     ds = TaskDataset(spec, ex, stores, tokens, lengths, answers, skip=skip)
     if len(skip) and log:

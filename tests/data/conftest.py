@@ -1,4 +1,6 @@
-"""Fixtures of the data tests: a small demo world, its feature store and pre-training dataset.
+"""Fixtures of the data tests: a small demo world, a store of its pre-training files converted
+together (the converter's tests), a store root of one store per file and the pre-training dataset
+read from it.
 
 Everything is generated here (nothing downloaded) and shared by the whole session.
 """
@@ -37,8 +39,14 @@ def demo_store(demo_root, pretrain_tsvs, tmp_path_factory) -> FeatureStore:
 
 
 @pytest.fixture(scope="session")
-def pretrain_ds(demo_root, demo_store):
-    return build_pretrain_dataset(demo_root, store_dir=demo_store.path, seed=3, log=None)
+def store_root(tmp_path_factory) -> str:
+    """A store root outside the demo root: one store per feature file, as the jobs keep them."""
+    return str(tmp_path_factory.mktemp("stores") / "root")
+
+
+@pytest.fixture(scope="session")
+def pretrain_ds(demo_root, store_root):
+    return build_pretrain_dataset(demo_root, store_dir=store_root, seed=3, log=None)
 
 
 def tsv_lines(path: str) -> list[bytes]:

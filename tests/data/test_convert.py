@@ -208,17 +208,18 @@ def test_conversion_memory_is_bounded(pretrain_tsvs, tmp_path):
     assert FeatureStore.open(big + ".store").num_images == 160
 
 
-def test_store_of_other_data_is_refused(demo_root, demo_store, pretrain_tsvs, tmp_path):
-    """A store directory is reused by name: one converted from other data (a re-generated world, another
-    root with the same file names) must be refused, never read with the wrong images."""
+def test_store_of_other_data_is_refused(demo_root, demo_store, pretrain_tsvs, pretrain_ds, tmp_path):
+    """Stores are found again by name and content: one converted from other data (a re-generated world,
+    another root with the same file names) must be refused, never read with the wrong images."""
     import shutil
     from lxmert_fast.data.pretrain_data import build_pretrain_dataset
     from .conftest import tsv_lines, write_lines
-    # the same data moved elsewhere: still this store's data
+    root = pretrain_ds.store.root
+    # the same data moved elsewhere: still these stores' data
     moved = str(tmp_path / "moved")
     shutil.copytree(demo_root, moved, ignore=shutil.ignore_patterns("lxmert_fast"))
-    ds = build_pretrain_dataset(moved, store_dir=demo_store.path, log=None)
-    assert ds.store.path == demo_store.path
+    ds = build_pretrain_dataset(moved, store_dir=root, log=None)
+    assert ds.store.paths == pretrain_ds.store.paths
     # the same file names, other content (one feature character changed: same size)
     tsv = os.path.join(moved, os.path.relpath(pretrain_tsvs[0], demo_root))
     lines = tsv_lines(tsv)
@@ -228,8 +229,11 @@ def test_store_of_other_data_is_refused(demo_root, demo_store, pretrain_tsvs, tm
     lines[0] = bytes(first)
     write_lines(tsv, lines)
     assert os.path.getsize(tsv) == os.path.getsize(pretrain_tsvs[0])
+    with pytest.raises(StoreError, match=r"store-train2014: this store was converted from .*train2014_obj36.tsv "
+                                         r".*not from the content .*train2014_obj36.tsv has now"):
+        build_pretrain_dataset(moved, store_dir=root, log=None)
     with pytest.raises(StoreError, match=r"another train2014_obj36.tsv .*content differs"):
-        build_pretrain_dataset(moved, store_dir=demo_store.path, log=None)
+        pretrain_ds.store.stores[0].check_sources([tsv])
     # a file the store was not converted from
     with pytest.raises(StoreError, match=r"does not include .*nlvr2"):
         demo_store.check_sources([os.path.join(demo_root, "nlvr2_imgfeat", "train_obj36.tsv")])
