@@ -268,8 +268,11 @@ class FinetuneRecipe(Recipe):
 
     # -- training -----------------------------------------------------------------------------------
     def epoch_begins(self, trainer: Trainer, epoch: int) -> None:
-        self.epoch_loss = torch.zeros((), dtype=torch.float64, device=trainer.device)
-        self.epoch_micro = 0
+        """The epoch's loss sum starts at 0, or where a resumed epoch's checkpoint left it."""
+        loss, micro = getattr(self, "_resumed_epoch", None) or (0.0, 0)
+        self._resumed_epoch = None
+        self.epoch_loss = torch.tensor(loss, dtype=torch.float64, device=trainer.device)
+        self.epoch_micro = micro
 
     def micro_step(self, trainer: Trainer, raw: dict):
         batch = to_device(raw, trainer.device)
@@ -312,9 +315,13 @@ class FinetuneRecipe(Recipe):
         res, _ = self.score(trainer, trainer.engine, self.valid_ds, trainer.dtype)
         return res
 
-    def evaluated(self, trainer: Trainer, step: int, epoch: int, result: dict) -> None:
+    def evaluated(self, trainer: Trainer, step: int, epoch: int, result: dict, epoch_end: bool) -> None:
         """At an epoch's end: the epoch's row, and the model kept in best/ when it is the best so far."""
+        if not epoch_end:  # an --eval_every evaluation inside an epoch: logged by the runtime, nothing kept
+            return
         train_loss = (self.epoch_loss / max(self.epoch_micro, 1)).item()
+        self.epoch_loss.zero_()  # the sums belong to the epoch just ended (an epoch-end checkpoint holds zeros)
+        self.epoch_micro = 0
         row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": train_loss}
         if result:
             row["valid"] = result
@@ -343,11 +350,15 @@ class FinetuneRecipe(Recipe):
         return path
 
     def client_state(self) -> dict:
-        return {"best": self.best, "history": self.history}
+        """Kept in checkpoints: the best so far, the epoch rows, and the current epoch's loss sum (an epoch that
+        ends after a resume reports the mean over all of its micro-batches)."""
+        return {"best": self.best, "history": self.history,
+                "epoch_loss": [float(self.epoch_loss.item()), self.epoch_micro]}
 
     def load_client_state(self, state: dict) -> None:
         self.best = state.get("best", self.best)
         self.history = list(state.get("history", []))
+        self._resumed_epoch = tuple(state["epoch_loss"]) if "epoch_loss" in state else None
 
     def majority(self) -> dict:
         if self.train_ds is None or self.valid_ds is None:

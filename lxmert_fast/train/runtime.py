@@ -140,8 +140,9 @@ class Recipe:
         """Collective: every rank calls it. Runs with the model eager and in eval mode."""
         return {}
 
-    def evaluated(self, trainer: "Trainer", step: int, epoch: int, result: dict) -> None:
-        """What to keep of an evaluation (fine-tuning: the best model)."""
+    def evaluated(self, trainer: "Trainer", step: int, epoch: int, result: dict, epoch_end: bool) -> None:
+        """What to keep of an evaluation (fine-tuning: the best model). ``epoch_end``: at the end of an epoch
+        (or of the training, which may stop inside one)."""
 
     def client_state(self) -> dict:
         return {}
@@ -358,7 +359,7 @@ class Trainer:
                 f"stopping. {where}")
 
     # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, step: int, epoch: int) -> dict:
+    def evaluate(self, step: int, epoch: int, epoch_end: bool = False) -> dict:
         """The recipe's evaluation (eager, eval mode, global RNG untouched); the time it takes is not training."""
         t0 = time.perf_counter()
         self.engine.eval()
@@ -371,7 +372,7 @@ class Trainer:
         if scalars:
             self.engine.monitor.write_events([(f"Valid/{k}", v, step) for k, v in scalars.items()])
             self.log(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
-        self.recipe.evaluated(self, step, epoch, res)
+        self.recipe.evaluated(self, step, epoch, res, epoch_end)
         self.meter.exclude(time.perf_counter() - t0)
         self.last_eval_step = step
         return res
@@ -451,7 +452,7 @@ class Trainer:
                             end_of_epoch and recipe.eval_at_epoch_end):
                         evals.append({"step": step, "epoch": epoch, **self.evaluate(step, epoch)})
                     if end_of_epoch and recipe.eval_at_epoch_end:
-                        evals.append({"step": step, "epoch": epoch + 1, **self.evaluate(step, epoch + 1)})
+                        evals.append({"step": step, "epoch": epoch + 1, **self.evaluate(step, epoch + 1, True)})
                     if step == stop_at or (args.save_every and step % args.save_every == 0) or end_of_epoch:
                         t0 = time.perf_counter()
                         if end_of_epoch:
@@ -472,7 +473,7 @@ class Trainer:
                                   "train_samples_per_s": trained / max(self.train_seconds, 1e-9)}
         if step >= self.total_steps:
             if self.last_eval_step != step:
-                evals.append({"step": step, "epoch": self.epochs, **self.evaluate(step, self.epochs)})
+                evals.append({"step": step, "epoch": self.epochs, **self.evaluate(step, self.epochs, True)})
             result["eval"] = {k: v for k, v in evals[-1].items() if k not in ("step", "epoch")} if evals else {}
         else:
             self.log(f"stopped at step {step} of {self.total_steps} (--stop_at_step); continue with --resume")
