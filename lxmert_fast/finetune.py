@@ -132,7 +132,7 @@ class FinetuneRecipe(Recipe):
             args.output_dir = os.path.join("runs", self.spec.name)
 
     # -- data ---------------------------------------------------------------------------------------
-    def build_data(self, trainer: Trainer, micro_batch_size: int) -> None:
+    def build_data(self, trainer: Trainer, micro_batch_size: int, accumulation: int) -> None:
         from lxmert_fast.data.tokenization import load_tokenizer
 
         args, spec = self.args, self.spec
@@ -163,7 +163,7 @@ class FinetuneRecipe(Recipe):
                     mk(self.valid_splits, True) if self.valid_splits else None,
                     {s: mk([s], False) for s in self.test_splits})
 
-        self.train_ds, self.valid_ds, self.test_ds = trainer.rank_zero_first(build)
+        self.train_ds, self.valid_ds, self.test_ds = trainer.node_first(build)
         any_ds = self.train_ds or self.valid_ds or next(iter(self.test_ds.values()), None)
         if any_ds is None:
             raise UsageError("nothing to do: no --train, --valid or --test split")
@@ -177,7 +177,7 @@ class FinetuneRecipe(Recipe):
         if self.train_ds is not None:
             self.train_loader = tasks_data.make_task_loader(
                 self.train_ds, micro_batch_size, rank=trainer.rank, world_size=trainer.world, seed=args.seed,
-                shuffle=True, drop_last=True, num_workers=self._workers(trainer))
+                shuffle=True, drop_last=True, num_workers=self._workers(trainer), accumulation=accumulation)
             # The DataLoader draws its workers' base seed when an iterator starts (at the first batch): from its
             # own generator, not the global one, so that a resumed run's dropout stream is not shifted by it.
             self.train_loader.loader.generator = torch.Generator().manual_seed(args.seed * 7919 + trainer.rank)

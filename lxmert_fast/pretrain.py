@@ -195,7 +195,7 @@ def build_data(args, trainer: Trainer) -> DataSetup:
                  if valid_splits else None)
         return train, valid
 
-    train, valid = trainer.rank_zero_first(build)
+    train, valid = trainer.node_first(build)
     return DataSetup(train, valid, train.index, data_root, is_demo, vocab)
 
 
@@ -313,7 +313,7 @@ class PretrainRecipe(Recipe):
         self.overflow_batches = 0
 
     # -- building -----------------------------------------------------------------------------------
-    def build_data(self, trainer: Trainer, micro_batch_size: int) -> None:
+    def build_data(self, trainer: Trainer, micro_batch_size: int, accumulation: int) -> None:
         args = self.args
         if args.grounding_eval == "yes" and not (args.valid or "").strip():
             raise UsageError("--grounding_eval yes needs held-out data (--valid): the check predicts words of "
@@ -323,7 +323,7 @@ class PretrainRecipe(Recipe):
         self.mask_cfg = self.data.index.masking_config(args.word_mask_rate, args.obj_mask_rate)
         self.micro_batch_size = micro_batch_size
         self.train_loader = self._loader(trainer, self.data.train, micro_batch_size, shuffle=True, drop_last=True,
-                                         workers_mask=args.mask_on == "workers")
+                                         workers_mask=args.mask_on == "workers", accumulation=accumulation)
         # generators of the training path, per rank: the masking (device) and its selection draws (host)
         self.mask_gen = torch.Generator(device=trainer.device)
         self.mask_gen.manual_seed(args.seed * 1000 + 17 * trainer.rank + 1)
@@ -332,7 +332,7 @@ class PretrainRecipe(Recipe):
         self.loss_names = self.config.pretraining_losses
 
     def _loader(self, trainer: Trainer, dataset, micro: int, *, shuffle: bool, drop_last: bool, workers_mask: bool,
-                workers=None):
+                workers=None, accumulation=None):
         from lxmert_fast.data.pretrain_data import make_pretrain_loader
 
         if workers is None:
@@ -342,7 +342,7 @@ class PretrainRecipe(Recipe):
         dataset.masking = self.mask_cfg if workers_mask else None
         loader = make_pretrain_loader(dataset, micro, rank=trainer.rank, world_size=trainer.world, seed=self.args.seed,
                                       shuffle=shuffle, drop_last=drop_last, num_workers=workers,
-                                      persistent_workers=False)
+                                      persistent_workers=False, accumulation=accumulation)
         # The DataLoader draws its workers' base seed when an iterator starts: from its own generator,
         # not the global one, so that a resumed run's dropout stream is not shifted by that draw.
         gen = torch.Generator()

@@ -566,15 +566,16 @@ def collate_identity(batch):
 # ---------------------------------------------------------------------------------------------
 
 class ResumableLoader:
-    """DataLoader + :class:`ShardedResumableSampler` whose state counts *consumed* batches (pre-training
-    and the fine-tuning tasks).
+    """DataLoader + a resumable batch sampler (:class:`ShardedResumableSampler`, or for training
+    :class:`~lxmert_fast.data.step_sampler.StepSampler`) whose state counts *consumed* batches
+    (pre-training and the fine-tuning tasks).
 
     (The sampler itself runs ahead of the training loop by the prefetch depth; this wrapper
     records how many batches the caller actually received, so ``state_dict()`` resumes at the
     first batch the caller has not seen.)
     """
 
-    def __init__(self, dataset, sampler: ShardedResumableSampler, loader: torch.utils.data.DataLoader):
+    def __init__(self, dataset, sampler, loader: torch.utils.data.DataLoader):
         self.dataset, self.sampler, self.loader = dataset, sampler, loader
         self._consumed = sampler.position
 
@@ -596,6 +597,10 @@ class ResumableLoader:
             self._consumed += 1
             yield batch
 
+    def micro_seed(self) -> int:
+        """The seed of the batch last received: the same whichever rank computes it (a StepSampler)."""
+        return self.sampler.micro_seed(self._consumed - 1)
+
     def state_dict(self) -> dict:
         return self.sampler.state_dict(position=self._consumed)
 
@@ -604,15 +609,34 @@ class ResumableLoader:
         self._consumed = self.sampler._start
 
 
+def make_batch_sampler(num_items: int, batch_size: int, *, rank: int, world_size: int, seed: int, shuffle: bool,
+                       drop_last: bool, accumulation: int | None):
+    """A :class:`StepSampler` for training (``accumulation`` given), else a :class:`ShardedResumableSampler`."""
+    if accumulation is None:
+        return ShardedResumableSampler(num_items, batch_size, rank=rank, world_size=world_size, seed=seed,
+                                       shuffle=shuffle, drop_last=drop_last)
+    if not drop_last:
+        raise ValueError("a training sampler (accumulation given) uses whole optimizer steps only: drop_last=True")
+    from .step_sampler import StepSampler
+
+    return StepSampler(num_items, batch_size, accumulation, rank=rank, world_size=world_size, seed=seed,
+                       shuffle=shuffle)
+
+
 def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, *, rank: int = 0,
                          world_size: int = 1, seed: int = 0, shuffle: bool = True,
                          drop_last: bool = True, num_workers: int = 2,
                          pin_memory: bool | None = None, prefetch_factor: int = 4,
                          persistent_workers: bool | None = None,
-                         multiprocessing_context=None) -> ResumableLoader:
-    """The pre-training loader: sharded, resumable, pinned when CUDA is available."""
-    sampler = ShardedResumableSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
-                                      seed=seed, shuffle=shuffle, drop_last=drop_last)
+                         multiprocessing_context=None, accumulation: int | None = None) -> ResumableLoader:
+    """The pre-training loader: sharded, resumable, pinned when CUDA is available.
+
+    ``accumulation`` (training): micro-batches of ``batch_size`` dealt from global optimizer steps of
+    ``batch_size x accumulation x world_size`` (:class:`~lxmert_fast.data.step_sampler.StepSampler`: the same
+    steps and random numbers on any world size; whole steps only). None: the plain sharded sampler
+    (evaluation)."""
+    sampler = make_batch_sampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
+                                 shuffle=shuffle, drop_last=drop_last, accumulation=accumulation)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     kw = {}

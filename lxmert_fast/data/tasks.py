@@ -443,13 +443,15 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
 
 
 def make_task_loader(dataset: TaskDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                     shuffle: bool = True, drop_last: bool = True, num_workers: int = 0):
+                     shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
+                     accumulation: Optional[int] = None):
     """A :class:`~lxmert_fast.data.pretrain_data.ResumableLoader`: sharded across ranks, deterministic per
-    (seed, epoch), resumable mid-epoch (``set_epoch``, ``state_dict``, ``load_state_dict``)."""
-    from .pretrain_data import ResumableLoader, ShardedResumableSampler, collate_identity
+    (seed, epoch), resumable mid-epoch (``set_epoch``, ``state_dict``, ``load_state_dict``); ``accumulation``:
+    training's world-size-invariant steps (see ``make_pretrain_loader``)."""
+    from .pretrain_data import ResumableLoader, collate_identity, make_batch_sampler
 
-    sampler = ShardedResumableSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
-                                      shuffle=shuffle, drop_last=drop_last)
+    sampler = make_batch_sampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
+                                 shuffle=shuffle, drop_last=drop_last, accumulation=accumulation)
     kw = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=collate_identity, pin_memory=torch.cuda.is_available(), **kw)

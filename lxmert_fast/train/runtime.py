@@ -25,12 +25,13 @@ from torch import nn
 
 from lxmert_fast.flops import device_name, peak_tflops_for
 from lxmert_fast.train import ds_config as ds_cfg
-from lxmert_fast.train.checkpoint import (CheckpointManager, TrainingError, check_resumable, preserved_rng,
-                                          rng_state, seed_everything, set_rng_state)
+from lxmert_fast.train.checkpoint import (RUN_FILE, UNIVERSAL_SUFFIX, CheckpointManager, TrainingError, check_resumable,
+                                          convert_to_universal, plan_resume, preserved_rng, rng_state,
+                                          seed_everything, set_rng_state)
 from lxmert_fast.train.compile import (COMPILE_MODES, CompileModeError, check_compile_mode, compile_model,
                                        eager_forward, step_begins)
 from lxmert_fast.train.meter import IntervalMeter
-from lxmert_fast.train.process import (ThreadsError, all_gather_object, barrier, broadcast_object, cpu_threads,
+from lxmert_fast.train.process import (ThreadsError, all_gather_object, barrier, cpu_threads,
                                       start_process)
 from lxmert_fast.utils import atomic_write_json
 
@@ -103,7 +104,10 @@ class Recipe:
         """The DeepSpeed config before its "auto" batch entries are resolved (fill the job's own)."""
         return raw
 
-    def build_data(self, trainer: "Trainer", micro_batch_size: int) -> None:
+    def build_data(self, trainer: "Trainer", micro_batch_size: int, accumulation: int) -> None:
+        """Data and loaders; the training loader deals micro-batches of ``micro_batch_size`` from whole
+        optimizer steps (``accumulation`` per rank: ``make_pretrain_loader(..., accumulation=...)``), so that
+        its micro-batches and their seeds are the same on any world size."""
         raise NotImplementedError
 
     def schedule(self, steps_per_epoch: int) -> tuple[Optional[int], Optional[int]]:
@@ -180,8 +184,9 @@ class Trainer:
 
     def data_root(self, data_root: Optional[str], *, cache_dir: str, demo_images: int,
                   demo_objects: Optional[tuple[int, int]]) -> tuple[str, bool]:
-        """(the data root, whether it is the demo world): ``data_root`` as given, or the demo world, built
-        once by rank 0 under ``cache_dir`` (on first use; atomically) and found by the others."""
+        """(the data root, whether it is the demo world): ``data_root`` as given, or the demo world under
+        ``cache_dir``, built on first use by rank 0, then found (shared storage) or built (a node's own disk) by
+        the first process of each other node (`node_first`)."""
         if data_root is not None:
             if demo_objects is not None:
                 raise UsageError("--demo_objects shapes the demo world; it does not apply with --data_root")
@@ -191,17 +196,19 @@ class Trainer:
             return root, False
         from lxmert_fast.data.demo import DEFAULT_OBJECTS, ensure_demo_data
 
-        root = None
-        if self.is_main:
-            root = ensure_demo_data(cache_dir, images=demo_images, seed=0, log=self.log,
-                                    objects=demo_objects or DEFAULT_OBJECTS)
-        return broadcast_object(root), True
+        root = self.node_first(lambda: ensure_demo_data(cache_dir, images=demo_images, seed=0, log=self.log,
+                                                        objects=demo_objects or DEFAULT_OBJECTS))
+        return root, True
 
-    def rank_zero_first(self, build):
-        """``build()`` on rank 0 first (it writes the caches), then on the others (they read them)."""
+    def node_first(self, build):
+        """``build()`` in every process, in three turns: rank 0 (it writes the caches: the demo world, converted
+        stores, tokenised sentences); then the first process of every other node (on shared storage it finds
+        rank 0's caches; on a node's own disk it makes that node's); then the others, which read their node's.
+        Caches are written aside and renamed into place, so no process ever reads a half-written one."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         result = None
-        for turn in (0, 1):
-            if self.is_main == (turn == 0):
+        for mine in (self.is_main, not self.is_main and local_rank == 0, local_rank != 0):
+            if mine:
                 result = build()
             barrier()
         return result
@@ -223,7 +230,7 @@ class Trainer:
         raw = recipe.fill_config(raw)
         _, micro, accum = ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)
         self.accum = accum
-        recipe.build_data(self, micro)
+        recipe.build_data(self, micro, accum)
         self.out_dir = os.path.abspath(args.output_dir)
         if recipe.train_loader is None:  # nothing to train: the recipe's finish alone
             seed_everything(args.seed)
@@ -237,6 +244,15 @@ class Trainer:
         self._schedule()
         self.ckpt = CheckpointManager(os.path.join(self.out_dir, "checkpoints"), keep=args.keep_checkpoints)
         self._check_output_dir()
+        self.resume_plan = None
+        if args.resume:  # decided before the engine exists: a universal checkpoint is a config setting
+            self.resume_plan = plan_resume(self.ckpt, self.world, ds_cfg.zero_stage_of(raw),
+                                           ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)[0])
+            if self.resume_plan.universal:
+                if self.is_main:
+                    convert_to_universal(self.ckpt.directory, self.resume_plan.tag, self.log)
+                barrier()
+                raw = dict(raw, checkpoint=dict(raw.get("checkpoint", {}), load_universal=True))
         warmup = args.warmup_ratio if args.warmup_ratio is not None else recipe.warmup_ratio()
         self.ds_config = ds_cfg.prepare_ds_config(raw, world_size=self.world, total_steps=self.total_steps,
                                              output_dir=self.out_dir, micro_batch_size=args.micro_batch_size,
@@ -317,20 +333,43 @@ class Trainer:
             self.log(f"step {step}: not saving a checkpoint: the loss was non-finite since the last one")
             return None
         with preserved_rng():
-            tag = self.ckpt.save(self.engine, step, self._client_state(step, epoch, sampler_state), self.rank)
+            tag = self.ckpt.save(self.engine, step, self._client_state(step, epoch, sampler_state), self.rank,
+                                 run={"world_size": self.world, "zero_stage": self.settings.zero_stage,
+                                      "train_batch_size": self.settings.train_batch_size,
+                                      "micro_batch_size": self.settings.micro_batch_size,
+                                      "total_steps": self.total_steps, "seed": self.args.seed,
+                                      "precision": self.settings.precision})
         self.bad_since_save.zero_()
         return tag
 
     def restore(self) -> tuple[int, int]:
-        state = self.ckpt.load(self.engine)
-        check_resumable(state, {"world_size": self.world, "train_batch_size": self.settings.train_batch_size,
-                                "total_steps": self.total_steps, "seed": self.args.seed}, self.ckpt.latest_tag())
+        plan = self.resume_plan
+        tag = plan.tag + (UNIVERSAL_SUFFIX if plan.universal else "")
+        state = self.ckpt.load(self.engine, tag)
+        check_resumable(state, {"train_batch_size": self.settings.train_batch_size, "total_steps": self.total_steps,
+                                "seed": self.args.seed}, plan.tag)
+        same_world = state.get("world_size") == self.world
+        if not same_world and not plan.then:  # an earlier version's checkpoint: no run.json, no world change
+            raise TrainingError(f"--resume: checkpoint {plan.tag} was written by {state.get('world_size')} processes "
+                                f"(an earlier version, without {RUN_FILE}): resume it with that many")
         self.recipe.train_loader.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"][self.rank], self._generators())
+        if same_world:
+            set_rng_state(state["rng"][self.rank], self._generators())
+        # else: the training path reseeds every micro-batch from its own seed (`_reseed`), the same on any world size
         self.recipe.load_client_state(state.get("recipe", {}))
-        self.log(f"resumed from {self.ckpt.directory}/{self.ckpt.latest_tag()}: step {state['step']}, "
-                 f"epoch {state['epoch']}, batch {state['sampler']['position']} of the epoch")
+        if plan.note:
+            self.log(f"resuming on another run shape ({plan.note})")
+        self.log(f"resumed from {self.ckpt.directory}/{tag}: step {state['step']}, epoch {state['epoch']}, "
+                 f"sample {state['sampler'].get('sample', '?')} of the epoch")
         return int(state["step"]), int(state["epoch"])
+
+    def _reseed(self, micro_seed: int) -> None:
+        """Every random number of a micro-batch (dropout, the recipe's generators: masking) from its own seed,
+        which is the same whichever rank computes it: a run continued on another number of processes draws
+        what an uninterrupted one would."""
+        torch.manual_seed(micro_seed)
+        for i, (name, gen) in enumerate(sorted(self._generators().items())):
+            gen.manual_seed((micro_seed + 0x9E3779B97F4A7C15 * (i + 1)) % (1 << 63))
 
     # -- non-finite losses ----------------------------------------------------------------------
     def _nonfinite_status(self) -> tuple[int, int]:
@@ -420,6 +459,7 @@ class Trainer:
                     except StopIteration:
                         break
                     self.meter.add_data_wait(time.perf_counter() - t_wait)
+                    self._reseed(loader.micro_seed())
                     step_begins(args.compile)
                     loss, parts = recipe.micro_step(self, raw)
                     if args.debug_nonfinite_from_step is not None and step + 1 >= args.debug_nonfinite_from_step:

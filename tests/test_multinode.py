@@ -1,0 +1,79 @@
+"""Two "nodes" on this machine form one world, as clusters without ssh (SLURM, Kubernetes) launch DeepSpeed.
+
+A hostfile `node0 slots=1` / `node1 slots=1` and two launchers in DeepSpeed's no-ssh mode
+(`deepspeed --hostfile H --no_ssh --node_rank 0|1 --master_addr 127.0.0.1 --master_port P ...`), CPU, gloo:
+- shared storage (one --cache_dir): the demo world, its feature stores and its tokenised sentences are built
+  once, by rank 0; node 1 finds them; no half-written directory is ever left or read;
+- a disk of its own per node (a --cache_dir each): each node's first process builds its node's copy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import child_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(tmp_path, caches: tuple[str, str], port: int) -> list[str]:
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    env = child_env()
+    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), DS_ACCELERATOR="cpu",
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    procs = []
+    for node, cache in enumerate(caches):
+        cmd = [deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), os.path.join(REPO, "lxmert_fast", "pretrain.py"),
+               "--model", "tiny", "--max_steps", "2", "--log_every", "1", "--no_progress", "--demo_images", "240",
+               "--cache_dir", cache, "--grounding_eval", "no", "--no_export", "--eval_every", "0", "--eval_batches",
+               "1", "--num_workers", "0", "--micro_batch_size", "8", "--output_dir", str(tmp_path / f"run{node}")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      cwd=str(tmp_path)))
+    logs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        logs.append(out)
+        assert p.returncode == 0, out[-5000:]
+    return logs
+
+
+def _tree(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs)
+
+
+def _free_port() -> int:
+    from lxmert_fast.train.process import _free_port as free
+
+    return free()
+
+
+def test_two_nodes_on_shared_storage_build_the_caches_once(tmp_path):
+    cache = str(tmp_path / "shared")
+    node0, node1 = _launch(tmp_path, (cache, cache), _free_port())
+    assert "2 process(es)" in node0 and "step 2/2" in node0
+    assert node0.count("demo world: 240 pre-training images") == 1
+    assert node0.count("converted ") == 3                  # train2014, val2014, vg_gqa: each once
+    dirs = _tree(cache)
+    assert [d for d in dirs if "partial" in d] == []       # nothing half-written left behind
+    worlds = [d for d in dirs if os.sep not in d]
+    assert worlds == ["demo-v2-n240-s0"], worlds
+    stores = sorted(d for d in dirs if os.path.basename(d).startswith("store-") and d.count(os.sep) == 2)
+    assert [os.path.basename(d) for d in stores] == ["store-train2014", "store-val2014", "store-vg_gqa"], dirs
+
+
+def test_two_nodes_with_disks_of_their_own_build_one_copy_each(tmp_path):
+    caches = (str(tmp_path / "disk0"), str(tmp_path / "disk1"))
+    node0, _ = _launch(tmp_path, caches, _free_port())
+    assert "2 process(es)" in node0 and "step 2/2" in node0
+    for cache in caches:
+        dirs = _tree(cache)
+        assert "demo-v2-n240-s0" in dirs and [d for d in dirs if "partial" in d] == [], dirs
+        assert os.path.isdir(os.path.join(cache, "demo-v2-n240-s0", "lxmert_fast", "store-train2014"))
