@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lxmert_fast.config import LxmertConfig
 from lxmert_fast.model.attention import AttentionDispatcher
@@ -115,6 +116,46 @@ class LxmertPreTrainedModel(nn.Module):
         """torch | triton | apex implementation of the residual+LayerNorm and bias+GELU ops."""
         self.context.ops = make_ops(name)
         self.config.kernels = name
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every encoder layer (language, vision, cross) in backward instead of keeping its
+        activations: each layer's forward runs inside torch's non-reentrant `torch.utils.checkpoint`, and only
+        the layer's inputs are kept. The same loss and gradients, the same dropout masks (see
+        `LxmertEncoder`); about one more forward's work per step. Applies while training with gradients on;
+        evaluation and `torch.no_grad()` run the layers plainly. Not saved in the config (like
+        transformers' gradient checkpointing, it is a training setting, not part of the model)."""
+        encoders = [m for m in self.modules() if isinstance(m, LxmertEncoder)]
+        if not encoders:
+            raise ValueError(f"{type(self).__name__}: no LxmertEncoder to checkpoint")
+        for encoder in encoders:
+            encoder.activation_checkpointing = bool(enabled)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return any(m.activation_checkpointing for m in self.modules() if isinstance(m, LxmertEncoder))
+
+    # transformers' names for the same switch
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """transformers' spelling of `set_activation_checkpointing(True)`. Only the non-reentrant checkpoint
+        is offered: ``gradient_checkpointing_kwargs`` may hold ``use_reentrant=False`` and nothing else."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False):
+            raise ValueError("gradient_checkpointing_kwargs use_reentrant=True: lxmert-fast checkpoints with torch's "
+                             "non-reentrant checkpoint only (it runs inside torch.compile(fullgraph=True) and keeps "
+                             "the dropout masks); drop use_reentrant")
+        if kwargs:
+            raise ValueError(f"gradient_checkpointing_kwargs {sorted(kwargs)}: not supported "
+                             f"(only use_reentrant=False)")
+        self.set_activation_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.set_activation_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.activation_checkpointing
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
@@ -223,7 +264,30 @@ class LxmertModel(LxmertPreTrainedModel):
 
 
 class LxmertEncoder(nn.Module):
-    """Visual feature encoder, then l_layers language layers, r_layers vision layers, x_layers cross layers."""
+    """Visual feature encoder, then l_layers language layers, r_layers vision layers, x_layers cross layers.
+
+    Activation checkpointing (`activation_checkpointing = True`, set through
+    `LxmertPreTrainedModel.set_activation_checkpointing`): while training with gradients on, each
+    language, vision and cross layer runs inside `torch.utils.checkpoint.checkpoint(use_reentrant=False)`:
+    its forward keeps only the layer's inputs, and backward runs the layer's forward again to rebuild
+    what it needs. Why torch's non-reentrant checkpoint rather than DeepSpeed's
+    (`deepspeed.checkpointing.checkpoint`):
+
+    * torch.compile(fullgraph=True) captures it (Dynamo turns it into the `tag_activation_checkpoint`
+      higher-order op; AOTAutograd's partitioner then recomputes the region in the backward graph),
+      where DeepSpeed's reentrant autograd.Function with its global RNG tracker breaks the graph;
+    * it replays dropout exactly: it saves the CPU generator's state and that of the device of the
+      layer's inputs before the forward and restores them for the recomputation, so `F.dropout` draws
+      the same masks and the Triton kernels' seeds (`torch.randint` on the device, drawn inside the
+      layer) come out equal, so the kernels regenerate the same Philox masks; the global RNG after
+      backward is as without checkpointing;
+    * ZeRO-3 gathers parameters in forward pre-hooks on every submodule; the recomputation calls the
+      submodules' forwards again, so the hooks gather what it needs, with no DeepSpeed configuration
+      (DeepSpeed's `activation_checkpointing` config section only serves its own checkpoint function
+      and is not used);
+    * the layers take None masks, booleans and index tensors, and return None for unrequested
+      attention probabilities: the non-reentrant form takes any inputs and outputs.
+    """
 
     def __init__(self, config: LxmertConfig, ctx: ModelContext):
         super().__init__()
@@ -231,6 +295,13 @@ class LxmertEncoder(nn.Module):
         self.layer = nn.ModuleList([LxmertLayer(config, ctx) for _ in range(config.l_layers)])
         self.x_layers = nn.ModuleList([LxmertXLayer(config, ctx) for _ in range(config.x_layers)])
         self.r_layers = nn.ModuleList([LxmertLayer(config, ctx) for _ in range(config.r_layers)])
+        self.activation_checkpointing = False
+
+    def _layer(self, layer: nn.Module, *args):
+        """``layer(*args)``, inside a non-reentrant activation checkpoint when it is on and gradients flow."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=True)
+        return layer(*args)
 
     def forward(self, lang_btd, lang_mask_bt, visual_feats_bnf, visual_pos_bnp, vis_mask_bn,
                 output_attentions: bool = False, lang_rows_m: Optional[Tensor] = None) -> dict[str, Any]:
@@ -244,12 +315,12 @@ class LxmertEncoder(nn.Module):
         vis_atts: Optional[list] = [] if output_attentions else None
         cross_atts: Optional[list] = [] if output_attentions else None
         for layer in self.layer:
-            lang_btd, probs = layer(lang_btd, lang_mask_bt, output_attentions)
+            lang_btd, probs = self._layer(layer, lang_btd, lang_mask_bt, output_attentions)
             lang_states.append(lang_btd)
             if output_attentions:
                 lang_atts.append(probs)
         for layer in self.r_layers:
-            vis_bnd, probs = layer(vis_bnd, vis_mask_bn, output_attentions)
+            vis_bnd, probs = self._layer(layer, vis_bnd, vis_mask_bn, output_attentions)
             vis_states.append(vis_bnd)
             if output_attentions:
                 vis_atts.append(probs)
@@ -263,8 +334,8 @@ class LxmertEncoder(nn.Module):
             joint_mask_bs = torch.cat([lang_mask_bt, vis_mask_bn], dim=1)
         last = len(self.x_layers) - 1
         for i, layer in enumerate(self.x_layers):
-            lang_btd, vis_bnd, probs = layer(lang_btd, lang_mask_bt, vis_bnd, vis_mask_bn, joint_mask_bs,
-                                             output_attentions, lang_rows_m if i == last else None)
+            lang_btd, vis_bnd, probs = self._layer(layer, lang_btd, lang_mask_bt, vis_bnd, vis_mask_bn, joint_mask_bs,
+                                                   output_attentions, lang_rows_m if i == last else None)
             lang_states.append(lang_btd)
             vis_states.append(vis_bnd)
             if output_attentions:
