@@ -18,7 +18,8 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
-        "dev": ["pytest", "tensorboard", "matplotlib"],
+        # wandb and comet_ml: the W&B and Comet monitors' offline runs in tests/test_monitors.py
+        "dev": ["pytest", "tensorboard", "matplotlib", "wandb", "comet_ml"],
     },
     entry_points={"console_scripts": []},
 )

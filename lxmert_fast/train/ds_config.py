@@ -168,8 +168,13 @@ def _find_auto(obj: Any, path: str = "") -> list[str]:
 
 def prepare_ds_config(cfg: dict, *, world_size: int, total_steps: int, output_dir: str,
                       micro_batch_size: Optional[int] = None, warmup_ratio: float = 0.05,
-                      job_name: str = "pretrain") -> dict:
-    """A copy of `cfg` with every "auto" filled; raises DSConfigError on what cannot be filled or fit."""
+                      job_name: str = "pretrain", flops_profile_step: Optional[int] = None,
+                      activation_checkpointing: bool = False) -> dict:
+    """A copy of `cfg` with every "auto" filled; raises DSConfigError on what cannot be filled or fit.
+
+    The monitor sections: `lxmert_fast.train.monitors.fill_monitor_sections`; the FLOPs profiler
+    (`flops_profile_step`, the --flops_profile_step flag): `lxmert_fast.train.profiler.fill_flops_profiler`.
+    """
     cfg = copy.deepcopy(cfg)
     total, micro, accum = resolve_batch_size(cfg, world_size, micro_batch_size)
     cfg["train_batch_size"] = total
@@ -194,13 +199,12 @@ def prepare_ds_config(cfg: dict, *, world_size: int, total_steps: int, output_di
             params["warmup_min_lr"] = 0.0
         if sched.get("type") == "WarmupDecayLR" and "total_num_steps" not in params:
             params["total_num_steps"] = int(total_steps)
-    for section in ("tensorboard", "csv_monitor", "wandb", "comet"):
-        mon = cfg.get(section)
-        if isinstance(mon, dict):
-            if mon.get("output_path") == AUTO:
-                mon["output_path"] = os.path.join(output_dir, "logs")
-            if mon.get("job_name") == AUTO:
-                mon["job_name"] = job_name
+    from lxmert_fast.train.monitors import fill_monitor_sections
+    from lxmert_fast.train.profiler import fill_flops_profiler
+
+    fill_monitor_sections(cfg, output_dir=output_dir, job_name=job_name)
+    fill_flops_profiler(cfg, profile_step=flops_profile_step, output_dir=output_dir,
+                        activation_checkpointing=activation_checkpointing)
     left = _find_auto(cfg)
     if left:
         raise DSConfigError(f"DeepSpeed config: cannot fill \"auto\" for {left}")

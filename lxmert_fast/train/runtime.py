@@ -30,7 +30,9 @@ from lxmert_fast.train.checkpoint import (RUN_FILE, UNIVERSAL_SUFFIX, Checkpoint
                                           seed_everything, set_rng_state)
 from lxmert_fast.train.compile import (COMPILE_MODES, CompileModeError, check_compile_mode, compile_model,
                                        eager_forward, step_begins)
+from lxmert_fast.train import monitors
 from lxmert_fast.train.meter import IntervalMeter
+from lxmert_fast.train.profiler import FlopsProbe
 from lxmert_fast.train.process import (ThreadsError, all_gather_object, barrier, cpu_threads,
                                       start_process)
 from lxmert_fast.utils import atomic_write_json
@@ -78,6 +80,12 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, save_every: int, log_ev
     r.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile the model's forward and backward as whole static graphs (reduce-overhead: "
                         "with CUDA graphs, GPU only); none = eager")
+    r.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each encoder layer (language, vision, cross) in backward instead of keeping its "
+                        "activations: less memory for about one more forward per step, the same gradients")
+    r.add_argument("--flops_profile_step", type=int, default=None,
+                   help="run DeepSpeed's FLOPs profiler on this optimizer step's forward (fills the config's "
+                        "flops_profiler section) and log its count beside lxmert_fast/flops.py's")
     r.add_argument("--debug_nonfinite_from_step", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     import deepspeed
@@ -256,15 +264,21 @@ class Trainer:
         warmup = args.warmup_ratio if args.warmup_ratio is not None else recipe.warmup_ratio()
         self.ds_config = ds_cfg.prepare_ds_config(raw, world_size=self.world, total_steps=self.total_steps,
                                              output_dir=self.out_dir, micro_batch_size=args.micro_batch_size,
-                                             warmup_ratio=warmup, job_name=recipe.job_name)
+                                             warmup_ratio=warmup, job_name=recipe.job_name,
+                                             flops_profile_step=args.flops_profile_step,
+                                             activation_checkpointing=args.activation_checkpointing)
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             atomic_write_json(os.path.join(self.out_dir, "ds_config.json"), self.ds_config)
         seed_everything(args.seed)
         model = recipe.build_model(self, self.ds_config)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        if args.activation_checkpointing:
+            model.set_activation_checkpointing(True)
         compile_model(model, args.compile)
-        self.engine = ds_cfg.initialize(model, self.ds_config)
+        with monitors.monitor_environment(self.ds_config, self.out_dir, self.log):
+            self.engine = ds_cfg.initialize(model, self.ds_config)
+        monitors.adapt_monitors(self.engine)
         seed_everything(args.seed + 1_000_003 * self.rank)  # the same init everywhere, per-rank dropout streams
         self.settings = ds_cfg.optim_settings(self.engine)
         self.dtype = DTYPES[self.settings.precision]
@@ -272,7 +286,9 @@ class Trainer:
         for line in recipe.describe(self):
             self.log(line)
         self.log(f"model {n_params / 1e6:.2f}M parameters; {self.world} process(es) on {device_name()}"
-                 + (f"; compiled ({args.compile})" if args.compile != "none" else ""))
+                 + (f"; compiled ({args.compile})" if args.compile != "none" else "")
+                 + ("; activation checkpointing (every encoder layer recomputed in backward)"
+                    if args.activation_checkpointing else ""))
         shown = os.path.relpath(self.ds_path) if not self.ds_path.startswith(ds_cfg.PACKAGED_DIR) else \
             f"{os.path.basename(self.ds_path)}, packaged"
         self.log(f"DeepSpeed ({shown}): {self.settings.describe()}")
@@ -281,6 +297,8 @@ class Trainer:
         flops = recipe.flops_per_sample()
         self.log(f"schedule: {self.epochs} epoch(s) x {self.steps_per_epoch} steps, {self.total_steps} steps in all"
                  + (f"; {flops / 1e9:.2f} GFLOP per sample" if flops else ""))
+        self.flops_probe = FlopsProbe(self.engine, micro_batch_size=self.settings.micro_batch_size,
+                                      flops_per_sample=flops, compile_mode=args.compile, log=self.log)
 
     def _schedule(self) -> None:
         args = self.args
@@ -461,7 +479,8 @@ class Trainer:
                     self.meter.add_data_wait(time.perf_counter() - t_wait)
                     self._reseed(loader.micro_seed())
                     step_begins(args.compile)
-                    loss, parts = recipe.micro_step(self, raw)
+                    with self.flops_probe.step(engine):  # DeepSpeed's FLOPs profiler, at its step
+                        loss, parts = recipe.micro_step(self, raw)
                     if args.debug_nonfinite_from_step is not None and step + 1 >= args.debug_nonfinite_from_step:
                         loss = loss * float("nan")
                     engine.backward(loss)
@@ -559,7 +578,11 @@ class Trainer:
         if self.engine is not None:
             result.update(self.train())
             result["settings"] = vars(self.settings)
+            if self.flops_probe.result is not None:
+                result["flops_profile"] = self.flops_probe.result
         result = self.recipe.finish(self, result)
+        if self.engine is not None:
+            monitors.close_monitors(self.engine)
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             atomic_write_json(os.path.join(self.out_dir, "result.json"), result)
