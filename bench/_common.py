@@ -1,11 +1,15 @@
-"""Shared pieces of the benchmark suite (bench/run.py): environment, clocks, memory, JSON rows.
+"""The benchmark suite's shared plumbing: the commit, versions and environment of a row, clocks,
+memory, the measured peak rate, time limits and JSON rows. Every script in bench/ takes these from
+here.
 
-Nothing here imports DeepSpeed or transformers at module import time: the end-to-end part
-decides the accelerator (DS_ACCELERATOR) before DeepSpeed is first imported.
+Nothing here imports torch, DeepSpeed or transformers at module import time: bench/gpu_check.py
+(stdlib only, it must not touch the device) writes and reads rows through this module, and the
+end-to-end part decides the accelerator (DS_ACCELERATOR) before DeepSpeed is first imported.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -17,8 +21,6 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,15 +34,21 @@ BASELINE_NAME = "4x Titan Xp (paper: 10 days)"
 
 # ---------------------------------------------------------------------------------------------- environment
 def git_commit() -> str:
-    """HEAD's hash, with "-dirty" when the tracked files of the repository differ from it."""
+    """HEAD's hash, with "-dirty" when the tracked files of the repository differ from it; in a copy
+    without .git (the GPU machine), the commit `bench/gpu_check.sh --prepare` wrote into .whl/COMMIT."""
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001  (no git, not a checkout)
-        return "unknown"
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0 and head.stdout.strip():
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
+        pass
+    recorded = REPO / ".whl" / "COMMIT"
+    if recorded.is_file():
+        return recorded.read_text(encoding="utf-8").strip().splitlines()[0] + " (from .whl/COMMIT)"
+    return "unknown (no .git and no .whl/COMMIT)"
 
 
 def cpu_model() -> str:
@@ -54,20 +62,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str | None:
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def import_version(module: str) -> tuple[str | None, str | None]:
+    """(version, None) when `module` imports, else (None, why not). DeepSpeed is imported with the CPU
+    accelerator on a machine without CUDA (importing it picks its accelerator)."""
     try:
-        mod = __import__(module)
-        return getattr(mod, "__version__", "?")
-    except Exception:  # noqa: BLE001  (not installed, or fails to import here)
-        return None
+        if module == "deepspeed":
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return str(getattr(importlib.import_module(module), "__version__", "?")), None
+    except Exception as err:  # noqa: BLE001  (not installed, or fails to import here)
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def environment(world_size: int = 1) -> dict:
-    """Hardware, software versions, commit and load: merged into every JSON row."""
+    """Hardware, software versions, commit and load: merged into every JSON row of bench/run.py."""
+    import torch
+
     on_gpu = torch.cuda.is_available()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    cores = cpu_cores()
+    return {
+        "date": utc_now(),
         "host": platform.node(),
         "device_kind": "cuda" if on_gpu else "cpu",
         "hardware": torch.cuda.get_device_name() if on_gpu else f"{cpu_model()} ({cores} cores)",
@@ -78,25 +103,19 @@ def environment(world_size: int = 1) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "transformers": _version("transformers"),
-        "deepspeed": _deepspeed_version(),
-        "triton": _version("triton"),
-        "flash_attn": _version("flash_attn") if on_gpu else None,
+        "transformers": import_version("transformers")[0],
+        "deepspeed": import_version("deepspeed")[0],
+        "triton": import_version("triton")[0],
+        "flash_attn": import_version("flash_attn")[0] if on_gpu else None,
         "commit": git_commit(),
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
-    return env
-
-
-def _deepspeed_version() -> str | None:
-    # importing deepspeed picks its accelerator: make sure it picks the CPU one without a GPU
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return _version("deepspeed")
 
 
 # ---------------------------------------------------------------------------------------------- clocks
 def synchronize() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -112,6 +131,8 @@ class StepTimer:
 
     def __enter__(self):
         if self.cuda:
+            import torch
+
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self._pairs.append([start, None])
@@ -121,6 +142,8 @@ class StepTimer:
 
     def __exit__(self, *exc):
         if self.cuda:
+            import torch
+
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._pairs[-1][1] = end
@@ -130,6 +153,8 @@ class StepTimer:
 
     def seconds(self) -> list[float]:
         if self.cuda:
+            import torch
+
             torch.cuda.synchronize()
             return [s.elapsed_time(e) / 1e3 for s, e in self._pairs]
         return list(self._wall)
@@ -138,6 +163,20 @@ class StepTimer:
 def median(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def time_runs(fn, warmup: int, reps: int) -> list[float]:
+    """Seconds of each of `reps` calls of fn() after `warmup` untimed ones (StepTimer's clock)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    timer = StepTimer(torch.cuda.is_available())
+    for _ in range(reps):
+        with timer:
+            fn()
+    return timer.seconds()
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -164,6 +203,8 @@ class MemoryProbe:
         self.cuda = cuda
         self.peak_rss = 0
         if cuda:
+            import torch
+
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
@@ -176,6 +217,8 @@ class MemoryProbe:
 
     def fields(self) -> dict:
         if self.cuda:
+            import torch
+
             return {"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
                     "peak_mem_kind": "torch.cuda.max_memory_allocated",
                     "mem_at_start_gb": round(self.start / 2**30, 3)}
@@ -189,6 +232,8 @@ class MemoryProbe:
 def measured_matmul_peak(quick: bool = False) -> dict:
     """The device's measured dense matrix rate: bf16 8192^3 on a GPU, fp32 on CPU (2048^3, or
     512^3 with quick); median of several runs after a warm-up. Used as the MFU denominator."""
+    import torch
+
     cuda = torch.cuda.is_available()
     if cuda:
         n, dtype, warmup, reps = (4096, torch.bfloat16, 3, 10) if quick else (8192, torch.bfloat16, 5, 20)
@@ -198,17 +243,10 @@ def measured_matmul_peak(quick: bool = False) -> dict:
         device = "cpu"
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(warmup):
-        torch.mm(a, b)
-    synchronize()
-    timer = StepTimer(cuda)
-    for _ in range(reps):
-        with timer:
-            torch.mm(a, b)
-    times = timer.seconds()
+    times = time_runs(lambda: torch.mm(a, b), warmup, reps)
     med = median(times)
     return {"part": "peak", "what": f"matmul {n}^3 {str(dtype)[6:]}", "n": n, "dtype": str(dtype)[6:],
-            "reps": reps, "median_s": med, "peak_tflops": round(2 * n**3 / med / 1e12, 4),
+            "warmup": warmup, "reps": reps, "median_s": med, "peak_tflops": round(2 * n**3 / med / 1e12, 4),
             "min_s": min(times), "max_s": max(times)}
 
 
@@ -250,30 +288,41 @@ def clean(obj):
         return float(f"{obj:.6g}") if obj == obj and obj not in (float("inf"), float("-inf")) else None
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+    torch = sys.modules.get("torch")  # a tensor means torch is imported already
+    if torch is not None and isinstance(obj, torch.Tensor) and obj.numel() == 1:
         return clean(obj.item())
     return str(obj)
 
 
-def append_jsonl(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(clean(row)) + "\n")
-        fh.flush()
+def append_row(path: str | Path | None, row: dict) -> None:
+    """One JSON line (`clean`ed) appended to `path` with a single O_APPEND write, so that processes
+    appending to one file never interleave; printed to stdout when `path` is None."""
+    line = json.dumps(clean(row)) + "\n"
+    if path is None:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_rows(path: str | Path) -> list[dict]:
+    """The JSON lines of `path` (none when it does not exist); a line cut by a timeout or a kill is skipped."""
     rows = []
+    path = Path(path)
     if not path.is_file():
         return rows
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a timeout
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     return rows
 
 

@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -527,6 +527,18 @@ class Live:
             else:
                 self.trainer.micro_step(self.source.get(i), i == self.accum - 1, self.probe)
 
+    def timed_steps(self, steps: int) -> dict:
+        """Time `steps` optimizer steps (each micro-step too): the row's step times, the last loss, the
+        memory probe's and the micro-steps' fields."""
+        timer = StepTimer(self.probe.cuda)
+        self.timing = True
+        for _ in range(steps):
+            with timer:
+                self.step()
+        times = timer.seconds()
+        loss = float(self.trainer.loss.float().item())
+        return {"step_s_all": [round(t, 6) for t in times], "loss": loss, **self.probe.fields(), **self.micro_fields()}
+
     def micro_fields(self) -> dict:
         """Each timed micro-step's time: the last of each step is the boundary one (it also takes
         the optimizer step); the others only forward + backward (+ DeepSpeed's bookkeeping)."""
@@ -571,14 +583,8 @@ def measure(v: Variant, s: Settings, peak_tflops: Optional[float], log=print) ->
             synchronize()
             row["build_s"] = round(t0 - t_build, 2)
             row["warmup_s"] = round(time.perf_counter() - t0, 2)
-            timer = StepTimer(s.cuda)
-            live.timing = True
-            for _ in range(s.steps):
-                with timer:
-                    live.step()
-            times = timer.seconds()
-            loss = float(live.trainer.loss.float().item())
-        row.update(step_s_all=[round(t, 6) for t in times], loss=loss, **live.probe.fields(), **live.micro_fields())
+            row.update(live.timed_steps(s.steps))
+        loss = row["loss"]
         row["status"] = "ok" if math.isfinite(loss) else f"failed: loss is not finite ({loss})"
         finalize(row, s.batch, row["devices"], s.compose_batch)
     except PartTimeout as err:

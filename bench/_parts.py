@@ -1,5 +1,5 @@
 """The kernel and data-loader parts of the suite (bench/run.py), around the project's own
-benchmark modules: bench/bench_kernels.py and lxmert_fast/data/bench.py."""
+benchmark modules: bench/bench_kernels.py and bench/bench_data.py."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from _common import append_jsonl, short_error
+from _common import append_row, short_error
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -24,7 +24,7 @@ def run_kernels(out: Path, quick: bool, env: dict, log=print, batches=None, use_
     (batch 1, 2 heads, one timed run), marked "interpreter smoke test", never a measurement."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    import bench_kernels as bk
+    import bench_kernels
 
     path = out / "bench_kernels.jsonl"
     path.unlink(missing_ok=True)
@@ -34,33 +34,33 @@ def run_kernels(out: Path, quick: bool, env: dict, log=print, batches=None, use_
             r["part"] = "kernels"
             r.setdefault("measurement", "cuda events" if torch.cuda.is_available() else "interpreter smoke test")
             r["batch"] = batch_of(r)
-            append_jsonl(path, r)
+            append_row(path, r)
         return rows
 
     if not torch.cuda.is_available():
-        return keep(_interpreter_smoke(bk, path, log))
+        return keep(_interpreter_smoke(bench_kernels, path, log))
     if batches is None:
         batches = [32] if quick else [32, 128, 512]
     rows = []
     # one batch size at a time, each kept as soon as it is done (a timeout keeps the finished ones)
     with tempfile.TemporaryDirectory(prefix="lxmert_bench_kernels_") as tmp:
         for b in batches:
-            rows += keep(bk.run(tmp, quick=quick, batches=[b], use_compile=use_compile))
+            rows += keep(bench_kernels.run(tmp, quick=quick, batches=[b], use_compile=use_compile))
     return rows
 
 
-def _interpreter_smoke(bk, path: Path, log) -> list[dict]:
-    lk = bk._import_kernels()
-    rec = bk.Recorder(bk.environment(), 1, 1)
+def _interpreter_smoke(bench_kernels, path: Path, log) -> list[dict]:
+    lk = bench_kernels._import_kernels()
+    rec = bench_kernels.Recorder(bench_kernels.environment(), 1, 1)
     dev, dt, modes, drop = "cpu", torch.float32, ("fwd", "fwd+bwd"), (0.0,)
     try:
-        bk.bench_self_attention(lk, rec, [1], dt, dev, modes, drop, 2)
-        bk.bench_cross_pair(lk, rec, [1], dt, dev, modes, drop, 2)
-        bk.bench_layer_norm(lk, rec, [1], dt, dev, modes, False)
-        bk.bench_bias_gelu(lk, rec, [1], dt, dev, modes, False)
+        bench_kernels.bench_self_attention(lk, rec, [1], dt, dev, modes, drop, 2)
+        bench_kernels.bench_cross_pair(lk, rec, [1], dt, dev, modes, drop, 2)
+        bench_kernels.bench_layer_norm(lk, rec, [1], dt, dev, modes, False)
+        bench_kernels.bench_bias_gelu(lk, rec, [1], dt, dev, modes, False)
     except (AttributeError, TypeError) as err:  # bench_kernels' internals moved: its own quick mode
         log(f"kernels: falling back to bench_kernels.run(quick=True) ({short_error(err)})")
-        return bk.run(str(path.parent), quick=True)
+        return bench_kernels.run(str(path.parent), quick=True)
     return rec.rows
 
 
@@ -78,12 +78,11 @@ def batch_of(row: dict):
 # ---------------------------------------------------------------------------------------------- data
 def run_data(out: Path, quick: bool, env: dict, workers: int | None = None, cache: str | None = None,
              log=print) -> list[dict]:
-    """lxmert_fast.data.bench on the demo world: TSV -> store conversion MB/s, loader samples/s
+    """bench/bench_data.py on the demo world: TSV -> store conversion MB/s, loader samples/s
     (raw batches through make_pretrain_loader's worker processes) and batch masking samples/s on
     CPU and, with a GPU, on the GPU."""
-    from lxmert_fast.data import bench as db
+    import bench_data
     from lxmert_fast.data.demo import ensure_demo_data
-    from lxmert_fast.data.pretrain_data import build_pretrain_dataset, feature_files_for
 
     images = 64 if quick else 2000
     batch = 16 if quick else 256
@@ -94,22 +93,16 @@ def run_data(out: Path, quick: bool, env: dict, workers: int | None = None, cach
     t0 = time.perf_counter()
     root = ensure_demo_data(cache, images=images)
     demo_s = time.perf_counter() - t0
-    tsvs = feature_files_for(root, "mscoco_train,mscoco_nominival,vgnococo")
+    masking = [("cpu", 3 if quick else 20)] + ([("cuda", 5 if quick else 50)] if torch.cuda.is_available() else [])
     store = tempfile.mkdtemp(prefix="lxmert_bench_store_")
-    rows = []
     try:
-        rows.append(db.bench_convert(tsvs, store, workers=workers))
-        ds = build_pretrain_dataset(root, store_dir=store, log=None)
-        rows.append(db.bench_loader(ds, batch_size=batch, num_workers=workers, batches=batches,
-                                    warmup=1 if quick else 3))
-        rows.append(db.bench_masking(ds, batch_size=batch, device="cpu", iters=3 if quick else 20))
-        if torch.cuda.is_available():
-            rows.append(db.bench_masking(ds, batch_size=batch, device="cuda", iters=5 if quick else 50))
+        rows = bench_data.measure(root, store, workers=workers, batch=batch, batches=batches,
+                                  warmup=1 if quick else 3, masking=masking)
     finally:
         shutil.rmtree(store, ignore_errors=True)
     path = out / "data.jsonl"
     path.unlink(missing_ok=True)
     for r in rows:
         r.update(part="data", demo_images=images, demo_world_s=round(demo_s, 2))
-        append_jsonl(path, {**env, **r})
+        append_row(path, {**env, **r})
     return rows

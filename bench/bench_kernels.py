@@ -21,12 +21,9 @@ bench/run.py.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from _common import append_row, git_commit, utc_now  # noqa: E402
 
 HEADS, HEAD_DIM, LANG, VIS, HIDDEN, FFN = 12, 64, 20, 36, 768, 3072
 
@@ -56,18 +58,6 @@ def _import_kernels():
     return lk
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "kernels", "bench"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def environment() -> dict:
     import triton
 
@@ -80,8 +70,8 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "commit": _git_commit(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "date": utc_now(),
     }
 
 
@@ -415,10 +405,9 @@ def run(out_dir, quick: bool = False, batches=None, dtype: torch.dtype = torch.b
     bench_bias_gelu(lk, rec, batches, dtype, device, modes, use_compile)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_kernels.jsonl", "w") as fh:
-        for row in rec.rows:
-            fh.write(json.dumps(row) + "\n")
+    (out / "bench_kernels.jsonl").unlink(missing_ok=True)
+    for row in rec.rows:
+        append_row(out / "bench_kernels.jsonl", row)
     env = rec.env
     print(f"\nlxmert_kernels benchmark on {env['hardware']} (torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['commit'][:12]}); ratio = time / ours, > 1 means ours is faster; "
@@ -445,9 +434,6 @@ def run_gpu_check(batches, rows_path, dry: bool) -> list[dict]:
     cat; LayerNorm and GELU against torch eager and a copy of the same bytes. No torch.compile peers
     (a compilation per shape does not fit the time box). Each row is appended to rows_path as soon as
     it is measured. Dry run: the Triton interpreter at 2 heads, fp32, one timed run (a smoke test)."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from e2e_worker import append_row
-
     lk = _import_kernels()
     import importlib
 

@@ -30,6 +30,7 @@ for _p in (str(BENCH), str(REPO), str(REPO / "kernels")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from _common import append_row  # noqa: E402
 from _quiet import QuietClient  # noqa: E402
 
 GPU = dict(preset="base", batch=256, micro_batch=256, warmup=3, steps=10)
@@ -37,41 +38,29 @@ DRY = dict(preset="tiny", batch=4, micro_batch=4, warmup=1, steps=2)
 OOM_RETRIES = 3  # other workers may hold memory for a moment: retry a warm-up step that ran out
 
 
-def append_row(path: str | None, row: dict) -> None:
-    from _common import clean
-
-    line = (json.dumps(clean(row)) + "\n").encode("utf-8")
-    if path is None:
-        sys.stdout.write(line.decode())
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def variant_of(spec: dict, E, s, log):
+def variant_of(spec: dict, s, log):
     """(the _e2e.Variant for this spec, fields that say how it ran)."""
+    import _e2e
+
     cuda = s.cuda
     key = spec["key"]
     note = spec.get("note", "")
     extra = {"spec": spec}
     if spec["model"] == "hf":
-        v = E.Variant(key, "hf", note=note or "transformers LxmertForPreTraining (peer)")
+        v = _e2e.Variant(key, "hf", note=note or "transformers LxmertForPreTraining (peer)")
         setup = "transformers, autocast bf16, torch AdamW" if cuda else "transformers, fp32, torch AdamW"
     else:
         backend = spec.get("backend") or ("triton" if cuda else "sdpa")
         kernels = "triton" if backend == "triton" else "torch"
         precision = "autocast bf16" if cuda else "fp32"
         if spec["loop"] == "plain":  # the peer's loop and optimizer: the model against the model
-            v = E.Variant(key, "ours_plain", backend=backend, kernels=kernels, optimizer="torch", note=note)
+            v = _e2e.Variant(key, "ours_plain", backend=backend, kernels=kernels, optimizer="torch", note=note)
             setup = f"ours ({backend}), the peer's plain loop: {precision}, torch AdamW"
         else:
-            v = E.Variant(key, "ours", backend=backend, kernels=kernels, optimizer="torch_fused", note=note)
-            ds_err = E.deepspeed_import_error()
+            v = _e2e.Variant(key, "ours", backend=backend, kernels=kernels, optimizer="torch_fused", note=note)
+            ds_err = _e2e.deepspeed_import_error()
             if ds_err:
-                v = E.without_deepspeed(v)
+                v = _e2e.without_deepspeed(v)
                 extra["deepspeed_error"] = ds_err
                 setup = (f"ours ({backend}), NO DeepSpeed (deepspeed not importable): plain loop, {precision}, "
                          f"torch fused AdamW")
@@ -115,15 +104,15 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
 
     import torch
 
-    import _e2e as E
-    from _common import StepTimer, short_error, synchronize
+    import _e2e
+    from _common import short_error, synchronize
 
     cuda = torch.cuda.is_available()
     if cuda and dry:
         raise SystemExit("e2e_worker: --dry runs on CPU (gpu_check.py hides the GPU in a dry run)")
     sizes = DRY if (dry or not cuda) else GPU
-    s = E.Settings(**sizes, device="cuda" if cuda else "cpu", quick=dry,
-                   compile_backend="inductor" if cuda else "eager")
+    s = _e2e.Settings(**sizes, device="cuda" if cuda else "cpu", quick=dry,
+                      compile_backend="inductor" if cuda else "eager")
     if cuda:
         torch.cuda.set_device(0)
         s.device = "cuda:0"
@@ -131,13 +120,13 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
     else:
         torch.set_num_threads(1)
     key = f"e2e:{spec['key']}"
-    v, extra = variant_of(spec, E, s, log)
-    row = {**E.base_row(v, s, peak_tflops), "key": key, **extra, "dry_run": dry}
+    v, extra = variant_of(spec, s, log)
+    row = {**_e2e.base_row(v, s, peak_tflops), "key": key, **extra, "dry_run": dry}
     from lxmert_fast.flops import device_name, peak_tflops_for
 
     row["hardware"] = device_name() if cuda else "cpu"
     row["peak_tflops_datasheet"] = peak_tflops_for(row["hardware"]) if cuda else None
-    why = E.unavailable_reason(v, s)
+    why = _e2e.unavailable_reason(v, s)
     if why:
         row.update(status=f"no figure (unavailable): {why}", figure=False, no_figure="unavailable")
         append_row(rows, row)
@@ -151,7 +140,7 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
             from lxmert_fast.train.process import start_process
 
             start_process()
-        live = E.Live(v, s, row)
+        live = _e2e.Live(v, s, row)
         row["build_s"] = round(time.perf_counter() - t0, 2)
         client.phase("warming up (the first step compiles)" if v.compile else "warming up")
         log(f"built in {row['build_s']} s; warming up")
@@ -168,7 +157,7 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
                     if attempt == OOM_RETRIES:
                         raise
                     log("out of memory in a warm-up step (other workers hold memory); retrying in 3 s")
-                    E._cleanup(s, False)
+                    _e2e._cleanup(s, False)
                     time.sleep(3)
             if first is None:
                 first = time.perf_counter() - ts
@@ -182,15 +171,9 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
             row["quiet"] = client.granted
             live.step()  # the allocator grows back, outside the timing
             synchronize()
-            timer = StepTimer(cuda)
-            live.timing = True
-            for _ in range(s.steps):
-                with timer:
-                    live.step()
-            times = timer.seconds()
-        loss = float(live.trainer.loss.float().item())
-        row.update(step_s_all=[round(t, 6) for t in times], loss=loss, **live.probe.fields(), **live.micro_fields())
-        E.finalize(row, s.batch, row["devices"], None)
+            row.update(live.timed_steps(s.steps))
+        loss = row["loss"]
+        _e2e.finalize(row, s.batch, row["devices"], None)
         from lxmert_fast.flops import throughput
 
         if row.get("peak_tflops_datasheet"):

@@ -32,34 +32,12 @@ REPO = BENCH.parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import _gpu_plan as P  # noqa: E402
+import _gpu_plan  # noqa: E402
+from _common import append_row, read_rows  # noqa: E402
 from _quiet import QuietCoordinator, signal_group  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def append_row(path: Path, row: dict) -> None:
-    """One JSON line, written with a single O_APPEND write (children append to the same file)."""
-    data = (json.dumps(row, default=str) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def read_rows(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line cut by a kill
-    return rows
-
-
 def no_figure_row(key: str, kind: str, detail: str, **extra) -> dict:
     part, _, name = key.partition(":")
     row = {"part": part, "key": key, "figure": False, "no_figure": kind, "status": f"no figure ({kind}): {detail}"}
@@ -158,18 +136,18 @@ class Check:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.quiet_dir = self.work / "quiet"
         self.t0 = float(os.environ.get("GPU_CHECK_T0") or time.time())  # the shell's start: install included
-        self.budget = a.budget or (P.DRY_BUDGET_S if self.dry else P.BUDGET_S)
-        self.caps = P.DRY_CAPS if self.dry else P.CAPS
+        self.budget = a.budget or (_gpu_plan.DRY_BUDGET_S if self.dry else _gpu_plan.BUDGET_S)
+        self.caps = _gpu_plan.DRY_CAPS if self.dry else _gpu_plan.CAPS
         self.parts = [p.strip() for p in a.parts.split(",") if p.strip()]
-        bad = [p for p in self.parts if p not in P.PARTS]
+        bad = [p for p in self.parts if p not in _gpu_plan.PARTS]
         if bad:
-            raise SystemExit(f"gpu_check: unknown parts {bad}; known: {list(P.PARTS)}")
+            raise SystemExit(f"gpu_check: unknown parts {bad}; known: {list(_gpu_plan.PARTS)}")
         self.timings: list[dict] = []
         self.e2e_workers: list[Child] = []
         self.e2e_pending: list[dict] = []
         self.paused = False  # the end-to-end workers are stopped (kernel timing)
         self.coord = QuietCoordinator(self.quiet_dir, settle_s=0.05 if self.dry else 0.3,
-                                      priority=[v["key"] for v in P.E2E_VARIANTS], log=self.say)
+                                      priority=[v["key"] for v in _gpu_plan.E2E_VARIANTS], log=self.say)
         self.env = self._child_env()
 
     # -- output
@@ -209,7 +187,8 @@ class Check:
 
     def limit_for(self, part: str) -> float:
         later = self.parts[self.parts.index(part) + 1:]
-        left = self.budget - 3 - self.elapsed() - sum(P.RESERVE[p] + P.GRACE_S for p in later) - P.GRACE_S
+        reserved = sum(_gpu_plan.RESERVE[p] + _gpu_plan.GRACE_S for p in later) + _gpu_plan.GRACE_S
+        left = self.budget - 3 - self.elapsed() - reserved
         return max(0.0, min(self.caps[part], left))
 
     # -- parts
@@ -260,7 +239,7 @@ class Check:
             self.say(f"   {part}: limit of {limit:.0f} s reached; stopping {', '.join(c.name for c in timed_out)}")
             phases = {c.name: self.coord.phase_of(c.name) for c in timed_out}
             self.coord.release({c.name: c.pid for c in self.e2e_workers if c.running})
-            kill_group(timed_out, P.GRACE_S)
+            kill_group(timed_out, _gpu_plan.GRACE_S)
         else:
             phases = {}
         have = self.have()
@@ -324,8 +303,8 @@ class Check:
 
     def part_env(self) -> None:
         self.timed_part("env", lambda d: [self.spawn("env", "env", [str(BENCH / "gpu_env.py")],
-                                                     [k for k in P.ENV_KEYS if k != "env:install"])],
-                        P.expected_keys("env", self.dry))
+                                                     [k for k in _gpu_plan.ENV_KEYS if k != "env:install"])],
+                        _gpu_plan.expected_keys("env", self.dry))
 
     def part_correctness(self) -> None:
         if "e2e" in self.parts:
@@ -334,9 +313,9 @@ class Check:
         def start(deadline):
             return [self.spawn(f"correctness {g}", "correctness", [str(BENCH / "gpu_correctness.py"), "--group", g],
                                [f"correctness:{c}" for c in checks])
-                    for g, checks in P.CORRECTNESS.items()]
+                    for g, checks in _gpu_plan.CORRECTNESS.items()]
 
-        self.timed_part("correctness", start, P.expected_keys("correctness", self.dry))
+        self.timed_part("correctness", start, _gpu_plan.expected_keys("correctness", self.dry))
 
     def part_kernels(self) -> None:
         live = {c.name: c.pid for c in self.e2e_workers if c.running}
@@ -345,10 +324,10 @@ class Check:
             self.coord.pause_all(live)
         self.paused = True
         try:
-            batches = P.DRY_KERNEL_BATCHES if self.dry else P.KERNEL_BATCHES
+            batches = _gpu_plan.DRY_KERNEL_BATCHES if self.dry else _gpu_plan.KERNEL_BATCHES
             self.timed_part("kernels", lambda d: [self.spawn("kernels", "kernels", [
                 str(BENCH / "bench_kernels.py"), "--gpu-check", "--batches", ",".join(map(str, batches))],
-                P.kernel_groups(self.dry))], P.expected_keys("kernels", self.dry))
+                _gpu_plan.kernel_groups(self.dry))], _gpu_plan.expected_keys("kernels", self.dry))
         finally:
             self.paused = False
             self.coord.resume_all({c.name: c.pid for c in self.e2e_workers if c.running})
@@ -363,7 +342,7 @@ class Check:
         if versions.get("deepspeed_importable") is False:
             self.say(f"   deepspeed does not import ({versions.get('deepspeed_error')}): the DeepSpeed variants run in "
                      f"the plain loop with torch's fused AdamW, labelled so")
-        for spec in P.E2E_VARIANTS:
+        for spec in _gpu_plan.E2E_VARIANTS:
             key = f"e2e:{spec['key']}"
             argv = [str(BENCH / "e2e_worker.py"), "--spec", json.dumps(spec), "--nice", "5"]
             if peak.get("peak_tflops"):
@@ -374,7 +353,7 @@ class Check:
         self.start_e2e_pending()
 
     def max_concurrent(self) -> int:
-        return P.DRY_E2E_CONCURRENT if self.dry else P.E2E_CONCURRENT
+        return _gpu_plan.DRY_E2E_CONCURRENT if self.dry else _gpu_plan.E2E_CONCURRENT
 
     def start_e2e_pending(self) -> None:
         if self.paused or not self.e2e_pending:
@@ -402,7 +381,7 @@ class Check:
     def part_e2e(self) -> None:
         self.start_e2e_workers()  # when the correctness part was not run
         # the workers already run; the pending ones start as others finish building (inside the loop)
-        self.timed_part("e2e", lambda d: [], P.expected_keys("e2e", self.dry), e2e=True)
+        self.timed_part("e2e", lambda d: [], _gpu_plan.expected_keys("e2e", self.dry), e2e=True)
         self.e2e_pending.clear()
 
     def part_report(self) -> None:
@@ -455,7 +434,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="folder for logs and protocol files (default OUT/.work)")
     ap.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY") == "1",
                     help="the plumbing on CPU at tiny shapes (GPU_CHECK_DRY=1)")
-    ap.add_argument("--parts", default=os.environ.get("GPU_CHECK_PARTS") or ",".join(P.PARTS))
+    ap.add_argument("--parts", default=os.environ.get("GPU_CHECK_PARTS") or ",".join(_gpu_plan.PARTS))
     ap.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET") or 0),
                     help="seconds from the script's start (default 360; dry 600)")
     a = ap.parse_args(argv)

@@ -33,7 +33,7 @@ for _p in (str(BENCH), str(REPO), str(REPO / "kernels")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import _gpu_plan as P  # noqa: E402
+import _gpu_plan  # noqa: E402
 
 LANG, VIS, HEADS, HEAD_DIM, HIDDEN, FFN = 20, 36, 12, 64, 768, 3072
 LOWP_FLOOR = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
@@ -393,9 +393,9 @@ def checks_of(group: str, lk, S: Shapes, dev, dtype):
 
 
 def run_group(group: str, rows: str | None, dry: bool) -> int:
-    from e2e_worker import append_row
+    from _common import append_row
 
-    names = P.CORRECTNESS[group]
+    names = _gpu_plan.CORRECTNESS[group]
     try:
         dev, dtype = _setup(dry)
         import torch
@@ -439,7 +439,7 @@ def run_group(group: str, rows: str | None, dry: bool) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group", required=True, choices=list(P.CORRECTNESS))
+    ap.add_argument("--group", required=True, choices=list(_gpu_plan.CORRECTNESS))
     ap.add_argument("--rows", default=os.environ.get("GPU_CHECK_ROWS"))
     ap.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY") == "1")
     a = ap.parse_args(argv)

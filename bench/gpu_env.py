@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import os
 import platform
 import shutil
@@ -25,20 +24,12 @@ for _p in (str(BENCH), str(REPO), str(REPO / "kernels")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from e2e_worker import append_row  # noqa: E402
+from _common import (append_row, cpu_cores, git_commit, import_version, measured_matmul_peak,  # noqa: E402
+                     median, time_runs)
 
 SMI_FIELDS = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
               "power.draw", "power.limit", "temperature.gpu", "pstate", "compute_mode", "persistence_mode")
 SMI_MINIMAL = ("name", "driver_version", "clocks.sm", "clocks.max.sm")  # if a driver refuses one of the above
-
-
-def _import(name: str) -> tuple[str | None, str | None]:
-    """(version, None) or (None, why it does not import)."""
-    try:
-        mod = importlib.import_module(name)
-        return str(getattr(mod, "__version__", "?")), None
-    except Exception as err:  # noqa: BLE001
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
 
 def source_fingerprint() -> str:
@@ -51,39 +42,21 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def commit() -> str:
-    """The commit: git when the tree has .git, else what `gpu_check.sh --prepare` wrote into .whl/COMMIT."""
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    f = REPO / ".whl" / "COMMIT"
-    if f.is_file():
-        return f.read_text(encoding="utf-8").strip().splitlines()[0] + " (from .whl/COMMIT)"
-    return "unknown (no .git and no .whl/COMMIT)"
-
-
 def versions_row(dry: bool) -> dict:
     import torch
 
     row = {"part": "env", "key": "env:versions", "figure": True, "status": "ok", "dry_run": dry,
            "python": platform.python_version(), "executable": sys.executable, "host": platform.node(),
-           "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "cpu_cores": cpu_cores(),
            "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-           "commit": commit(), "source_sha256": source_fingerprint(),
+           "commit": git_commit(), "source_sha256": source_fingerprint(),
            "nvcc": shutil.which("nvcc"), "pythonpath": os.environ.get("PYTHONPATH", "")}
     for name in ("triton", "transformers", "numpy", "matplotlib", "flash_attn", "lxmert_kernels"):
-        row[name], err = _import(name)
+        row[name], err = import_version(name)
         if err:
             row[f"{name}_error"] = err
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    row["deepspeed"], err = _import("deepspeed")
+    row["deepspeed"], err = import_version("deepspeed")
     row["deepspeed_importable"] = err is None
     if err:
         row["deepspeed_error"] = err
@@ -118,42 +91,13 @@ def gpu_row(dry: bool) -> dict:
     return row
 
 
-def _median_s(fn, warmup: int, reps: int, cuda: bool) -> float:
-    import statistics
-
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def peak_row(dry: bool) -> dict:
     import torch
 
-    cuda = torch.cuda.is_available()
-    n, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
-    dev = "cuda" if cuda else "cpu"
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    s = _median_s(lambda: torch.mm(a, b), 5 if cuda else 1, 20 if cuda else 3, cuda)
-    return {"part": "env", "key": "env:peak_matmul", "figure": True, "status": "ok", "what": f"matmul {n}^3 {str(dtype)[6:]}",
-            "median_s": s, "peak_tflops": 2 * n**3 / s / 1e12, "dry_run": dry,
-            "note": "random data, median of 20 after 5 warm-ups: the MFU denominator (datasheet: lxmert_fast.flops)"}
+    peak = measured_matmul_peak(quick=not torch.cuda.is_available())  # GPU: bf16 8192^3
+    return {**peak, "part": "env", "key": "env:peak_matmul", "figure": True, "status": "ok", "dry_run": dry,
+            "note": f"random data, median of {peak['reps']} after {peak['warmup']} warm-ups: the MFU denominator "
+                    f"(datasheet: lxmert_fast.flops)"}
 
 
 def copy_row(dry: bool) -> dict:
@@ -163,7 +107,7 @@ def copy_row(dry: bool) -> dict:
     nbytes = 2**30 if cuda else 2**24
     x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda" if cuda else "cpu").normal_()
     y = torch.empty_like(x)
-    s = _median_s(lambda: y.copy_(x), 3 if cuda else 1, 20 if cuda else 3, cuda)
+    s = median(time_runs(lambda: y.copy_(x), 3 if cuda else 1, 20 if cuda else 3))
     return {"part": "env", "key": "env:copy_bandwidth", "figure": True, "status": "ok", "bytes": nbytes,
             "median_s": s, "tb_per_s": 2 * nbytes / s / 1e12, "dry_run": dry,
             "note": "device-to-device copy of 1 GiB, bytes read + written"}

@@ -17,9 +17,9 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import _gpu_plan as P  # noqa: E402
-import _report as R  # noqa: E402
-from gpu_check import read_rows  # noqa: E402
+import _gpu_plan  # noqa: E402
+import _report  # noqa: E402
+from _common import read_rows  # noqa: E402
 
 TARGET_SAMPLES_PER_S = 10_000
 TARGET_X_HF, TARGET_X_HF_COMPILE, TARGET_CROSS_X = 3.0, 1.5, 2.0
@@ -63,7 +63,7 @@ E2E_COLS = ("variant", "samples/s", "step ms", "TFLOP/s", "MFU meas.", "MFU shee
 
 
 def e2e_table(rows: list[dict]) -> list[list[str]]:
-    order = {v["key"]: i for i, v in enumerate(P.E2E_VARIANTS)}
+    order = {v["key"]: i for i, v in enumerate(_gpu_plan.E2E_VARIANTS)}
     out = []
     for r in sorted((r for r in rows if r.get("part") == "e2e"), key=lambda r: order.get(r.get("variant"), 99)):
         if r.get("status") == "ok":
@@ -155,24 +155,25 @@ def main(argv=None) -> int:
     timings = json.loads(a.timings)
     env = environment(rows)
     add_e2e_ratios(rows)
-    R.add_projections(rows, 1)
-    pngs, why = R.plots(out, rows, env)
+    _report.add_projections(rows, 1)
+    pngs, why = _report.plots(out, rows, env)
     extra_notes = ([why] if why else []) + notes(rows)
-    R.write_results_json(out / "results.json", env, rows, extra_notes,
-                         {"plan": {"e2e": [v["key"] for v in P.E2E_VARIANTS], "timings": timings}})
+    _report.write_results_json(out / "results.json", env, rows, extra_notes,
+                               {"plan": {"e2e": [v["key"] for v in _gpu_plan.E2E_VARIANTS], "timings": timings}})
     ct, tg, et = correctness_table(rows), targets(rows, env), e2e_table(rows)
-    ks = R.kernel_summary(rows, with_copy=True)
+    ks = _report.kernel_summary(rows, with_copy=True)
     kcols = ("op", "mode", "shape", "dtype", "dropout", "ours ms", "fastest peer", "peer ms", "speed-up", "copy/ours")
     ccols = ("check", "dtype", "shape", "worst err/bound", "s", "status")
     md = ["# lxmert-fast GPU check", ""] + [f"- {x}" for x in env_lines(env, rows)] + [""]
-    md += ["## Parts", "", R.md_table(("part", "seconds", "limit s", "outcome"),
-                                      [[t["part"], t["seconds"], t["limit_s"], t["outcome"]] for t in timings]), ""]
-    md += ["## Targets", "", R.md_table(("target", "measured", "verdict"), tg), ""]
-    md += ["## Correctness (Triton vs PyTorch)", "", R.md_table(ccols, ct), ""]
-    md += ["## Kernels", "", R.md_table(kcols, ks), ""]
+    parts = [[t["part"], t["seconds"], t["limit_s"], t["outcome"]] for t in timings]
+    md += ["## Parts", "", _report.md_table(("part", "seconds", "limit s", "outcome"), parts), ""]
+    md += ["## Targets", "", _report.md_table(("target", "measured", "verdict"), tg), ""]
+    md += ["## Correctness (Triton vs PyTorch)", "", _report.md_table(ccols, ct), ""]
+    md += ["## Kernels", "", _report.md_table(kcols, ks), ""]
     s0 = next((r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"), {})
     md += [f"## End-to-end pre-training ({s0.get('preset', '?')} config, batch {s0.get('batch', '?')}, "
-           f"{s0.get('precision', '?')}, median of {s0.get('steps', '?')} steps)", "", R.md_table(E2E_COLS, et), "",
+           f"{s0.get('precision', '?')}, median of {s0.get('steps', '?')} steps)", "",
+           _report.md_table(E2E_COLS, et), "",
            "MFU meas. = TFLOP/s over the bf16 matmul rate measured in this run; MFU sheet = over the datasheet peak "
            "(lxmert_fast/flops.py); FLOPs per sample: lxmert_fast.flops (what ours computes; the same count for "
            "transformers' model, which computes more).", ""]
@@ -185,16 +186,16 @@ def main(argv=None) -> int:
     for line in env_lines(env, rows):
         print(line)
     print("\ncorrectness (Triton vs PyTorch; err/bound <= 1 passes)")
-    print(R.format_table(ccols, ct))
+    print(_report.format_table(ccols, ct))
     if ks:
         print("\nkernels: ours vs the fastest peer; copy/ours = a copy of the same bytes' time over ours'")
-        print(R.format_table(kcols, ks))
+        print(_report.format_table(kcols, ks))
     print("\ntargets")
-    print(R.format_table(("target", "measured", "verdict"), tg))
+    print(_report.format_table(("target", "measured", "verdict"), tg))
     s = next((r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"), {})
     print(f"\nend-to-end pre-training: {s.get('preset', '?')} config, batch {s.get('batch', '?')}, "
           f"{s.get('precision', '?')}, median of {s.get('steps', '?')} steps, {env['hardware']}")
-    print(R.format_table(E2E_COLS, et))
+    print(_report.format_table(E2E_COLS, et))
     return 0
 
 

@@ -16,7 +16,7 @@ Parts (each writes JSON lines into DIR as it goes, so a part cut short keeps wha
            20-epoch recipe's wall time on 1 and N devices and the ratio to the 4x Titan Xp rate.
            Warm-up steps, CUDA-event (GPU) or synchronised perf_counter (CPU) timing, medians -> e2e.jsonl
   kernels  bench/bench_kernels.py (GPU; on CPU an interpreter smoke test)  -> bench_kernels.jsonl
-  data     lxmert_fast.data.bench on the demo world: conversion, loader, masking -> data.jsonl
+  data     bench/bench_data.py on the demo world: conversion, loader, masking -> data.jsonl
 Then: results.json (environment + every row), summary.md, throughput.png and kernel_speedups.png
 (when matplotlib is importable), and a table printed last.
 
@@ -30,13 +30,11 @@ step composed from the measured micro-steps (--compose-batch 256). On a shared, 
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import replace
 import os
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -53,8 +51,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import _common as C  # noqa: E402
-import _report as R  # noqa: E402
+import _common  # noqa: E402
+import _report  # noqa: E402
 
 PARTS = ("peak", "e2e", "kernels", "data")
 PART_FILES = {"peak": "peak.jsonl", "e2e": "e2e.jsonl", "kernels": "bench_kernels.jsonl", "data": "data.jsonl"}
@@ -142,41 +140,41 @@ def log0(rank: int):
 
 # ---------------------------------------------------------------------------------------------- parts
 def run_peak(out: Path, env: dict, quick: bool, rank: int) -> dict:
-    row = {**env, **C.measured_matmul_peak(quick)}
+    row = {**env, **_common.measured_matmul_peak(quick)}
     if rank == 0:
         (out / PART_FILES["peak"]).unlink(missing_ok=True)
-        C.append_jsonl(out / PART_FILES["peak"], row)
+        _common.append_row(out / PART_FILES["peak"], row)
     return row
 
 
 def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, single: dict[str, float],
             notes: list[str], log) -> list[dict]:
-    import _e2e as E
+    import _e2e
 
     cuda = torch.cuda.is_available()
-    s = E.Settings(preset=a.preset, batch=a.batch, micro_batch=a.micro_batch, warmup=a.warmup, steps=a.steps,
-                   device="cuda" if cuda else "cpu", world_size=world, rank=rank,
-                   variant_timeout=a.variant_timeout, quick=a.quick, compile_mode=a.compile_mode,
-                   compile_backend=a.compile_backend, compose_batch=a.compose_batch)
+    s = _e2e.Settings(preset=a.preset, batch=a.batch, micro_batch=a.micro_batch, warmup=a.warmup, steps=a.steps,
+                      device="cuda" if cuda else "cpu", world_size=world, rank=rank,
+                      variant_timeout=a.variant_timeout, quick=a.quick, compile_mode=a.compile_mode,
+                      compile_backend=a.compile_backend, compose_batch=a.compose_batch)
     if cuda:
         s.device = f"cuda:{torch.cuda.current_device()}"
     path = out / PART_FILES["e2e"]
     only = a.ablations == "only"
     # --ablations only: add to the rows already in DIR (their peer and best backend), keep them
-    earlier = [r for r in C.read_jsonl(path) if r.get("group") == "main"] if only else []
+    earlier = [r for r in _common.read_rows(path) if r.get("group") == "main"] if only else []
     if rank == 0:
         path.unlink(missing_ok=True)
         for r in earlier:
-            C.append_jsonl(path, r)
+            _common.append_row(path, r)
     peak_tflops = peak["peak_tflops"] if peak else None
-    variants = E.main_variants()
+    variants = _e2e.main_variants()
     if getattr(a, "deepspeed_error", None):
-        variants = [E.without_deepspeed(v) if v.kind == "ours" else v for v in variants]
+        variants = [_e2e.without_deepspeed(v) if v.kind == "ours" else v for v in variants]
     if a.variants:
         wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
         known = {v.name: v for v in variants}
-        for b in E.BACKENDS:  # ablations can be asked for by name too ("ours sdpa | torch.compile")
-            known.update({v.name: replace(v, group="main") for v in E.ablation_variants(b) if v.name not in known})
+        for b in _e2e.BACKENDS:  # ablations can be asked for by name too ("ours sdpa | torch.compile")
+            known.update({v.name: replace(v, group="main") for v in _e2e.ablation_variants(b) if v.name not in known})
         unknown = [w for w in wanted if w not in known]
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; known: {list(known)}")
@@ -191,16 +189,16 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
             row["single_device_samples_per_s"] = ref
             row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
         rows.append(row)
-        E.add_ratios(rows)
+        _e2e.add_ratios(rows)
         if rank == 0:
-            C.append_jsonl(path, row)
+            _common.append_row(path, row)
 
     def measure_all(vs) -> None:
         """Each variant's row is written as soon as it is done, so a part killed by a timeout keeps every
         finished variant. Interleaved: the variants alternate step by step; else round-robin over `vs`,
         each variant's rounds merged."""
         if a.interleave:
-            for row in E.measure_interleaved(vs, s, peak_tflops, log):
+            for row in _e2e.measure_interleaved(vs, s, peak_tflops, log):
                 row = {**env, **row}
                 record(row)
                 log(f"[e2e] {row['variant']}: " + (f"{row['samples_per_s']:.4g} samples/s (median step "
@@ -215,7 +213,7 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
                 if not (done and done[-1].get("status") != "ok"):  # failed / unavailable: once is enough
                     log(f"[e2e] {v.name} ..." + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""))
                     t0 = time.perf_counter()
-                    row = {**env, **E.measure(v, s, peak_tflops, log)}
+                    row = {**env, **_e2e.measure(v, s, peak_tflops, log)}
                     row["wall_s"] = round(time.perf_counter() - t0, 1)
                     done.append(row)
                     if row["status"] == "ok":
@@ -224,7 +222,7 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
                     else:
                         log(f"[e2e] {v.name}: {row['status']}")
                 if last_round:
-                    record(E.merge_rounds(done))
+                    record(_e2e.merge_rounds(done))
 
     if not only:
         # the most important first (a part cut short by its timeout keeps them): the peer, ours, then
@@ -232,21 +230,21 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
         first = [v for v in variants if not v.compile] + [v for v in variants if v.compile]
         measure_all(first)
     if ablate:
-        best = E.best_backend(rows, cuda)
+        best = _e2e.best_backend(rows, cuda)
         log(f"[e2e] ablations against ours {best}")
-        abl = E.ablation_variants(best)
+        abl = _e2e.ablation_variants(best)
         if a.quick:
             abl = [v for v in abl if not v.compile]
             notes.append("--quick leaves out the 'torch.compile of ours' ablation (recompiles for every new count "
                          "of masked tokens: tens of seconds even at the tiny size)")
         measure_all(abl)
-    E.add_ratios(rows)
-    order = {v.name: i for i, v in enumerate(E.main_variants())}
+    _e2e.add_ratios(rows)
+    order = {v.name: i for i, v in enumerate(_e2e.main_variants())}
     rows.sort(key=lambda r: (r.get("group") != "main", order.get(r["variant"], len(order))))
     if rank == 0:  # rewrite with the final ratios
         path.unlink(missing_ok=True)
         for r in rows:
-            C.append_jsonl(path, r)
+            _common.append_row(path, r)
     if not cuda:
         notes.append(f"CPU run: batch {a.batch} per optimizer step (the recipe's 256 would take minutes per step "
                      f"here); fp32; triton / flash_attn variants are unavailable without CUDA.")
@@ -264,9 +262,9 @@ def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, s
 def scaling_reference(a, out: Path, log) -> dict[str, float]:
     """N > 1 devices: the same ours variants on one device (a child process on rank 0's device,
     same micro-batch, so the same work per device per micro-step); {variant: samples/s}."""
-    import _e2e as E
+    import _e2e
 
-    names = [v.name for v in E.main_variants() if v.kind == "ours"]
+    names = [v.name for v in _e2e.main_variants() if v.kind == "ours"]
     if a.variants:
         names = [n for n in names if n in a.variants.split(",")]
     ref_out = out / "single_device"
@@ -294,7 +292,7 @@ def scaling_reference(a, out: Path, log) -> dict[str, float]:
                        stdout=subprocess.DEVNULL if a.quick else None)
     except subprocess.TimeoutExpired:
         log("[e2e] scaling reference timed out")
-    return {r["variant"]: r.get("samples_per_s") for r in C.read_jsonl(ref_out / PART_FILES["e2e"])
+    return {r["variant"]: r.get("samples_per_s") for r in _common.read_rows(ref_out / PART_FILES["e2e"])
             if r.get("status") == "ok"}
 
 
@@ -302,7 +300,7 @@ def scaling_reference(a, out: Path, log) -> dict[str, float]:
 def collect(out: Path) -> list[dict]:
     rows = []
     for part in PARTS:
-        for r in C.read_jsonl(out / PART_FILES[part]):
+        for r in _common.read_rows(out / PART_FILES[part]):
             r.setdefault("part", part)
             rows.append(r)
     return rows
@@ -325,9 +323,9 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
         with open(notes_file, "a", encoding="utf-8") as fh:
             fh.write("".join(n + "\n" for n in notes))
     notes[:] = list(dict.fromkeys([n for n in earlier + notes if n.strip()]))
-    R.add_projections(rows, a.project_devices)
-    notes.extend(R.sanity_notes(rows))
-    pngs, why = R.plots(out, rows, env)
+    _report.add_projections(rows, a.project_devices)
+    notes.extend(_report.sanity_notes(rows))
+    pngs, why = _report.plots(out, rows, env)
     if why:
         notes.append(why)
     load = env.get("loadavg_1m"), env.get("loadavg_1m_end")
@@ -336,27 +334,27 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
         notes.append(f"load average {load[0]} at start, {load[1]} at end on {env.get('cpu_cores')} cores: other "
                      f"processes share this CPU, so the timings are noisy (ratios from the same run are firmer).")
     settings = {k: v for k, v in vars(a).items() if k not in ("local_rank", "project_devices_given", "deepspeed_error")}
-    R.write_results_json(out / "results.json", env, rows, notes, settings)
-    R.write_markdown(out / "summary.md", env, rows, notes, a.project_devices)
+    _report.write_results_json(out / "results.json", env, rows, notes, settings)
+    _report.write_markdown(out / "summary.md", env, rows, notes, a.project_devices)
     for n in notes:
         print(f"note: {n}")
     print(f"\nrows: {out / 'results.json'}; summary: {out / 'summary.md'}"
           + (f"; plots: {', '.join(pngs)}" if pngs else ""))
-    ks = R.kernel_summary(rows)
+    ks = _report.kernel_summary(rows)
     if ks:
         kind = next((r.get("measurement") for r in rows if r.get("part") == "kernels"), "")
         print(f"\nkernels ({kind}): ours vs the fastest peer")
-        print(R.format_table(("op", "mode", "shape", "dtype", "dropout", "ours ms", "fastest peer", "peer ms",
-                              "speed-up"), ks))
-    ds = R.data_summary(rows)
+        print(_report.format_table(("op", "mode", "shape", "dtype", "dropout", "ours ms", "fastest peer", "peer ms",
+                                    "speed-up"), ks))
+    ds = _report.data_summary(rows)
     if ds:
         print("\ndata pipeline")
-        print(R.format_table(("what", "figure", "details"), ds))
-        head = R.loader_headroom(rows)
+        print(_report.format_table(("what", "figure", "details"), ds))
+        head = _report.loader_headroom(rows)
         if head:
             print(head)
-    tg = R.targets(rows, env)
-    e2e = R.e2e_table_rows(rows, a.project_devices)
+    tg = _report.targets(rows, env)
+    e2e = _report.e2e_table_rows(rows, a.project_devices)
     if e2e:
         s = next(r for r in rows if r.get("part") == "e2e")
         peak = next((r for r in rows if r.get("part") == "peak"), None)
@@ -365,8 +363,8 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
               f"{str(env.get('commit'))[:12]}" + (f"; peak {peak['peak_tflops']:.4g} TFLOP/s measured" if peak else ""))
         if tg:
             print("targets: " + "; ".join(f"{t}: {m} ({v})" for t, m, v in tg))
-        print(f"baseline {BASELINE()}; recipe days for N = {a.project_devices}: {R.e2e_basis(rows)}")
-        print(R.format_table(R.e2e_cols(rows), e2e))
+        print(f"baseline {BASELINE()}; recipe days for N = {a.project_devices}: {_report.e2e_basis(rows)}")
+        print(_report.format_table(_report.e2e_cols(rows), e2e))
     else:
         print("\nend-to-end pre-training: no rows in " + str(out / PART_FILES["e2e"])
               + ("" if "e2e" not in a.parts else " (the part failed or was cut short: see its log)"))
@@ -374,8 +372,8 @@ def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
 
 
 def BASELINE() -> str:  # noqa: N802
-    return (f"{C.BASELINE_NAME} = {C.BASELINE_SAMPLES_PER_S} samples/s, "
-            f"{C.RECIPE_SAMPLES / C.BASELINE_SAMPLES_PER_S / 86400:.1f} days for the recipe")
+    return (f"{_common.BASELINE_NAME} = {_common.BASELINE_SAMPLES_PER_S} samples/s, "
+            f"{_common.RECIPE_SAMPLES / _common.BASELINE_SAMPLES_PER_S / 86400:.1f} days for the recipe")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -402,11 +400,11 @@ def main(argv=None) -> int:
     single: dict[str, float] = {}
     a.deepspeed_error = None
     if not a.report_only and "e2e" in parts:
-        import _e2e as E
+        import _e2e
 
         # DeepSpeed only for the variants that use it: without it (the GPU machine without the carried
         # wheels) the peer and ours still run, ours in the peer's plain loop with torch's fused AdamW
-        a.deepspeed_error = E.deepspeed_import_error()
+        a.deepspeed_error = _e2e.deepspeed_import_error()
         if a.deepspeed_error is None:
             from lxmert_fast.train.process import start_process
 
@@ -424,7 +422,7 @@ def main(argv=None) -> int:
                          f"have 'unavailable' rows")
     if a.threads:
         torch.set_num_threads(a.threads)  # after DeepSpeed's initialisation, which may set its own
-    env = C.environment(world)
+    env = _common.environment(world)
     if not a.report_only:
         log(f"lxmert-fast benchmark: {env['hardware']} x {world}, torch {env['torch']}, commit {env['commit'][:12]}, "
             f"load {env['loadavg_1m']}; parts {','.join(parts)}; out {out}")
@@ -444,8 +442,8 @@ def main(argv=None) -> int:
                 batches = [int(b) for b in a.kernel_batches.split(",")] if a.kernel_batches else None
                 run_kernels(out, a.quick, env, log, batches=batches, use_compile=not a.kernel_no_compile)
             except Exception as err:  # noqa: BLE001
-                notes.append(f"kernels part failed: {C.short_error(err)}")
-                log(f"[kernels] failed: {C.short_error(err)}")
+                notes.append(f"kernels part failed: {_common.short_error(err)}")
+                log(f"[kernels] failed: {_common.short_error(err)}")
         if "data" in parts:
             log("[data] ...")
             try:
@@ -453,8 +451,8 @@ def main(argv=None) -> int:
 
                 run_data(out, a.quick, env, a.data_workers, log=log)
             except Exception as err:  # noqa: BLE001
-                notes.append(f"data part failed: {C.short_error(err)}")
-                log(f"[data] failed: {C.short_error(err)}")
+                notes.append(f"data part failed: {_common.short_error(err)}")
+                log(f"[data] failed: {_common.short_error(err)}")
     env["loadavg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     env["suite_wall_s"] = round(time.perf_counter() - t_start, 1)
     report(a, out, env, notes)

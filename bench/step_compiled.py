@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import transformers  # noqa: E402
 
-from bench.step_vs_hf import append_json_row, git_commit, parse_step_args, pretraining_batch  # noqa: E402
-from lxmert_fast import LxmertConfig, LxmertForPreTraining  # noqa: E402
-from lxmert_fast.model.convert import hf_to_ours, load_state_into  # noqa: E402
+from bench._common import append_row, git_commit  # noqa: E402
+from bench.step_vs_hf import parse_step_args, peer_and_ours, pretraining_batch  # noqa: E402
+from lxmert_fast import LxmertForPreTraining  # noqa: E402
 from lxmert_fast.model.rows import RowBudget  # noqa: E402
 
 # ops that only make a new view of a tensor (no kernel on a GPU)
@@ -103,12 +103,7 @@ def timed_step(forward, model, optimizer, batch, **kwargs) -> float:
 
 
 def run(batch: int = 16, preset: str = "base", repeats: int = 5, backend: str = "sdpa") -> dict:
-    torch.manual_seed(0)
-    config = LxmertConfig.preset(preset, attention_backend=backend)
-    hf = transformers.LxmertForPreTraining(
-        transformers.LxmertConfig(**{k: getattr(config, k) for k in config.hf_field_names()})).train()
-    eager = LxmertForPreTraining(config).train()
-    load_state_into(eager, hf_to_ours(hf.state_dict(), config), "hf")
+    config, hf, eager = peer_and_ours(preset, backend)
     comp = LxmertForPreTraining(config).train()
     comp.load_state_dict(eager.state_dict())
     data = pretraining_batch(config, batch)
@@ -152,7 +147,8 @@ def run(batch: int = 16, preset: str = "base", repeats: int = 5, backend: str = 
 def main() -> None:
     args = parse_step_args(__doc__, batch=16, repeats=5)
     row = run(args.batch, args.preset, args.repeats, args.backend)
-    append_json_row(args.json, row)
+    if args.json:
+        append_row(args.json, row)
     print(json.dumps(row["dispatcher"], indent=1))
     print(f"compile (first forward + backward): {row['compile_s']:.0f} s")
     print(f"{'variant':<16}{'step (s)':>10}{'samples/s':>11}")
@@ -160,7 +156,7 @@ def main() -> None:
         print(f"{name:<16}{s:>10.3f}{row['samples_per_s'][name]:>11.2f}")
     print(f"compiled / eager {row['compiled_vs_eager']:.3f}x, compiled / transformers "
           f"{row['compiled_vs_transformers']:.3f}x, eager / transformers {row['eager_vs_transformers']:.3f}x "
-          f"[{args.preset}, batch {args.batch}, {args.backend}, {row['threads']} threads, commit {row['commit']}]")
+          f"[{args.preset}, batch {args.batch}, {args.backend}, {row['threads']} threads, commit {row['commit'][:12]}]")
 
 
 if __name__ == "__main__":

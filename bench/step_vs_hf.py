@@ -11,11 +11,9 @@ a warm-up, and the medians are compared. Prints both times and the ratio HF / ou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -25,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import transformers  # noqa: E402
 
+from bench._common import append_row, git_commit  # noqa: E402
 from lxmert_fast import LxmertConfig, LxmertForPreTraining  # noqa: E402
 from lxmert_fast.model.convert import hf_to_ours, load_state_into  # noqa: E402
 
@@ -63,15 +62,9 @@ def step(model, batch) -> float:
     return time.perf_counter() - start
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def run(batch: int = 32, preset: str = "base", repeats: int = 7, backend: str = "sdpa") -> dict:
+def peer_and_ours(preset: str, backend: str):
+    """(our config, transformers' LxmertForPreTraining, ours), both in train mode with the same weights
+    (the peer's random initialisation, seed 0, converted into ours)."""
     torch.manual_seed(0)
     config = LxmertConfig.preset(preset, attention_backend=backend)
     hf = transformers.LxmertForPreTraining(
@@ -79,6 +72,11 @@ def run(batch: int = 32, preset: str = "base", repeats: int = 7, backend: str = 
     ).train()
     ours = LxmertForPreTraining(config).train()
     load_state_into(ours, hf_to_ours(hf.state_dict(), config), "hf")
+    return config, hf, ours
+
+
+def run(batch: int = 32, preset: str = "base", repeats: int = 7, backend: str = "sdpa") -> dict:
+    config, hf, ours = peer_and_ours(preset, backend)
     data = pretraining_batch(config, batch)
     for _ in range(2):  # warm-up
         step(ours, data), step(hf, data)
@@ -107,21 +105,16 @@ def parse_step_args(doc: str, batch: int, repeats: int) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def append_json_row(path, row: dict) -> None:
-    if path:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-
 def main() -> None:
     args = parse_step_args(__doc__, batch=32, repeats=7)
     row = run(args.batch, args.preset, args.repeats, args.backend)
-    append_json_row(args.json, row)
+    if args.json:
+        append_row(args.json, row)
     print(f"{'model':<14}{'step (s)':>10}{'samples/s':>11}")
     print(f"{'transformers':<14}{row['hf_s']:>10.3f}{row['hf_samples_per_s']:>11.1f}")
     print(f"{'lxmert-fast':<14}{row['ours_s']:>10.3f}{row['ours_samples_per_s']:>11.1f}")
     print(f"speed-up (HF / ours): {row['speedup']:.3f}x  [{args.preset}, batch {args.batch}, {args.backend}, "
-          f"{row['threads']} threads, commit {row['commit']}]")
+          f"{row['threads']} threads, commit {row['commit'][:12]}]")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tests.helpers import child_env
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-import _gpu_plan as P  # noqa: E402
+import _gpu_plan  # noqa: E402
 
 E2E_FIGURE_FIELDS = ("samples_per_s", "step_s", "step_s_all", "tflops_per_device", "mfu", "model_flops_per_sample",
                      "peak_tflops_measured", "ratio_to_peer", "setup", "precision", "batch")
@@ -121,7 +121,7 @@ def test_every_planned_row_is_a_figure_or_says_why(dry_full):
     rows = _rows(out)
     keys = {r.get("key") for r in rows}
     for part in ("env", "correctness", "kernels", "e2e"):
-        missing = set(P.expected_keys(part, dry=True)) - keys
+        missing = set(_gpu_plan.expected_keys(part, dry=True)) - keys
         assert not missing, f"{part}: no row for {sorted(missing)}"
         assert f"timing:{part}" in keys
     for r in rows:
@@ -137,7 +137,7 @@ def test_correctness_checks_pass_in_the_interpreter(dry_full):
     import lxmert_kernels
 
     checks = {r["check"]: r for r in _rows(out) if r.get("part") == "correctness"}
-    assert set(checks) == {c for cs in P.CORRECTNESS.values() for c in cs}
+    assert set(checks) == {c for cs in _gpu_plan.CORRECTNESS.values() for c in cs}
     for name, r in checks.items():
         if name.startswith("flash_attention_qkv") and not hasattr(lxmert_kernels, "flash_attention_qkv"):
             assert r["status"] == "no figure (unavailable): this lxmert_kernels has no flash_attention_qkv"
@@ -149,7 +149,7 @@ def test_correctness_checks_pass_in_the_interpreter(dry_full):
 def test_kernel_rows_stream_per_implementation(dry_full):
     out, _, _ = dry_full
     rows = [r for r in _rows(out) if r.get("part") == "kernels"]
-    for key in P.kernel_groups(dry=True):
+    for key in _gpu_plan.kernel_groups(dry=True):
         impls = {r["impl"] for r in rows if r["key"] == key}
         assert any(i.startswith("ours") for i in impls) and len(impls) >= 2, (key, impls)
     ln = [r for r in rows if r["op"] == "layer_norm+residual"]
@@ -160,7 +160,7 @@ def test_kernel_rows_stream_per_implementation(dry_full):
 def test_e2e_rows_carry_figures_with_deepspeed(dry_full):
     out, stdout, _ = dry_full
     by = {r["variant"]: r for r in _rows(out) if r.get("part") == "e2e"}
-    assert set(by) == {v["key"] for v in P.E2E_VARIANTS}
+    assert set(by) == {v["key"] for v in _gpu_plan.E2E_VARIANTS}
     for name, r in by.items():
         assert r["status"] == "ok", f"{name}: {r['status']}"
         for f in E2E_FIGURE_FIELDS:
@@ -179,12 +179,12 @@ def test_e2e_rows_carry_figures_with_deepspeed(dry_full):
 def test_part_times_then_the_table_last(dry_full):
     _, stdout, _ = dry_full
     assert "parts (seconds, limit, outcome):" in stdout
-    for part in P.PARTS:
+    for part in _gpu_plan.PARTS:
         assert f"\n  {part} " in stdout, part
     tail = stdout.strip().splitlines()
     header = max(i for i, line in enumerate(tail) if line.startswith("variant ") and "samples/s" in line)
     body = tail[header + 2:]
-    names = [v["key"] for v in P.E2E_VARIANTS]
+    names = [v["key"] for v in _gpu_plan.E2E_VARIANTS]
     assert len(body) == len(names) and all(line.startswith(n + " ") for line, n in zip(body, names)), body
 
 
@@ -194,7 +194,7 @@ def test_without_deepspeed_the_peer_and_ours_still_measure(dry_no_deepspeed):
     versions = next(r for r in rows if r["key"] == "env:versions")
     assert versions["deepspeed_importable"] is False and "test shim" in versions["deepspeed_error"]
     by = {r["variant"]: r for r in rows if r.get("part") == "e2e"}
-    assert set(by) == {v["key"] for v in P.E2E_VARIANTS}
+    assert set(by) == {v["key"] for v in _gpu_plan.E2E_VARIANTS}
     for name in ("hf", "ours", "hf+compile", "ours sdpa", "ours+compile default", "ours+compile reduce-overhead",
                  "ours+compile max-autotune"):
         assert by[name]["status"] == "ok" and by[name]["samples_per_s"] > 0, (name, by[name]["status"])
@@ -212,7 +212,7 @@ def test_timeouts_name_the_phase(runs):
     assert wall < 60, f"{wall:.0f} s"
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     e2e = {r["variant"]: r for r in rows if r.get("part") == "e2e"}
-    assert set(e2e) == {v["key"] for v in P.E2E_VARIANTS}
+    assert set(e2e) == {v["key"] for v in _gpu_plan.E2E_VARIANTS}
     timeouts = [r for r in e2e.values() if r.get("no_figure") == "timeout"]
     assert timeouts, [r["status"] for r in e2e.values()]
     for r in timeouts:
@@ -223,22 +223,23 @@ def test_timeouts_name_the_phase(runs):
 
 def test_worst_case_part_limits_fit_the_budget():
     """Every part at its full limit plus the kill grace, after the slowest install: inside 360 s."""
-    import gpu_check as G
+    import gpu_check
 
     class A:
-        out, work, dry, parts, budget = "/tmp/unused-gpu-check", "/tmp/unused-gpu-check-work", False, ",".join(P.PARTS), 0
+        out, work, dry, budget = "/tmp/unused-gpu-check", "/tmp/unused-gpu-check-work", False, 0
+        parts = ",".join(_gpu_plan.PARTS)
 
-    c = G.Check.__new__(G.Check)
-    c.a, c.dry, c.budget, c.caps, c.parts = A, False, P.BUDGET_S, P.CAPS, list(P.PARTS)
-    clock = [P.INSTALL_LIMIT_S + 3]
+    c = gpu_check.Check.__new__(gpu_check.Check)
+    c.a, c.dry, c.budget, c.caps, c.parts = A, False, _gpu_plan.BUDGET_S, _gpu_plan.CAPS, list(_gpu_plan.PARTS)
+    clock = [_gpu_plan.INSTALL_LIMIT_S + 3]
     c.elapsed = lambda: clock[0]
     limits = {}
-    for part in P.PARTS:
+    for part in _gpu_plan.PARTS:
         limits[part] = c.limit_for(part)
-        clock[0] += limits[part] + P.GRACE_S
-    assert clock[0] <= P.BUDGET_S, (clock[0], limits)
-    for part in P.PARTS:
-        assert limits[part] >= P.RESERVE[part], (part, limits)
+        clock[0] += limits[part] + _gpu_plan.GRACE_S
+    assert clock[0] <= _gpu_plan.BUDGET_S, (clock[0], limits)
+    for part in _gpu_plan.PARTS:
+        assert limits[part] >= _gpu_plan.RESERVE[part], (part, limits)
 
 
 def test_correctness_comparison_catches_a_wrong_kernel():
@@ -246,20 +247,20 @@ def test_correctness_comparison_catches_a_wrong_kernel():
     bf16 error fails, a NaN fails, one within it passes."""
     import torch
 
-    import gpu_correctness as GC
+    import gpu_correctness
 
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(64, 64, generator=g, dtype=torch.float64)
     torch_bf16 = ref.to(torch.bfloat16)  # PyTorch's own bf16 result: rounding error only
-    ok = GC.Compare(torch.bfloat16, "attention")
+    ok = gpu_correctness.Compare(torch.bfloat16, "attention")
     ok.add("out", torch_bf16, ref, torch_bf16)
     assert ok.verdict()[0] == "ok"
-    bad = GC.Compare(torch.bfloat16, "attention")
+    bad = gpu_correctness.Compare(torch.bfloat16, "attention")
     bad.add("out", (ref + 0.1).to(torch.bfloat16), ref, torch_bf16)
     assert bad.verdict()[0].startswith("mismatch: out error")
-    nan = GC.Compare(torch.float32, "elementwise")
+    nan = gpu_correctness.Compare(torch.float32, "elementwise")
     nan.add("dx", torch.full((4,), float("nan")), torch.zeros(4, dtype=torch.float64))
     assert "non-finite" in nan.verdict()[0]
-    masked = GC.Compare(torch.float32, "attention")
+    masked = gpu_correctness.Compare(torch.float32, "attention")
     masked.require(False, "the fully masked row's output is not exactly 0")
     assert masked.verdict()[0] == "mismatch: the fully masked row's output is not exactly 0"

@@ -88,11 +88,11 @@ def test_quick_summary_plots_and_table_last(quick_run):
 
 
 def test_projection_arithmetic():
-    import _report as R
+    import _report
 
     rows = [{"part": "e2e", "status": "ok", "samples_per_s": 198.5, "samples_per_s_per_device": 198.5,
              "devices": 1}]
-    R.add_projections(rows, 4)
+    _report.add_projections(rows, 4)
     r = rows[0]
     assert r["recipe_samples"] == 670_000 * 256
     assert r["recipe_days_1dev"] == pytest.approx(670_000 * 256 / 198.5 / 86400)

@@ -16,7 +16,7 @@ import transformers
 
 from lxmert_fast import CheckpointError, LxmertConfig, LxmertForPreTraining
 from lxmert_fast import task_checkpoints as ckpts
-from lxmert_fast.model import task_heads as H
+from lxmert_fast.model import task_heads
 from lxmert_fast.model.convert import hf_state_dict
 from tests.helpers import hf_config, no_dropout, random_batch
 from tests.test_finetune_helpers import demo_pretraining, demo_world, finetune_run
@@ -33,20 +33,20 @@ def test_vqa_loss_is_bce_on_soft_scores_times_the_number_of_answers():
     target = torch.tensor([[0.0, 1.0, 0.3], [0.9, 0.0, 0.0]])
     x, z = logits, target
     per = torch.clamp(x, min=0) - x * z + torch.log1p(torch.exp(-x.abs()))   # BCE with logits, elementwise
-    assert H.vqa_loss(logits, target).item() == pytest.approx(per.mean().item() * 3, rel=1e-6)
+    assert task_heads.vqa_loss(logits, target).item() == pytest.approx(per.mean().item() * 3, rel=1e-6)
 
 
 def test_cross_entropy_ignores_examples_without_a_label():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, -5.0]])
     label = torch.tensor([0, -100, 1])
     expect = (torch.nn.functional.cross_entropy(logits[[0, 2]], label[[0, 2]])).item()
-    assert H.ce_loss(logits, label).item() == pytest.approx(expect, rel=1e-6)
-    assert H.ce_loss(logits, torch.full((3,), -100)).item() == 0.0
+    assert task_heads.ce_loss(logits, label).item() == pytest.approx(expect, rel=1e-6)
+    assert task_heads.ce_loss(logits, torch.full((3,), -100)).item() == 0.0
 
 
 def test_nlvr2_head_concatenates_the_pooled_outputs_of_both_images():
     torch.manual_seed(3)
-    model = H.LxmertForNLVR2(TINY).eval()
+    model = task_heads.LxmertForNLVR2(TINY).eval()
     b = random_batch(TINY, batch=2, tokens=6, objects=5)
     feats = torch.randn(2, 2, 5, TINY.visual_feat_dim)
     pos = torch.rand(2, 2, 5, 4)
@@ -89,7 +89,7 @@ def _check_encoder(model, hf_state, prefix="lxmert."):
 
 def _load_vqa(path, **kw):
     ckpt = ckpts.read_task_checkpoint(path, config=kw.pop("config", None))
-    model = H.build_task_model("vqa", ckpt.config, len(TASK_ANSWERS))
+    model = task_heads.build_task_model("vqa", ckpt.config, len(TASK_ANSWERS))
     fresh = {k: v.clone() for k, v in model.answer_head.state_dict().items()}
     answers, where = ckpts.find_head_answers(ckpt, load_answers=kw.pop("load_answers", None), data_root=kw.pop("data_root", None))
     info = ckpts.load_task_weights("vqa", model, ckpt, task_answers=TASK_ANSWERS, head_answers=answers,
@@ -131,7 +131,7 @@ def test_a_table_with_raw_and_normalised_forms_gives_the_normalised_row_as_the_o
     from lxmert_fast.task_checkpoints import copy_answer_head
 
     table = ["two", "2", "the dog", "kite"]     # "the dog" normalises to "dog", which the table lacks
-    model = H.build_task_model("vqa", TINY, 3)
+    model = task_heads.build_task_model("vqa", TINY, 3)
     hid = TINY.hidden_size
     torch.manual_seed(3)
     src = {f"logit_fc.{i}.{p}": torch.randn(*shape) for i, shapes in
@@ -192,12 +192,12 @@ def test_original_finetuned_best_pth_for_vqa_and_nlvr2(tmp_path):
     _, model, _, info = _load_vqa(str(tmp_path / "BEST.pth"))
     assert info["copied"] == len(TASK_ANSWERS)
     _check_encoder(model, qa.state_dict())
-    nlvr = H.LxmertForNLVR2(TINY)
+    nlvr = task_heads.LxmertForNLVR2(TINY)
     sd = {("lxrt_encoder.model.bert." + k[len("lxmert."):]
            if k.startswith("lxmert.") else k): v for k, v in hf_state_dict(nlvr).items()}
     torch.save(sd, tmp_path / "NLVR2_BEST.pth")
     ckpt = ckpts.read_task_checkpoint(str(tmp_path / "NLVR2_BEST.pth"))
-    fresh = H.LxmertForNLVR2(ckpt.config)
+    fresh = task_heads.LxmertForNLVR2(ckpt.config)
     ckpts.load_task_weights("nlvr2", fresh, ckpt, task_answers=None, log=lambda m: None)
     for (k, a), b in zip(nlvr.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
@@ -208,7 +208,7 @@ def test_our_save_pretrained_and_bad_checkpoints(tmp_path):
     ours = LxmertForPreTraining(TINY)
     ours.save_pretrained(tmp_path / "ours")
     ckpt = ckpts.read_task_checkpoint(str(tmp_path / "ours"))
-    model = H.build_task_model("nlvr2", ckpt.config)
+    model = task_heads.build_task_model("nlvr2", ckpt.config)
     ckpts.load_task_weights("nlvr2", model, ckpt, task_answers=None, log=lambda m: None)
     for k, v in ours.lxmert.state_dict().items():
         assert torch.equal(model.lxmert.state_dict()[k], v), k

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lxmert_fast.data import tasks as T
+from lxmert_fast.data import tasks
 from lxmert_fast.data.formats import DataFormatError
 from lxmert_fast.data.tokenization import load_tokenizer
 from tests.test_finetune_helpers import demo_world
@@ -27,22 +27,22 @@ def test_vqa_soft_score_overall_and_per_answer_type():
     }
     preds = {1: "3", 2: "red", 3: "no", 4: "no", 5: "yes"}
     types = {1: "number", 2: "other", 3: "yes/no", 4: "yes/no", 5: "yes/no"}
-    res = T.vqa_evaluate(preds, gold, types)
+    res = tasks.vqa_evaluate(preds, gold, types)
     assert res["count"] == 4
     assert res["score"] == pytest.approx((0.3 + 0.9 + 0.0 + 0.3) / 4)
     assert res["per_type"] == pytest.approx({"number": 0.3, "other": 0.9, "yes/no": 0.15})
     assert res["per_type_count"] == {"number": 1, "other": 1, "yes/no": 2}
-    assert T.vqa_score("cat", {"dog": 1.0}) == 0.0
+    assert tasks.vqa_score("cat", {"dog": 1.0}) == 0.0
     with pytest.raises(ValueError, match="no prediction"):
-        T.vqa_evaluate({1: "2"}, gold, types)
+        tasks.vqa_evaluate({1: "2"}, gold, types)
 
 
 def test_gqa_accuracy_counts_the_top_answer():
     gold = {"a": {"bike": 1.0}, "b": {"dog": 1.0}, "c": {"left": 1.0}, "d": {"tree": 0.4, "bush": 1.0}}
     preds = {"a": "bike", "b": "cat", "c": "left", "d": "tree"}
-    res = T.gqa_evaluate(preds, gold)
+    res = tasks.gqa_evaluate(preds, gold)
     assert res == {"accuracy": pytest.approx(2 / 4), "count": 4}
-    assert T.gold_answer({"tree": 0.4, "bush": 1.0}) == "bush"
+    assert tasks.gold_answer({"tree": 0.4, "bush": 1.0}) == "bush"
 
 
 def test_nlvr2_accuracy_and_consistency_groups_by_sentence():
@@ -57,40 +57,40 @@ def test_nlvr2_accuracy_and_consistency_groups_by_sentence():
         "dev-10-0-0": 0, "dev-10-1-0": 1,                    # one wrong -> inconsistent
         "dev-11-3-2": "True",                                # string predictions as the CSV has them
     }
-    res = T.nlvr2_evaluate(preds, gold)
+    res = tasks.nlvr2_evaluate(preds, gold)
     assert res["count"] == 6 and res["groups"] == 3
     assert res["accuracy"] == pytest.approx(5 / 6)
     assert res["consistency"] == pytest.approx(2 / 3)
-    assert T.nlvr2_group("test1-123-2-0") == "test1-123--0"
-    assert T.nlvr2_evaluate({"x-1-0-0": "False"}, {"x-1-0-0": "false"})["accuracy"] == 1.0
+    assert tasks.nlvr2_group("test1-123-2-0") == "test1-123--0"
+    assert tasks.nlvr2_evaluate({"x-1-0-0": "False"}, {"x-1-0-0": "false"})["accuracy"] == 1.0
 
 
 def test_majority_baseline_predicts_the_most_frequent_training_answer():
-    ex = lambda labels: T.TaskExamples("vqa", ["s"], list(range(len(labels))), ["q"] * len(labels),  # noqa: E731
-                                       [("i",)] * len(labels), [("f",)] * len(labels), labels, [None] * len(labels))
+    ex = lambda labels: tasks.TaskExamples("vqa", ["s"], list(range(len(labels))), ["q"] * len(labels),  # noqa: E731
+                                           [("i",)] * len(labels), [("f",)] * len(labels), labels, [None] * len(labels))
     train = ex([{"no": 1.0}, {"no": 0.9, "yes": 0.3}, {"yes": 1.0}, {"2": 1.0}])
     valid = ex([{"no": 1.0}, {"yes": 1.0}, {"no": 0.3, "yes": 0.9}])
-    preds = T.majority_predictions("vqa", train, valid)
+    preds = tasks.majority_predictions("vqa", train, valid)
     assert set(preds.values()) == {"no"}
-    assert T.evaluate("vqa", preds, valid)["score"] == pytest.approx((1.0 + 0.0 + 0.3) / 3)
+    assert tasks.evaluate("vqa", preds, valid)["score"] == pytest.approx((1.0 + 0.0 + 0.3) / 3)
 
 
 # ---------------------------------------------------------------------------------------------- prediction files
 def test_prediction_files_have_the_official_formats(tmp_path):
-    vqa = T.write_predictions("vqa", str(tmp_path / "test_predict.json"), {262148000: "yes", 262148001: "2"})
+    vqa = tasks.write_predictions("vqa", str(tmp_path / "test_predict.json"), {262148000: "yes", 262148001: "2"})
     rows = json.loads(open(vqa).read())
     assert rows == [{"question_id": 262148000, "answer": "yes"}, {"question_id": 262148001, "answer": "2"}]
     assert isinstance(rows[0]["question_id"], int)
 
-    gqa = T.write_predictions("gqa", str(tmp_path / "submit_predict.json"), {"201307251": "no", "20a": "bike"})
+    gqa = tasks.write_predictions("gqa", str(tmp_path / "submit_predict.json"), {"201307251": "no", "20a": "bike"})
     assert json.loads(open(gqa).read()) == [{"questionId": "201307251", "prediction": "no"},
                                              {"questionId": "20a", "prediction": "bike"}]
 
-    nlvr = T.write_predictions("nlvr2", str(tmp_path / "test_predict.csv"), {"test1-0-1-0": 1, "test1-0-1-1": 0})
+    nlvr = tasks.write_predictions("nlvr2", str(tmp_path / "test_predict.csv"), {"test1-0-1-0": 1, "test1-0-1-1": 0})
     assert open(nlvr).read() == "test1-0-1-0,True\ntest1-0-1-1,False\n"  # identifier,prediction; no header
-    assert T.read_predictions("nlvr2", nlvr) == {"test1-0-1-0": "True", "test1-0-1-1": "False"}
-    assert T.prediction_file_name("nlvr2", "test") == "test_predict.csv"
-    assert T.prediction_file_name("vqa", "minival") == "minival_predict.json"
+    assert tasks.read_predictions("nlvr2", nlvr) == {"test1-0-1-0": "True", "test1-0-1-1": "False"}
+    assert tasks.prediction_file_name("nlvr2", "test") == "test_predict.csv"
+    assert tasks.prediction_file_name("vqa", "minival") == "minival_predict.json"
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -106,10 +106,10 @@ def tok(world):
 
 
 def _ds(world, tok, task, splits, store_root, **kw):
-    spec = T.task_spec(task)
-    answers = T.TaskAnswers.load(os.path.join(world, task)) if spec.kind == "qa" else None
-    return T.build_task_dataset(spec, world, splits, tokenizer=tok, answers=answers, store_root=store_root,
-                                log=None, **kw)
+    spec = tasks.task_spec(task)
+    answers = tasks.TaskAnswers.load(os.path.join(world, task)) if spec.kind == "qa" else None
+    return tasks.build_task_dataset(spec, world, splits, tokenizer=tok, answers=answers, store_root=store_root,
+                                    log=None, **kw)
 
 
 def test_vqa_batches_carry_soft_targets_and_the_top_label(world, tok):
@@ -163,24 +163,24 @@ def test_unlabelled_test_split_has_no_targets_but_predicts(world, tok, tmp_path)
     (root / "gqa" / "testdev.json").write_text(json.dumps(recs))
     ds = _ds(str(root), tok, "gqa", "testdev", str(root / "stores"))
     assert ds.examples.labelled == 0 and (ds.label == -100).all()
-    assert T.evaluate("gqa", {r["question_id"]: "x" for r in recs}, ds.examples) == {}
+    assert tasks.evaluate("gqa", {r["question_id"]: "x" for r in recs}, ds.examples) == {}
     preds = ds.predictions_from({i: 0 for i in range(len(ds))})
     assert list(preds) == [r["question_id"] for r in recs]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
 def test_missing_answer_table_names_the_file(tmp_path):
-    with pytest.raises(T.TaskDataError, match="trainval_ans2label.json"):
-        T.TaskAnswers.load(str(tmp_path))
+    with pytest.raises(tasks.TaskDataError, match="trainval_ans2label.json"):
+        tasks.TaskAnswers.load(str(tmp_path))
 
 
 def test_answer_tables_that_disagree_are_an_error(tmp_path):
     (tmp_path / "trainval_ans2label.json").write_text(json.dumps({"yes": 0, "no": 1}))
     (tmp_path / "trainval_label2ans.json").write_text(json.dumps(["no", "yes"]))
     with pytest.raises(DataFormatError, match="trainval_label2ans.json.*does not agree"):
-        T.TaskAnswers.load(str(tmp_path))
+        tasks.TaskAnswers.load(str(tmp_path))
     (tmp_path / "trainval_label2ans.json").write_text(json.dumps(["yes", "no"]))
-    assert T.TaskAnswers.load(str(tmp_path)).label2ans == ["yes", "no"]
+    assert tasks.TaskAnswers.load(str(tmp_path)).label2ans == ["yes", "no"]
 
 
 def test_an_img_id_without_features_names_file_field_and_id(world, tok, tmp_path):
@@ -201,10 +201,10 @@ def test_an_img_id_without_features_names_file_field_and_id(world, tok, tmp_path
 
 
 def test_unknown_task_and_unknown_split_features():
-    with pytest.raises(T.TaskDataError, match="unknown task 'okvqa'"):
-        T.task_spec("okvqa")
-    with pytest.raises(T.TaskDataError, match="--features"):
-        T.feature_file(T.task_spec("vqa"), "/data", "test-dev2015")
-    assert T.feature_file(T.task_spec("vqa"), "/data", "x", {"x": "/f/x_obj36.tsv"}) == "/f/x_obj36.tsv"
-    assert T.feature_file(T.task_spec("gqa"), "/d", "submit") == "/d/vg_gqa_imgfeat/vg_gqa_obj36.tsv"
-    assert T.feature_file(T.task_spec("gqa"), "/d", "testdev") == "/d/vg_gqa_imgfeat/gqa_testdev_obj36.tsv"
+    with pytest.raises(tasks.TaskDataError, match="unknown task 'okvqa'"):
+        tasks.task_spec("okvqa")
+    with pytest.raises(tasks.TaskDataError, match="--features"):
+        tasks.feature_file(tasks.task_spec("vqa"), "/data", "test-dev2015")
+    assert tasks.feature_file(tasks.task_spec("vqa"), "/data", "x", {"x": "/f/x_obj36.tsv"}) == "/f/x_obj36.tsv"
+    assert tasks.feature_file(tasks.task_spec("gqa"), "/d", "submit") == "/d/vg_gqa_imgfeat/vg_gqa_obj36.tsv"
+    assert tasks.feature_file(tasks.task_spec("gqa"), "/d", "testdev") == "/d/vg_gqa_imgfeat/gqa_testdev_obj36.tsv"

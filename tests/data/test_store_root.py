@@ -36,7 +36,7 @@ def conversions(monkeypatch):
 def test_pretraining_then_tasks_convert_each_feature_file_once(demo_root, tmp_path, conversions):
     """Pre-training converts each of its files into its own store; its held-out split and VQA
     fine-tuning on the same store root convert nothing; GQA converts only the file it adds."""
-    from lxmert_fast.data import tasks as T
+    from lxmert_fast.data import tasks
     from lxmert_fast.data.tokenization import load_tokenizer
 
     root = str(tmp_path / "stores")
@@ -50,10 +50,10 @@ def test_pretraining_then_tasks_convert_each_feature_file_once(demo_root, tmp_pa
     tok = load_tokenizer(os.path.join(demo_root, "vocab.txt"))
 
     def task(name, splits):
-        spec = T.task_spec(name)
-        answers = T.TaskAnswers.load(os.path.join(demo_root, name))
-        return T.build_task_dataset(spec, demo_root, splits, tokenizer=tok, answers=answers, store_root=root,
-                                    require_label=True, log=None)
+        spec = tasks.task_spec(name)
+        answers = tasks.TaskAnswers.load(os.path.join(demo_root, name))
+        return tasks.build_task_dataset(spec, demo_root, splits, tokenizer=tok, answers=answers, store_root=root,
+                                        require_label=True, log=None)
 
     vqa = task("vqa", "train,nominival,minival")
     assert len(conversions) == 3                       # train2014 and val2014: pre-training's stores

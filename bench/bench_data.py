@@ -1,28 +1,40 @@
 """Data-pipeline measurements: conversion MB/s, loader samples/s, masking samples/s.
 
-``python -m lxmert_fast.data.bench [--images 2000] [--workers 2] [--batch 256] [--device cpu]``
-generates (or reuses) a demo world, converts its pre-training TSVs (one store each, under one
-store root, as the jobs keep them), then times the loader and
-the batch masking. Functions are importable by the project's benchmark suite.
+    python bench/bench_data.py [--images 2000] [--workers 2] [--batch 256] [--batches 40] [--device cpu]
+                               [--json OUT]
+
+Generates (or reuses) a demo world, converts its pre-training TSVs (one store each, under one
+store root, as the jobs keep them), then times the loader and the batch masking. bench/run.py's
+data part runs the same functions (bench/_parts.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for _p in (str(BENCH), str(REPO)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from _common import append_row, environment  # noqa: E402
+
+PRETRAIN_SPLITS = "mscoco_train,mscoco_nominival,vgnococo"
 
 
 def bench_convert(tsvs: list[str], out: str, *, workers: int | None = None,
                   fp32: bool = False) -> dict:
     """Convert each of ``tsvs`` into its own store under the store root ``out`` (replacing any
     there), as the jobs keep them; MB/s of TSV input, checksums included."""
-    from .convert import convert_tsvs
-    from .store_root import store_dir_for
+    from lxmert_fast.data.convert import convert_tsvs
+    from lxmert_fast.data.store_root import store_dir_for
     size = sum(os.path.getsize(p) for p in tsvs)
     t0 = time.perf_counter()
     images, dtype = 0, None
@@ -39,7 +51,7 @@ def bench_convert(tsvs: list[str], out: str, *, workers: int | None = None,
 def bench_loader(dataset, *, batch_size: int = 256, num_workers: int = 2, batches: int = 40,
                  warmup: int = 3) -> dict:
     """Raw (unmasked) batches per second through :func:`make_pretrain_loader`."""
-    from .pretrain_data import make_pretrain_loader
+    from lxmert_fast.data.pretrain_data import make_pretrain_loader
     ld = make_pretrain_loader(dataset, batch_size, num_workers=num_workers, seed=0)
     n = t0 = 0
     done = 0
@@ -64,7 +76,7 @@ def bench_masking(dataset, *, batch_size: int = 256, device: str = "cpu", iters:
     """Samples/s of :func:`mask_pretrain_batch` on a raw batch already on ``device``."""
     import numpy as np
     import torch
-    from .masking import mask_pretrain_batch
+    from lxmert_fast.data.masking import mask_pretrain_batch
     raw = dataset.make_batch(np.arange(batch_size) % len(dataset), np.random.default_rng(0))
     raw = {k: v.to(device) for k, v in raw.items()}
     cfg = dataset.masking_config
@@ -82,32 +94,43 @@ def bench_masking(dataset, *, batch_size: int = 256, device: str = "cpu", iters:
             "samples_per_s": batch_size * iters / dt}
 
 
+def measure(root: str, store: str, *, workers: int, batch: int, batches: int, warmup: int = 3,
+            masking=(("cpu", 20),)) -> list[dict]:
+    """The data rows of the world at ``root``: its pre-training TSVs converted into stores under
+    ``store``, the loader over them, and the masking on each ``(device, iterations)`` of ``masking``."""
+    from lxmert_fast.data.pretrain_data import build_pretrain_dataset, feature_files_for
+
+    tsvs = feature_files_for(root, PRETRAIN_SPLITS)
+    rows = [bench_convert(tsvs, store, workers=workers)]
+    ds = build_pretrain_dataset(root, store_dir=store, log=None)
+    rows.append(bench_loader(ds, batch_size=batch, num_workers=workers, batches=batches, warmup=warmup))
+    for device, iters in masking:
+        rows.append(bench_masking(ds, batch_size=batch, device=device, iters=iters))
+    return rows
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lxmert_fast.data.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="bench/bench_data.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2, help="converter and loader workers")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lxmert_fast_demo"))
-    p.add_argument("--json", default=None, help="append one JSON row per measurement here")
+    p.add_argument("--json", default=None,
+                   help="append one JSON row per measurement here (with hardware, versions and commit)")
     a = p.parse_args(argv)
-    from .demo import ensure_demo_data
-    from .pretrain_data import build_pretrain_dataset, feature_files_for
+    from lxmert_fast.data.demo import ensure_demo_data
+
     root = ensure_demo_data(a.cache, images=a.images)
-    tsvs = feature_files_for(root, "mscoco_train,mscoco_nominival,vgnococo")
     store = os.path.join(root, "bench_store")
-    rows = [bench_convert(tsvs, store, workers=a.workers)]
-    ds = build_pretrain_dataset(root, store_dir=store, log=None)
-    rows.append(bench_loader(ds, batch_size=a.batch, num_workers=a.workers, batches=a.batches))
-    rows.append(bench_masking(ds, batch_size=a.batch, device=a.device))
+    rows = measure(root, store, workers=a.workers, batch=a.batch, batches=a.batches, masking=((a.device, 20),))
     shutil.rmtree(os.path.join(store, "sentences"), ignore_errors=True)
-    meta = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if a.json:
-        with open(a.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**meta, **r}) + "\n")
+        env = environment()
+        for r in rows:
+            append_row(a.json, {**env, "part": "data", **r})
     print(f"{'what':10s} {'figure':>14s}  details")
     for r in rows:
         fig = (f"{r['mb_per_s']:.1f} MB/s" if "mb_per_s" in r else f"{r['samples_per_s']:.0f} smp/s")
