@@ -42,6 +42,15 @@ class PretrainEval:
     def _add(self, name: str, value) -> None:
         self.counts[self._ix[name]] += value if isinstance(value, Tensor) else float(value)
 
+    def _add_hits(self, name: str, scores: Tensor, target: Tensor, keep: Optional[Tensor] = None) -> None:
+        """`name`_correct += how many kept positions have argmax(scores) == target; `name`_total += how
+        many are kept (every position when `keep` is None)."""
+        hit = scores.argmax(-1) == target
+        if keep is None:
+            keep = torch.ones_like(hit)
+        self._add(f"{name}_correct", (hit & keep).sum().double())
+        self._add(f"{name}_total", keep.sum().double())
+
     @torch.no_grad()
     def update(self, batch: dict, out, obj_scores: Optional[dict[str, Tensor]] = None) -> None:
         """`out`: the model's output in eval mode (full MLM logits); `obj_scores`: the object head's outputs."""
@@ -50,30 +59,19 @@ class PretrainEval:
         self._add("batches", 1)
         labels_bl = batch.get("labels")
         if labels_bl is not None and out.prediction_logits is not None:
-            picked = labels_bl >= 0
-            pred = out.prediction_logits.argmax(-1)
-            self._add("mlm_correct", ((pred == labels_bl) & picked).sum().double())
-            self._add("mlm_total", picked.sum().double())
+            self._add_hits("mlm", out.prediction_logits, labels_bl, labels_bl >= 0)
         matched_b = batch.get("matched_label")
         if matched_b is not None and out.cross_relationship_score is not None:
-            pred = out.cross_relationship_score.argmax(-1)
-            self._add("matched_correct", (pred == matched_b).sum().double())
-            self._add("matched_total", matched_b.numel())
+            self._add_hits("matched", out.cross_relationship_score, matched_b)
         obj_labels = batch.get("obj_labels")
         if obj_scores and obj_labels is not None and "feat" in obj_labels:
-            mask_bn = obj_labels["feat"][1] > 0
+            masked_bn = obj_labels["feat"][1] > 0
             for name in ("obj", "attr"):
                 if name in obj_scores and name in obj_labels:
-                    pred = obj_scores[name].argmax(-1)
-                    target = obj_labels[name][0]
-                    self._add(f"{name}_correct", ((pred == target) & mask_bn).sum().double())
-                    self._add(f"{name}_total", mask_bn.sum().double())
+                    self._add_hits(name, obj_scores[name], obj_labels[name][0], masked_bn)
         ans_b = batch.get("ans")
         if ans_b is not None and out.question_answering_score is not None:
-            has = ans_b >= 0
-            pred = out.question_answering_score.argmax(-1)
-            self._add("qa_correct", ((pred == ans_b) & has).sum().double())
-            self._add("qa_total", has.sum().double())
+            self._add_hits("qa", out.question_answering_score, ans_b, ans_b >= 0)
 
     def result(self) -> dict[str, float]:
         counts = _all_reduce_sum(self.counts.clone()).tolist()

@@ -94,19 +94,21 @@ class LxmertQKV(nn.Module):
         return self.qkv(x_bld).view(batch, length, 3, self.num_heads, self.head_dim)
 
 
-class LxmertAttentionOutput(nn.Module):
-    """dense -> dropout -> LayerNorm(+ residual)."""
+class LxmertResidualOutput(nn.Module):
+    """dense (in_features -> hidden) -> dropout -> LayerNorm(+ residual): the output of every attention
+    (in_features = hidden; HF's LxmertAttentionOutput) and of every FFN (in_features = intermediate;
+    HF's LxmertOutput). The same parameter names as both."""
 
-    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+    def __init__(self, config: LxmertConfig, ctx: ModelContext, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
         self.dropout_p = config.hidden_dropout_prob
         self._ctx = ctx
 
-    def forward(self, hidden_bld: Tensor, residual_bld: Tensor) -> Tensor:
+    def forward(self, x_bli: Tensor, residual_bld: Tensor) -> Tensor:
         p = self.dropout_p if self.training else 0.0
-        return self._ctx.ops.residual_layer_norm(self.dense(hidden_bld), residual_bld, self.LayerNorm, p)
+        return self._ctx.ops.residual_layer_norm(self.dense(x_bli), residual_bld, self.LayerNorm, p)
 
 
 class LxmertSelfAttentionLayer(nn.Module):
@@ -115,7 +117,7 @@ class LxmertSelfAttentionLayer(nn.Module):
     def __init__(self, config: LxmertConfig, ctx: ModelContext):
         super().__init__()
         self.self = LxmertQKV(config)
-        self.output = LxmertAttentionOutput(config, ctx)
+        self.output = LxmertResidualOutput(config, ctx, config.hidden_size)
         self.attn_dropout_p = config.attention_probs_dropout_prob
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self._ctx = ctx
@@ -160,7 +162,7 @@ class LxmertCrossAttentionLayer(nn.Module):
     def __init__(self, config: LxmertConfig, ctx: ModelContext):
         super().__init__()
         self.att = LxmertQKV(config)
-        self.output = LxmertAttentionOutput(config, ctx)
+        self.output = LxmertResidualOutput(config, ctx, config.hidden_size)
         self.attn_dropout_p = config.attention_probs_dropout_prob
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self._ctx = ctx
@@ -190,21 +192,6 @@ class LxmertIntermediate(nn.Module):
         return self._ctx.ops.linear_gelu(x_bld, self.dense)
 
 
-class LxmertOutput(nn.Module):
-    """FFN down-projection -> dropout -> LayerNorm(+ residual)."""
-
-    def __init__(self, config: LxmertConfig, ctx: ModelContext):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
-        self.dropout_p = config.hidden_dropout_prob
-        self._ctx = ctx
-
-    def forward(self, inter_bli: Tensor, residual_bld: Tensor) -> Tensor:
-        p = self.dropout_p if self.training else 0.0
-        return self._ctx.ops.residual_layer_norm(self.dense(inter_bli), residual_bld, self.LayerNorm, p)
-
-
 class LxmertLayer(nn.Module):
     """A single-modality encoder layer: self-attention then FFN (post-LN)."""
 
@@ -212,7 +199,7 @@ class LxmertLayer(nn.Module):
         super().__init__()
         self.attention = LxmertSelfAttentionLayer(config, ctx)
         self.intermediate = LxmertIntermediate(config, ctx)
-        self.output = LxmertOutput(config, ctx)
+        self.output = LxmertResidualOutput(config, ctx, config.intermediate_size)
 
     def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor],
                 need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
@@ -229,9 +216,9 @@ class LxmertXLayer(nn.Module):
         self.lang_self_att = LxmertSelfAttentionLayer(config, ctx)
         self.visn_self_att = LxmertSelfAttentionLayer(config, ctx)
         self.lang_inter = LxmertIntermediate(config, ctx)
-        self.lang_output = LxmertOutput(config, ctx)
+        self.lang_output = LxmertResidualOutput(config, ctx, config.intermediate_size)
         self.visn_inter = LxmertIntermediate(config, ctx)
-        self.visn_output = LxmertOutput(config, ctx)
+        self.visn_output = LxmertResidualOutput(config, ctx, config.intermediate_size)
 
     def forward(self, lang_btd: Tensor, lang_mask_bt: Optional[Tensor], vis_bvd: Tensor,
                 vis_mask_bv: Optional[Tensor], joint_mask_bs: Optional[Tensor],
