@@ -10,7 +10,7 @@ GPU: LXMERT-base shapes (12 heads of 64, hidden 768, FFN 3072, 20 words + 36 obj
 the ops and 8 for the model) in bf16, with the kernels' heuristic launch configurations (no
 autotuning: the pass must fit its time box). Each output and gradient is compared with the same
 computation in fp32 and must stay within 2x PyTorch's own bf16 error plus a small floor
-(DESIGN.md). A fully masked row must give exact zeros. Dropout: the same seed gives the same
+(DESIGN.md; the rule and the three runs are lxmert_kernels.testing's, as in the kernel tests). A fully masked row must give exact zeros. Dropout: the same seed gives the same
 output, the kept fraction is 1 - p, and the output equals the reference under the kernel's own
 keep mask.
 
@@ -36,7 +36,6 @@ for _p in (str(BENCH), str(REPO), str(REPO / "kernels")):
 import _gpu_plan  # noqa: E402
 
 LANG, VIS, HEADS, HEAD_DIM, HIDDEN, FFN = 20, 36, 12, 64, 768, 3072
-LOWP_FLOOR = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
 FP32_TOL = {"attention": 1e-4, "elementwise": 1e-5}
 
 
@@ -61,17 +60,11 @@ class Compare:
         self.notes: list[str] = []
 
     def add(self, name, ours, ref, torch_lowp=None):
-        ours_d, ref_d = ours.detach().double(), ref.detach().double()
-        finite = bool(ours_d.isfinite().all())
-        err = (ours_d - ref_d).abs().max().item() if ours_d.numel() else 0.0
-        scale = max(1.0, ref_d.abs().max().item()) if ref_d.numel() else 1.0
-        dt = str(self.dtype)[6:]
-        if dt == "float32":
-            bound, terr = FP32_TOL[self.kind] * scale, None
-        else:
-            terr = (torch_lowp.detach().double() - ref_d).abs().max().item()
-            bound = 2.0 * terr + LOWP_FLOOR[dt] * scale
-        self.items[name] = {"err": err, "torch_err": terr, "bound": bound, "finite": finite}
+        from lxmert_kernels.testing import error_bound, max_err
+
+        bound, terr = error_bound(ref, self.dtype, FP32_TOL[self.kind], torch_lowp)
+        self.items[name] = {"err": max_err(ours, ref), "torch_err": terr, "bound": bound,
+                            "finite": bool(ours.detach().isfinite().all())}
 
     def require(self, ok: bool, what: str):
         if not ok:
@@ -85,18 +78,6 @@ class Compare:
             [f"{n} error {self.items[n]['err']:.3g} > bound {self.items[n]['bound']:.3g}"
              + ("" if self.items[n]["finite"] else " (non-finite)") for n in bad] + self.notes)
         return status, {"errors": self.items, "worst_err_over_bound": worst}
-
-
-def _leaf(t, dtype=None):
-    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
-
-
-def _run(fn, inputs, dout):
-    for t in inputs:
-        t.grad = None
-    out = fn(*inputs)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), [t.grad.detach() if t.grad is not None else None for t in inputs]
 
 
 def _ref_dtype(dry):
@@ -137,6 +118,19 @@ class Unavailable(RuntimeError):
     """The op is not in this version of lxmert_kernels (a "no figure (unavailable)" row)."""
 
 
+def _compare_packed(ours_fn, ref_fn, qkv, dout, ref_dt):
+    """(Compare of the output and of dq, dk, dv, ours' output, ours' dqkv) of an attention op on one packed
+    (B, L, 3, H, D) projection."""
+    from lxmert_kernels.testing import run_with_references
+
+    (o, (g_ours,)), (o_ref, (g_ref,)), (o_low, (g_low,)) = run_with_references(ours_fn, ref_fn, [qkv], dout, ref_dt)
+    c = Compare(qkv.dtype, "attention")
+    c.add("out", o, o_ref, o_low)
+    for i, n in enumerate(("dq", "dk", "dv")):
+        c.add(n, g_ours[:, :, i], g_ref[:, :, i], None if g_low is None else g_low[:, :, i])
+    return c, o, g_ours
+
+
 def _attention_case(lk, S: Shapes, L: int, masked: bool, dev, dtype, dropout_p=0.0, seed=1234, packed=False):
     import torch
     from lxmert_kernels.reference import attention_ref
@@ -167,27 +161,17 @@ def _attention_case(lk, S: Shapes, L: int, masked: bool, dev, dtype, dropout_p=0
     if dropout_p:
         keep = lk.attention_dropout_mask(seed, dropout_p, B, H, L, L, device=dev)
 
-    def ref_fn(qkv, compute):
+    def ref_fn(qkv, compute_dtype):
         q, k, v = qkv.unbind(2)
-        return attention_ref(q, k, v, mask, dropout_p, keep, None, compute)
+        return attention_ref(q, k, v, mask, dropout_p, keep, None, compute_dtype)
 
-    qkv_ours = _leaf(qkv32.to(dev), dtype)
-    o, (g_ours,) = _run(ours_fn, [qkv_ours], dout)
-    qkv_ref = _leaf(qkv32.to(dev).to(dtype), ref_dt)
-    o_ref, (g_ref,) = _run(lambda x: ref_fn(x, ref_dt), [qkv_ref], dout.to(ref_dt))
-    lowp = None
-    if dtype != torch.float32:
-        qkv_lp = _leaf(qkv32.to(dev), dtype)
-        lowp = _run(lambda x: ref_fn(x, None), [qkv_lp], dout.to(dtype))
-    c = Compare(dtype, "attention")
-    c.add("out", o, o_ref, lowp[0] if lowp else None)
-    for i, n in enumerate(("dq", "dk", "dv")):
-        c.add(n, g_ours[:, :, i], g_ref[:, :, i], lowp[1][0][:, :, i] if lowp else None)
+    qkv = qkv32.to(dev).to(dtype)
+    c, o, g_ours = _compare_packed(ours_fn, ref_fn, qkv, dout, ref_dt)
     if masked:
         c.require(o[0].abs().max().item() == 0.0, "the fully masked row's output is not exactly 0")
         c.require(g_ours[0, :, 0].abs().max().item() == 0.0, "the fully masked row's dq is not exactly 0")
     if dropout_p:
-        again = ours_fn(qkv_ours.detach())
+        again = ours_fn(qkv)
         c.require(torch.equal(again, o), "the same seed gave a different output")
         kept = keep.float().mean().item()
         sd = math.sqrt(dropout_p * (1 - dropout_p) / keep.numel())
@@ -216,21 +200,14 @@ def _cross_case(lk, S: Shapes, dev, dtype, dropout_p=0.0, seed=4321):
         return lk.bidirectional_cross_attention(qkv, LANG, key_padding_mask=mask, dropout_p=dropout_p,
                                                 seed=seed if dropout_p else None)
 
-    def ref_fn(qkv, compute):
-        return cross_attention_ref(qkv, LANG, mask, dropout_p, keep, None, compute)
+    def ref_fn(qkv, compute_dtype):
+        return cross_attention_ref(qkv, LANG, mask, dropout_p, keep, None, compute_dtype)
 
-    qkv_ours = _leaf(qkv32.to(dev), dtype)
-    o, (g_ours,) = _run(ours_fn, [qkv_ours], dout)
-    o_ref, (g_ref,) = _run(lambda x: ref_fn(x, ref_dt), [_leaf(qkv32.to(dev).to(dtype), ref_dt)], dout.to(ref_dt))
-    lowp = _run(lambda x: ref_fn(x, None), [_leaf(qkv32.to(dev), dtype)], dout.to(dtype)) \
-        if dtype != torch.float32 else None
-    c = Compare(dtype, "attention")
-    c.add("out", o, o_ref, lowp[0] if lowp else None)
-    for i, n in enumerate(("dq", "dk", "dv")):
-        c.add(n, g_ours[:, :, i], g_ref[:, :, i], lowp[1][0][:, :, i] if lowp else None)
+    qkv = qkv32.to(dev).to(dtype)
+    c, o, g_ours = _compare_packed(ours_fn, ref_fn, qkv, dout, ref_dt)
     c.require(o[0, LANG:].abs().max().item() == 0.0, "objects of a sentence with no kept word: output not exactly 0")
     if dropout_p:
-        c.require(torch.equal(ours_fn(qkv_ours.detach()), o), "the same seed gave a different output")
+        c.require(torch.equal(ours_fn(qkv), o), "the same seed gave a different output")
         # the kernel's keep mask covers the two cross blocks only (lang->vision, vision->lang)
         k_lv, k_vl = keep[:, :, :LANG, LANG:], keep[:, :, LANG:, :LANG]
         kept = (k_lv.float().sum() + k_vl.float().sum()).item() / (k_lv.numel() + k_vl.numel())
@@ -243,6 +220,7 @@ def _cross_case(lk, S: Shapes, dev, dtype, dropout_p=0.0, seed=4321):
 def _layer_norm_case(lk, S: Shapes, dev, dtype, dropout_p=0.0, seed=99):
     import torch
     from lxmert_kernels.reference import layer_norm_ref
+    from lxmert_kernels.testing import run_with_references
 
     g = torch.Generator().manual_seed(5)
     M, N = S.B * (LANG + VIS), S.N
@@ -252,24 +230,20 @@ def _layer_norm_case(lk, S: Shapes, dev, dtype, dropout_p=0.0, seed=99):
     keep = lk.layer_norm_dropout_mask(seed, dropout_p, (M, N), device=dev) if dropout_p else None
     ref_dt = _ref_dtype(S.dry)
 
-    def mk(dt):
-        return [_leaf(t.to(dev), dtype).detach().to(dt).requires_grad_(True) if dt is not None else _leaf(t.to(dev), dtype)
-                for t in (x32, r32, w32, b32)]
-
     def ours_fn(x, r, w, b):
         return lk.layer_norm(x, w, b, 1e-12, residual=r, dropout_p=dropout_p, seed=seed if dropout_p else None)
 
-    o, g_ours = _run(ours_fn, mk(None), dy)
-    o_ref, g_ref = _run(lambda x, r, w, b: layer_norm_ref(x, w, b, 1e-12, r, dropout_p, keep, ref_dt), mk(ref_dt),
-                        dy.to(ref_dt))
-    lowp = _run(lambda x, r, w, b: layer_norm_ref(x, w, b, 1e-12, r, dropout_p, keep, None), mk(None), dy.to(dtype)) \
-        if dtype != torch.float32 else None
+    def ref_fn(x, r, w, b, compute_dtype):
+        return layer_norm_ref(x, w, b, 1e-12, r, dropout_p, keep, compute_dtype)
+
+    inputs = [t.to(dev).to(dtype) for t in (x32, r32, w32, b32)]
+    (o, g_ours), (o_ref, g_ref), (o_low, g_low) = run_with_references(ours_fn, ref_fn, inputs, dy, ref_dt)
     c = Compare(dtype, "elementwise")
-    c.add("out", o, o_ref, lowp[0] if lowp else None)
-    for i, n in enumerate(("dx", "dresidual", "dweight", "dbias")):
-        c.add(n, g_ours[i], g_ref[i], lowp[1][i] if lowp else None)
+    c.add("out", o, o_ref, o_low)
+    for n, g_o, g_r, g_l in zip(("dx", "dresidual", "dweight", "dbias"), g_ours, g_ref, g_low):
+        c.add(n, g_o, g_r, g_l)
     if dropout_p:
-        again = ours_fn(*[t.detach() for t in mk(None)])
+        again = ours_fn(*inputs)
         c.require(torch.equal(again, o), "the same seed gave a different output")
         kept = keep.float().mean().item()
         sd = math.sqrt(dropout_p * (1 - dropout_p) / keep.numel())
@@ -280,6 +254,7 @@ def _layer_norm_case(lk, S: Shapes, dev, dtype, dropout_p=0.0, seed=99):
 def _bias_gelu_case(lk, S: Shapes, dev, dtype):
     import torch
     from lxmert_kernels.reference import bias_gelu_ref
+    from lxmert_kernels.testing import run_with_references
 
     g = torch.Generator().manual_seed(6)
     M, F = S.B * (LANG + VIS), S.F
@@ -287,17 +262,12 @@ def _bias_gelu_case(lk, S: Shapes, dev, dtype):
     dy = torch.randn(M, F, generator=g).to(dev)
     ref_dt = _ref_dtype(S.dry)
 
-    def mk(dt):
-        return [_leaf(t.to(dev), dtype).detach().to(dt).requires_grad_(True) if dt is not None else _leaf(t.to(dev), dtype)
-                for t in (x32, b32)]
-
-    o, g_ours = _run(lambda x, b: lk.bias_gelu(x, b), mk(None), dy)
-    o_ref, g_ref = _run(lambda x, b: bias_gelu_ref(x, b, ref_dt), mk(ref_dt), dy.to(ref_dt))
-    lowp = _run(lambda x, b: bias_gelu_ref(x, b, None), mk(None), dy.to(dtype)) if dtype != torch.float32 else None
+    inputs = [t.to(dev).to(dtype) for t in (x32, b32)]
+    (o, g_ours), (o_ref, g_ref), (o_low, g_low) = run_with_references(lk.bias_gelu, bias_gelu_ref, inputs, dy, ref_dt)
     c = Compare(dtype, "elementwise")
-    c.add("out", o, o_ref, lowp[0] if lowp else None)
-    c.add("dx", g_ours[0], g_ref[0], lowp[1][0] if lowp else None)
-    c.add("dbias", g_ours[1], g_ref[1], lowp[1][1] if lowp else None)
+    c.add("out", o, o_ref, o_low)
+    for n, g_o, g_r, g_l in zip(("dx", "dbias"), g_ours, g_ref, g_low):
+        c.add(n, g_o, g_r, g_l)
     return c, f"M{M} N{F}"
 
 

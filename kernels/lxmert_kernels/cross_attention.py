@@ -8,15 +8,14 @@ direction, so one forward launch (and one launch per backward phase) covers both
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional, Tuple
 
 import torch
 
 from . import _attention_core as core
-from ._common import as_seed_tensor, check_device, check_dropout, check_dtype, seed_tensor
-from .flash_attention import _check_mask, _check_packed
+from ._common import as_seed_tensor, check_device
+from .flash_attention import _check_packed, _checked_settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,17 +118,13 @@ def bidirectional_cross_attention(qkv, n_lang, key_padding_mask=None, dropout_p=
     Runs as the custom ops ``lxmert_kernels::cross_attention_fwd`` / ``cross_attention_bwd``.
     """
     _check_packed("bidirectional_cross_attention", qkv)
-    B, L, _, H, D = qkv.shape
+    B, L = qkv.shape[:2]
     n_lang = operator.index(n_lang)
     if not 0 <= n_lang <= L:
         raise ValueError(f"lxmert_kernels.bidirectional_cross_attention: n_lang must be in [0, {L}], got {n_lang}")
-    check_device(core.INTERPRETED, qkv, key_padding_mask)
-    _check_mask(key_padding_mask, B, L, qkv.device)
-    dropout_p = check_dropout(dropout_p)
-    seed_t = seed_tensor(seed, dropout_p, qkv.device)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(D)
-    out, _ = cross_attention_fwd(qkv, n_lang, key_padding_mask, seed_t, dropout_p, float(softmax_scale))
+    dropout_p, seed_t, softmax_scale = _checked_settings((qkv,), key_padding_mask, B, L, dropout_p, softmax_scale,
+                                                         seed)
+    out, _ = cross_attention_fwd(qkv, n_lang, key_padding_mask, seed_t, dropout_p, softmax_scale)
     return out
 
 

@@ -43,6 +43,20 @@ def _check_packed(fn_name: str, qkv) -> None:
     _check_head_dim(qkv.shape[4])
 
 
+def _checked_settings(tensors, key_padding_mask, B: int, LK: int, dropout_p, softmax_scale, seed):
+    """What every attention entry point checks and defaults after its shapes: the device of
+    ``tensors`` and the mask, the mask's (B, LK) shape, dropout_p. Returns (dropout_p, the seed
+    tensor or None, softmax_scale: 1/sqrt(D) by default, D the head dim of ``tensors[0]``)."""
+    device = tensors[0].device
+    check_device(core.INTERPRETED, *tensors, key_padding_mask)
+    _check_mask(key_padding_mask, B, LK, device)
+    dropout_p = check_dropout(dropout_p)
+    seed_t = seed_tensor(seed, dropout_p, device)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(tensors[0].shape[-1])
+    return dropout_p, seed_t, float(softmax_scale)
+
+
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -161,14 +175,9 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
     the checks here read shapes and dtypes only, so ``torch.compile(fullgraph=True)`` traces it.
     """
     _check_qkv(q, k, v)
-    B, _, _, D = q.shape
-    check_device(core.INTERPRETED, q, k, v, key_padding_mask)
-    _check_mask(key_padding_mask, B, k.shape[1], q.device)
-    dropout_p = check_dropout(dropout_p)
-    seed_t = seed_tensor(seed, dropout_p, q.device)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(D)
-    out, _ = flash_attention_fwd(q, k, v, key_padding_mask, seed_t, dropout_p, float(softmax_scale))
+    dropout_p, seed_t, softmax_scale = _checked_settings((q, k, v), key_padding_mask, q.shape[0], k.shape[1],
+                                                         dropout_p, softmax_scale, seed)
+    out, _ = flash_attention_fwd(q, k, v, key_padding_mask, seed_t, dropout_p, softmax_scale)
     return out
 
 
@@ -247,14 +256,10 @@ def flash_attention_qkv(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale
     Runs as the custom ops ``lxmert_kernels::flash_attention_qkv_fwd`` / ``flash_attention_qkv_bwd``.
     """
     _check_packed("flash_attention_qkv", qkv)
-    B, L, _, H, D = qkv.shape
-    check_device(core.INTERPRETED, qkv, key_padding_mask)
-    _check_mask(key_padding_mask, B, L, qkv.device)
-    dropout_p = check_dropout(dropout_p)
-    seed_t = seed_tensor(seed, dropout_p, qkv.device)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(D)
-    out, _ = flash_attention_qkv_fwd(qkv, key_padding_mask, seed_t, dropout_p, float(softmax_scale))
+    B, L = qkv.shape[:2]
+    dropout_p, seed_t, softmax_scale = _checked_settings((qkv,), key_padding_mask, B, L, dropout_p, softmax_scale,
+                                                         seed)
+    out, _ = flash_attention_qkv_fwd(qkv, key_padding_mask, seed_t, dropout_p, softmax_scale)
     return out
 
 

@@ -1,24 +1,22 @@
-"""Shared test utilities: device, dtypes, tolerances (DESIGN.md conventions)."""
+"""Shared test utilities: device, dtypes, the agreement rule (lxmert_kernels.testing, DESIGN.md)."""
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
+
+from lxmert_kernels import testing
+from lxmert_kernels.testing import error_bound, grads_of, leaf, max_err
 
 ON_GPU = os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 # oracle precision: fp64 on CPU (cheap), fp32 on GPU
 REF_DTYPE = torch.float32 if ON_GPU else torch.float64
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
-LOWP_FLOOR = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def scale_of(ref: torch.Tensor) -> float:
-    return max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+__all__ = ["ON_GPU", "DEVICE", "REF_DTYPE", "F32", "F16", "BF16", "check", "dtype_params", "grads_of", "leaf",
+           "random_padding_mask", "run_with_references"]
 
 
 def check(name, ours, ref, torch_lowp=None, fp32_tol=1e-4):
@@ -27,27 +25,26 @@ def check(name, ours, ref, torch_lowp=None, fp32_tol=1e-4):
     assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
     err = max_err(ours, ref)
-    scale = scale_of(ref)
-    if ours.dtype == torch.float32:
-        assert err <= fp32_tol * scale, f"{name}: fp32 error {err:.3g} > {fp32_tol * scale:.3g}"
+    bound, err_torch = error_bound(ref, ours.dtype, fp32_tol, torch_lowp)
+    if err_torch is None:
+        assert err <= bound, f"{name}: fp32 error {err:.3g} > {bound:.3g}"
     else:
-        assert torch_lowp is not None
-        err_torch = max_err(torch_lowp, ref)
-        bound = 2.0 * err_torch + LOWP_FLOOR[ours.dtype] * scale
         assert err <= bound, f"{name}: {ours.dtype} error {err:.3g} > 2 x torch {err_torch:.3g} + floor"
 
 
-def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
-    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+def dtype_params(cases, case_id):
+    """pytest params of ``cases``, each a tuple whose last item is the dtype it runs in on CPU: on a
+    GPU every case runs in fp32, fp16 and bf16. ``case_id(*case_without_dtype)`` names a case."""
+    params = []
+    for *case, cpu_dtype in cases:
+        for dtype in ((F32, F16, BF16) if ON_GPU else (cpu_dtype,)):
+            params.append(pytest.param(*case, dtype, id=f"{case_id(*case)}-{str(dtype)[6:]}"))
+    return params
 
 
-def grads_of(fn, inputs, dout):
-    """Run fn(*inputs) (inputs are leaves), backprop dout, return (out, [grads])."""
-    for t in inputs:
-        t.grad = None
-    out = fn(*inputs)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), [t.grad for t in inputs]
+def run_with_references(ours_fn, ref_fn, inputs, dout):
+    """lxmert_kernels.testing.run_with_references against the REF_DTYPE reference: (ours, ref, low)."""
+    return testing.run_with_references(ours_fn, ref_fn, inputs, dout, REF_DTYPE)
 
 
 def random_padding_mask(B: int, L: int, gen: torch.Generator, fully_masked_rows=(), min_len=1):

@@ -8,9 +8,7 @@ import lxmert_kernels as lk
 from lxmert_kernels import _attention_core as core
 from lxmert_kernels.reference import cross_attention_ref
 
-from _helpers import DEVICE, ON_GPU, REF_DTYPE, check, grads_of, leaf
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+from _helpers import BF16, DEVICE, F16, F32, REF_DTYPE, check, dtype_params, grads_of, leaf, run_with_references
 
 # (B, n_lang, n_vis, D, mask mode, dtype on CPU); on GPU each case runs in all three dtypes.
 # "lang_pad": random language lengths (vision unmasked, as in LXMERT);
@@ -22,14 +20,6 @@ CASES = [
     (3, 7, 33, 64, "dir_full", F16),
     (2, 20, 36, 32, "lang_pad", BF16),
 ]
-
-
-def _params():
-    out = []
-    for B, nl, nv, D, mode, dt in CASES:
-        for d in ((F32, F16, BF16) if ON_GPU else (dt,)):
-            out.append(pytest.param(B, nl, nv, D, mode, d, id=f"B{B}-{nl}+{nv}-D{D}-{mode}-{str(d)[6:]}"))
-    return out
 
 
 def make_inputs(B, nl, nv, H, D, mode, seed=0):
@@ -48,19 +38,17 @@ def make_inputs(B, nl, nv, H, D, mode, seed=0):
     return qkv, dout, mask
 
 
-@pytest.mark.parametrize("B,nl,nv,D,mode,dtype", _params())
+@pytest.mark.parametrize("B,nl,nv,D,mode,dtype",
+                         dtype_params(CASES, lambda B, nl, nv, D, mode: f"B{B}-{nl}+{nv}-D{D}-{mode}"))
 def test_matches_reference(B, nl, nv, D, mode, dtype):
     H = 2
     qkv, dout, mask = make_inputs(B, nl, nv, H, D, mode)
     qkv = qkv.to(DEVICE, dtype)
     dout = dout.to(DEVICE)
-    ours, (g,) = grads_of(lambda x: lk.bidirectional_cross_attention(x, nl, mask), [leaf(qkv)], dout)
+    (ours, (g,)), (ref, (rg,)), (low, (lg,)) = run_with_references(
+        lambda x: lk.bidirectional_cross_attention(x, nl, mask),
+        lambda x, compute_dtype: cross_attention_ref(x, nl, mask, compute_dtype=compute_dtype), [qkv], dout)
     assert ours.shape == (B, nl + nv, H, D) and ours.dtype == dtype and g.shape == qkv.shape
-    ref, (rg,) = grads_of(lambda x: cross_attention_ref(x, nl, mask, compute_dtype=REF_DTYPE),
-                          [leaf(qkv, REF_DTYPE)], dout)
-    low, lg = None, None
-    if dtype != F32:
-        low, (lg,) = grads_of(lambda x: cross_attention_ref(x, nl, mask, compute_dtype=None), [leaf(qkv)], dout)
     check("out", ours, ref, low)
     for i, name in enumerate(("dq", "dk", "dv")):
         check(name, g[:, :, i], rg[:, :, i], None if lg is None else lg[:, :, i])

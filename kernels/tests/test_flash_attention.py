@@ -8,9 +8,8 @@ import lxmert_kernels as lk
 from lxmert_kernels import _attention_core as core
 from lxmert_kernels.reference import attention_ref, cross_attention_ref
 
-from _helpers import DEVICE, ON_GPU, REF_DTYPE, check, grads_of, leaf, random_padding_mask
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+from _helpers import (BF16, DEVICE, F16, F32, ON_GPU, REF_DTYPE, check, dtype_params, grads_of, leaf,
+                      random_padding_mask, run_with_references)
 
 # (B, Lq, Lk, D, mask mode, dtype on CPU). On GPU every case also runs in all three dtypes.
 # mask modes: "none", "pad" (random lengths), "full" (random lengths + one fully masked batch row)
@@ -28,15 +27,6 @@ CASES = [
     (1, 5, 9, 128, "pad", F32),  # largest supported head dim
 ]
 
-
-def _params():
-    out = []
-    for case in CASES:
-        dtypes = (F32, F16, BF16) if ON_GPU else (case[-1],)
-        for dt in dtypes:
-            B, Lq, Lk, D, mode, _ = case
-            out.append(pytest.param(B, Lq, Lk, D, mode, dt, id=f"B{B}-{Lq}x{Lk}-D{D}-{mode}-{str(dt)[6:]}"))
-    return out
 
 
 def make_inputs(B, Lq, Lk, H, D, mode, seed=0):
@@ -56,21 +46,18 @@ def compare_attention(B, Lq, Lk, H, D, mode, dtype, seed=0):
     q, k, v, dout, mask = make_inputs(B, Lq, Lk, H, D, mode, seed)
     x_lp = [t.to(DEVICE, dtype) for t in (q, k, v)]
     dout = dout.to(DEVICE)
-    ours, ours_g = grads_of(lambda a, b, c: lk.flash_attention(a, b, c, mask), [leaf(t) for t in x_lp], dout)
+    (ours, ours_g), (ref, ref_g), (low, low_g) = run_with_references(
+        lambda a, b, c: lk.flash_attention(a, b, c, mask),
+        lambda a, b, c, compute_dtype: attention_ref(a, b, c, mask, compute_dtype=compute_dtype), x_lp, dout)
     assert ours.dtype == dtype and ours.is_contiguous()
-    ref, ref_g = grads_of(lambda a, b, c: attention_ref(a, b, c, mask, compute_dtype=REF_DTYPE),
-                          [leaf(t, REF_DTYPE) for t in x_lp], dout)
-    low, low_g = (None, [None] * 3)
-    if dtype != torch.float32:
-        low, low_g = grads_of(lambda a, b, c: attention_ref(a, b, c, mask, compute_dtype=None),
-                              [leaf(t) for t in x_lp], dout)
     check("out", ours, ref, low)
     for name, g, r, lo in zip(("dq", "dk", "dv"), ours_g, ref_g, low_g):
         check(name, g, r, lo)
     return ours, ours_g, mask
 
 
-@pytest.mark.parametrize("B,Lq,Lk,D,mode,dtype", _params())
+@pytest.mark.parametrize("B,Lq,Lk,D,mode,dtype",
+                         dtype_params(CASES, lambda B, Lq, Lk, D, mode: f"B{B}-{Lq}x{Lk}-D{D}-{mode}"))
 def test_matches_reference(B, Lq, Lk, D, mode, dtype):
     ours, (dq, dk, dv), mask = compare_attention(B, Lq, Lk, 2, D, mode, dtype)
     if mode == "full" and B > 1:  # batch row 1 has no key at all: zeros, zero grads, no NaN

@@ -7,9 +7,7 @@ import torch
 import lxmert_kernels as lk
 from lxmert_kernels.reference import bias_gelu_ref
 
-from _helpers import DEVICE, ON_GPU, REF_DTYPE, check, grads_of, leaf
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+from _helpers import BF16, DEVICE, F16, F32, REF_DTYPE, check, dtype_params, leaf, run_with_references
 
 CASES = [
     ((3, 7, 48), F32),
@@ -20,27 +18,14 @@ CASES = [
 ]
 
 
-def _params():
-    out = []
-    for shape, dt in CASES:
-        for d in ((F32, F16, BF16) if ON_GPU else (dt,)):
-            out.append(pytest.param(shape, d, id=f"{'x'.join(map(str, shape))}-{str(d)[6:]}"))
-    return out
-
-
-@pytest.mark.parametrize("shape,dtype", _params())
+@pytest.mark.parametrize("shape,dtype", dtype_params(CASES, lambda shape: "x".join(map(str, shape))))
 def test_matches_reference(shape, dtype):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 2).to(DEVICE, dtype)
     b = torch.randn(shape[-1], generator=gen).to(DEVICE, dtype)
     dy = torch.randn(shape, generator=gen).to(DEVICE)
-    ours, og = grads_of(lk.bias_gelu, [leaf(x), leaf(b)], dy)
+    (ours, og), (ref, rg), (low, lg) = run_with_references(lk.bias_gelu, bias_gelu_ref, [x, b], dy)
     assert ours.dtype == dtype and ours.shape == x.shape
-    ref, rg = grads_of(lambda x_, b_: bias_gelu_ref(x_, b_, compute_dtype=REF_DTYPE),
-                       [leaf(x, REF_DTYPE), leaf(b, REF_DTYPE)], dy)
-    low, lg = None, [None, None]
-    if dtype != F32:
-        low, lg = grads_of(lambda x_, b_: bias_gelu_ref(x_, b_, compute_dtype=None), [leaf(x), leaf(b)], dy)
     check("y", ours, ref, low, fp32_tol=1e-5)
     check("dx", og[0], rg[0], lg[0], fp32_tol=1e-5)
     check("dbias", og[1], rg[1], lg[1], fp32_tol=1e-5)

@@ -7,9 +7,7 @@ import torch
 import lxmert_kernels as lk
 from lxmert_kernels.reference import layer_norm_ref
 
-from _helpers import DEVICE, ON_GPU, REF_DTYPE, check, grads_of, leaf
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+from _helpers import BF16, DEVICE, F16, F32, REF_DTYPE, check, dtype_params, grads_of, leaf, run_with_references
 
 # (shape of x, residual?, dtype on CPU); on GPU every case runs in all three dtypes
 CASES = [
@@ -23,14 +21,6 @@ CASES = [
 ]
 
 
-def _params():
-    out = []
-    for shape, res, dt in CASES:
-        for d in ((F32, F16, BF16) if ON_GPU else (dt,)):
-            out.append(pytest.param(shape, res, d, id=f"{'x'.join(map(str, shape))}-res{int(res)}-{str(d)[6:]}"))
-    return out
-
-
 def make_inputs(shape, residual, seed=0):
     gen = torch.Generator().manual_seed(seed)
     N = shape[-1]
@@ -42,30 +32,17 @@ def make_inputs(shape, residual, seed=0):
     return x, r, w, b, dy
 
 
-def run(fn, tensors, dy):
-    """grads_of for (x, residual-or-None, w, b)."""
-    x, r, w, b = tensors
-    leaves = [t for t in (x, r, w, b) if t is not None]
-    if r is None:
-        out, g = grads_of(lambda x_, w_, b_: fn(x_, None, w_, b_), leaves, dy)
-        return out, [g[0], None, g[1], g[2]]
-    return grads_of(fn, leaves, dy)
-
-
-@pytest.mark.parametrize("shape,residual,dtype", _params())
+@pytest.mark.parametrize("shape,residual,dtype",
+                         dtype_params(CASES, lambda shape, res: f"{'x'.join(map(str, shape))}-res{int(res)}"))
 def test_matches_reference(shape, residual, dtype):
     x, r, w, b, dy = make_inputs(shape, residual)
     lp = [None if t is None else t.to(DEVICE, dtype) for t in (x, r, w, b)]
     dy = dy.to(DEVICE)
-    ours, og = run(lambda x_, r_, w_, b_: lk.layer_norm(x_, w_, b_, 1e-12, r_),
-                   [None if t is None else leaf(t) for t in lp], dy)
+    (ours, og), (ref, rg), (low, lg) = run_with_references(
+        lambda x_, r_, w_, b_: lk.layer_norm(x_, w_, b_, 1e-12, r_),
+        lambda x_, r_, w_, b_, compute_dtype: layer_norm_ref(x_, w_, b_, 1e-12, r_, compute_dtype=compute_dtype),
+        lp, dy)
     assert ours.dtype == dtype and ours.shape == x.shape
-    ref, rg = run(lambda x_, r_, w_, b_: layer_norm_ref(x_, w_, b_, 1e-12, r_, compute_dtype=REF_DTYPE),
-                  [None if t is None else leaf(t, REF_DTYPE) for t in lp], dy)
-    low, lg = None, [None] * 4
-    if dtype != F32:
-        low, lg = run(lambda x_, r_, w_, b_: layer_norm_ref(x_, w_, b_, 1e-12, r_, compute_dtype=None),
-                      [None if t is None else leaf(t) for t in lp], dy)
     check("y", ours, ref, low, fp32_tol=1e-5)
     for name, g, rr, ll in zip(("dx", "dresidual", "dweight", "dbias"), og, rg, lg):
         if rr is not None:
@@ -76,10 +53,10 @@ def test_fp32_weights_with_low_precision_activations():
     """Mixed precision: bf16 activations with fp32 LayerNorm parameters."""
     x, r, w, b, dy = make_inputs((6, 100), True, seed=2)
     xs = [leaf(x.to(DEVICE, BF16)), leaf(r.to(DEVICE, BF16)), leaf(w.to(DEVICE)), leaf(b.to(DEVICE))]
-    out, g = run(lambda x_, r_, w_, b_: lk.layer_norm(x_, w_, b_, 1e-12, r_), xs, dy.to(DEVICE))
+    out, g = grads_of(lambda x_, r_, w_, b_: lk.layer_norm(x_, w_, b_, 1e-12, r_), xs, dy.to(DEVICE))
     assert out.dtype == BF16 and g[2].dtype == F32 and g[3].dtype == F32
-    ref, rg = run(lambda x_, r_, w_, b_: layer_norm_ref(x_, w_, b_, 1e-12, r_, compute_dtype=REF_DTYPE),
-                  [leaf(t, REF_DTYPE) for t in xs], dy.to(DEVICE))
+    ref, rg = grads_of(lambda x_, r_, w_, b_: layer_norm_ref(x_, w_, b_, 1e-12, r_, compute_dtype=REF_DTYPE),
+                       [leaf(t, REF_DTYPE) for t in xs], dy.to(DEVICE))
     assert (out.double() - ref.double()).abs().max() < 0.05
     assert (g[2].double() - rg[2].double()).abs().max() < 0.05
 
@@ -90,18 +67,18 @@ def test_dropout_mask_gradients_and_determinism():
     ts = [t.to(DEVICE) for t in (x, r, w, b)]
     dy = dy.to(DEVICE)
     f = lambda x_, r_, w_, b_: lk.layer_norm(x_, w_, b_, 1e-12, r_, dropout_p=p, seed=seed)  # noqa: E731
-    ours, og = run(f, [leaf(t) for t in ts], dy)
+    ours, og = grads_of(f, [leaf(t) for t in ts], dy)
     keep = lk.layer_norm_dropout_mask(seed, p, shape, device=DEVICE)
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
-    ref, rg = run(lambda x_, r_, w_, b_: layer_norm_ref(x_, w_, b_, 1e-12, r_, p, keep, compute_dtype=REF_DTYPE),
-                  [leaf(t, REF_DTYPE) for t in ts], dy)
+    ref, rg = grads_of(lambda x_, r_, w_, b_: layer_norm_ref(x_, w_, b_, 1e-12, r_, p, keep, compute_dtype=REF_DTYPE),
+                       [leaf(t, REF_DTYPE) for t in ts], dy)
     check("y", ours, ref, fp32_tol=1e-5)
     for name, g, rr in zip(("dx", "dresidual", "dweight", "dbias"), og, rg):
         check(name, g, rr, fp32_tol=1e-5)
     # dropped elements of x get exactly zero gradient
     assert torch.all(og[0][~keep] == 0)
-    again, ag = run(f, [leaf(t) for t in ts], dy)
+    again, ag = grads_of(f, [leaf(t) for t in ts], dy)
     assert torch.equal(ours, again) and all(torch.equal(a, c) for a, c in zip(og, ag))
     other = lk.layer_norm(ts[0], ts[2], ts[3], 1e-12, ts[1], dropout_p=p, seed=seed + 1)
     assert not torch.equal(ours, other)
