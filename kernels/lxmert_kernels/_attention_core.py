@@ -112,6 +112,21 @@ def _scores_log2(q, k, qk_scale, key_ok, IEEE: tl.constexpr):
     return tl.where(key_ok[None, :], s, float("-inf"))
 
 
+@triton.jit
+def _key_block(q, k_base, v_base, mask_base, start_n, k_start, k_len, stride_kn, stride_kd, stride_vn, stride_vd,
+               stride_mn, offs_d, qk_scale, HAS_MASK: tl.constexpr, COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The keys [start_n, start_n + BLOCK_N) of the key segment, for the loops over key blocks:
+    (k, v, the scores of ``q`` against them from ``_scores_log2``)."""
+    cols_local = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols_local < k_len
+    cols = k_start + cols_local
+    key_ok = _key_ok(mask_base, cols_local, k_start, k_len, stride_mn, HAS_MASK)
+    k = _load_rows(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, COMPUTE_F32)
+    v = _load_rows(v_base, cols, col_ok, stride_vn, offs_d, stride_vd, COMPUTE_F32)
+    return k, v, _scores_log2(q, k, qk_scale, key_ok, IEEE)
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -154,13 +169,8 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, k_len, BLOCK_N):
-        cols_local = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols_local < k_len
-        cols = k_start + cols_local
-        key_ok = _key_ok(mask_base, cols_local, k_start, k_len, stride_mn, HAS_MASK)
-        k = _load_rows(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, COMPUTE_F32)
-        v = _load_rows(v_base, cols, col_ok, stride_vn, offs_d, stride_vd, COMPUTE_F32)
-        s = _scores_log2(q, k, qk_scale, key_ok, IEEE)
+        k, v, s = _key_block(q, k_base, v_base, mask_base, start_n, k_start, k_len, stride_kn, stride_kd, stride_vn,
+                             stride_vd, stride_mn, offs_d, qk_scale, HAS_MASK, COMPUTE_F32, IEEE, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -319,13 +329,8 @@ def _attn_bwd_dq_kernel(
         seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, k_len, BLOCK_N):
-        cols_local = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols_local < k_len
-        cols = k_start + cols_local
-        key_ok = _key_ok(mask_base, cols_local, k_start, k_len, stride_mn, HAS_MASK)
-        k = _load_rows(k_base, cols, col_ok, stride_kn, offs_d, stride_kd, COMPUTE_F32)
-        v = _load_rows(v_base, cols, col_ok, stride_vn, offs_d, stride_vd, COMPUTE_F32)
-        s = _scores_log2(q, k, qk_scale, key_ok, IEEE)
+        k, v, s = _key_block(q, k_base, v_base, mask_base, start_n, k_start, k_len, stride_kn, stride_kd, stride_vn,
+                             stride_vd, stride_mn, offs_d, qk_scale, HAS_MASK, COMPUTE_F32, IEEE, BLOCK_N)
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         if HAS_DROPOUT:
@@ -428,28 +433,26 @@ def _attn_fwd_one_tile_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    if TWO_SEGMENTS:
-        if tl.program_id(1) == 0:
-            _fwd_one_tile(Q, K, V, O, LSE, MASK,
-                          stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
-                          stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
-                          stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, n_split, n_split, LK - n_split,
-                          softmax_scale, dropout_p, seed,
-                          D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
-        else:
-            _fwd_one_tile(Q, K, V, O, LSE, MASK,
-                          stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
-                          stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
-                          stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, n_split, LQ - n_split, 0, n_split,
-                          softmax_scale, dropout_p, seed,
-                          D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_K, BLOCK_Q)
+    if TWO_SEGMENTS:  # direction 0: language queries [0, n_split) over vision keys [n_split, LK)
+        direction = tl.program_id(1)
+        q_len, k_start, k_len = n_split, n_split, LK - n_split
     else:
+        direction = 0
+        q_len, k_start, k_len = LQ, 0, LK
+    if direction == 0:
         _fwd_one_tile(Q, K, V, O, LSE, MASK,
                       stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                       stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
-                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, LQ, 0, LK,
+                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, q_len, k_start, k_len,
                       softmax_scale, dropout_p, seed,
                       D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
+    else:  # direction 1: vision queries over language keys, the tiles swapped
+        _fwd_one_tile(Q, K, V, O, LSE, MASK,
+                      stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                      stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, n_split, LQ - n_split, 0, n_split,
+                      softmax_scale, dropout_p, seed,
+                      D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_K, BLOCK_Q)
 
 
 @triton.jit
@@ -537,30 +540,13 @@ def _attn_bwd_one_tile_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    if TWO_SEGMENTS:
-        if tl.program_id(1) == 0:
-            _bwd_one_tile(Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
-                          stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
-                          stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
-                          stride_dob, stride_dom, stride_doh, stride_dod,
-                          stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-                          stride_dkb, stride_dkn, stride_dkh, stride_dkd,
-                          stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-                          stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, n_split, n_split, LK - n_split,
-                          softmax_scale, dropout_p, seed,
-                          D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
-        else:
-            _bwd_one_tile(Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
-                          stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
-                          stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
-                          stride_dob, stride_dom, stride_doh, stride_dod,
-                          stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-                          stride_dkb, stride_dkn, stride_dkh, stride_dkd,
-                          stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-                          stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, n_split, LQ - n_split, 0, n_split,
-                          softmax_scale, dropout_p, seed,
-                          D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_K, BLOCK_Q)
+    if TWO_SEGMENTS:  # direction 0: language queries [0, n_split) over vision keys [n_split, LK)
+        direction = tl.program_id(1)
+        q_len, k_start, k_len = n_split, n_split, LK - n_split
     else:
+        direction = 0
+        q_len, k_start, k_len = LQ, 0, LK
+    if direction == 0:
         _bwd_one_tile(Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
                       stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                       stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
@@ -568,9 +554,20 @@ def _attn_bwd_one_tile_kernel(
                       stride_dqb, stride_dqm, stride_dqh, stride_dqd,
                       stride_dkb, stride_dkn, stride_dkh, stride_dkd,
                       stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, LQ, 0, LK,
+                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, q_len, k_start, k_len,
                       softmax_scale, dropout_p, seed,
                       D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
+    else:  # direction 1: vision queries over language keys, the tiles swapped
+        _bwd_one_tile(Q, K, V, O, DO, LSE, MASK, DQ, DK, DV,
+                      stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
+                      stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
+                      stride_dob, stride_dom, stride_doh, stride_dod,
+                      stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+                      stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+                      stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, n_split, LQ - n_split, 0, n_split,
+                      softmax_scale, dropout_p, seed,
+                      D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_K, BLOCK_Q)
 
 
 # True when these kernels run in the Triton interpreter (decided when the decorators above ran).
