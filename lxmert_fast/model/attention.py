@@ -57,6 +57,15 @@ class AttentionCall:
         return (self.device_type, self.dtype, self.head_dim, self.dropout, self.need_weights, self.auto)
 
 
+def import_optional(module: str, missing: str):
+    """(the module, None), or (None, "<missing>: <the ImportError>") when it does not import: a backend built
+    on an optional package gives that reason from `not_supported_reasons` instead of failing to construct."""
+    try:
+        return importlib.import_module(module), None
+    except ImportError as err:
+        return None, f"{missing}: {err}"
+
+
 class AttentionBackend:
     """Base class. Subclasses implement `attention` and `not_supported_reasons`."""
 

@@ -7,22 +7,16 @@ backends); without a mask, `flash_attn_func`. CUDA, fp16/bf16, head_dim <= 256 a
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from lxmert_fast.model.attention import AttentionBackend, AttentionBackendError, AttentionCall
+from lxmert_fast.model.attention import AttentionBackend, AttentionBackendError, AttentionCall, import_optional
 
 
 class FlashAttnAttention(AttentionBackend):
     name = "flash_attn"
 
     def __init__(self) -> None:
-        self._fa = None
-        try:
-            self._fa = importlib.import_module("flash_attn")
-        except ImportError as err:
-            self._import_error = f"flash-attn is not installed: {err}"
+        self._fa, self._import_error = import_optional("flash_attn", "flash-attn is not installed")
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         if self._fa is None:

@@ -111,23 +111,34 @@ class LxmertResidualOutput(nn.Module):
         return self._ctx.ops.residual_layer_norm(self.dense(x_bli), residual_bld, self.LayerNorm, p)
 
 
-class LxmertSelfAttentionLayer(nn.Module):
-    """Self-attention (`self.qkv`) + output projection + residual LayerNorm."""
+class LxmertAttentionBlock(nn.Module):
+    """What the self- and the cross-attention layers share besides their modules: the attention
+    probabilities' dropout (while training), the softmax scale 1/sqrt(head_dim) and the context."""
 
     def __init__(self, config: LxmertConfig, ctx: ModelContext):
         super().__init__()
-        self.self = LxmertQKV(config)
-        self.output = LxmertResidualOutput(config, ctx, config.hidden_size)
         self.attn_dropout_p = config.attention_probs_dropout_prob
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self._ctx = ctx
 
+    def attention_dropout(self) -> float:
+        """The dropout of this call's attention probabilities: the config's while training, else 0."""
+        return self.attn_dropout_p if self.training else 0.0
+
+
+class LxmertSelfAttentionLayer(LxmertAttentionBlock):
+    """Self-attention (`self.qkv`) + output projection + residual LayerNorm."""
+
+    def __init__(self, config: LxmertConfig, ctx: ModelContext):
+        super().__init__(config, ctx)
+        self.self = LxmertQKV(config)
+        self.output = LxmertResidualOutput(config, ctx, config.hidden_size)
+
     def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor],
                 need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         qkv_bl3hd = self.self(x_bld)
-        p = self.attn_dropout_p if self.training else 0.0
-        ctx_blhd, probs = self._ctx.dispatcher.attention_qkv(qkv_bl3hd, key_padding_mask_bl, p, self.scale,
-                                                             need_weights)
+        ctx_blhd, probs = self._ctx.dispatcher.attention_qkv(qkv_bl3hd, key_padding_mask_bl, self.attention_dropout(),
+                                                             self.scale, need_weights)
         ctx_bld = ctx_blhd.reshape(x_bld.shape)
         return self.output(ctx_bld, x_bld), probs
 
@@ -144,15 +155,14 @@ class LxmertSelfAttentionLayer(nn.Module):
         q_m1hd = qkv_bl3hd.reshape(batch * length, *qkv_bl3hd.shape[2:]).index_select(0, rows_m)[:, 0:1]  # q
         kv_ml2hd = qkv_bl3hd[:, :, 1:].index_select(0, b_m)
         mask_ml = None if key_padding_mask_bl is None else key_padding_mask_bl.index_select(0, b_m)
-        p = self.attn_dropout_p if self.training else 0.0
         ctx_m1hd, _ = self._ctx.dispatcher.attention(
-            q_m1hd, kv_ml2hd[:, :, 0], kv_ml2hd[:, :, 1], mask_ml, p, self.scale, False
+            q_m1hd, kv_ml2hd[:, :, 0], kv_ml2hd[:, :, 1], mask_ml, self.attention_dropout(), self.scale, False
         )
         x_md = x_bld.reshape(batch * length, hidden).index_select(0, rows_m)
         return self.output(ctx_m1hd.reshape(x_md.shape), x_md)
 
 
-class LxmertCrossAttentionLayer(nn.Module):
+class LxmertCrossAttentionLayer(LxmertAttentionBlock):
     """Bidirectional cross-attention with ONE set of weights (LXMERT's `visual_attention`).
 
     Both directions read the layer's inputs; one QKV projection of [lang; vision], one output
@@ -160,21 +170,17 @@ class LxmertCrossAttentionLayer(nn.Module):
     """
 
     def __init__(self, config: LxmertConfig, ctx: ModelContext):
-        super().__init__()
+        super().__init__(config, ctx)
         self.att = LxmertQKV(config)
         self.output = LxmertResidualOutput(config, ctx, config.hidden_size)
-        self.attn_dropout_p = config.attention_probs_dropout_prob
-        self.scale = 1.0 / math.sqrt(config.head_dim)
-        self._ctx = ctx
 
     def forward(self, lang_btd: Tensor, vis_bvd: Tensor, key_padding_mask_bs: Optional[Tensor],
                 need_weights: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         n_lang = lang_btd.shape[1]
         joint_bsd = torch.cat([lang_btd, vis_bvd], dim=1)
         qkv_bs3hd = self.att(joint_bsd)
-        p = self.attn_dropout_p if self.training else 0.0
         ctx_bshd, lang_probs = self._ctx.dispatcher.cross_pair(
-            qkv_bs3hd, n_lang, key_padding_mask_bs, p, self.scale, need_weights
+            qkv_bs3hd, n_lang, key_padding_mask_bs, self.attention_dropout(), self.scale, need_weights
         )
         out_bsd = self.output(ctx_bshd.reshape(joint_bsd.shape), joint_bsd)
         return out_bsd[:, :n_lang], out_bsd[:, n_lang:], lang_probs

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from lxmert_fast.model.attention import AttentionBackend, AttentionBackendError, AttentionCall
+from lxmert_fast.model.attention import AttentionBackend, AttentionBackendError, AttentionCall, import_optional
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -17,13 +17,9 @@ class TritonAttention(AttentionBackend):
     name = "triton"
 
     def __init__(self) -> None:
-        self._kernels = None
-        self._import_error = None
-        try:
-            self._kernels = importlib.import_module("lxmert_kernels")
-            self._common = importlib.import_module("lxmert_kernels._common")
-        except ImportError as err:
-            self._import_error = f"cannot import lxmert_kernels (pip install ./kernels): {err}"
+        self._kernels, self._import_error = import_optional("lxmert_kernels",
+                                                            "cannot import lxmert_kernels (pip install ./kernels)")
+        self._common = None if self._kernels is None else importlib.import_module("lxmert_kernels._common")
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         if self._kernels is None:
