@@ -17,7 +17,9 @@ result.json, ``flops_profile``), comparing like with like:
 
 So the line sets DeepSpeed's forward MACs per sample against flops.py's training figure / 6. They differ
 by what the model computed beyond the expected masked rows: the static row budget (expected count + a
-margin, `lxmert_fast.model.rows`) pads the masked-word and masked-object rows the heads decode.
+margin, `lxmert_fast.model.rows`) pads the masked-word and masked-object rows the heads decode. Under
+ZeRO-3 with ``memory_efficient_linear`` (DeepSpeed's default) the profiler counts every Linear twice: the
+line says so (``linear_counted_twice`` in the result).
 
 A compiled model (``--compile``) runs eagerly at the profiled step: the profiler counts through patched
 Python functions, which a compiled graph never calls. With activation checkpointing the recomputation
@@ -151,5 +153,20 @@ class FlopsProbe:
             res["ratio"] = macs / micro / ours
             line += (f" vs flops.py {ours / 1e9:.4g} GMAC per sample (its training {self.flops_per_sample / 1e9:.4g} "
                      f"GFLOP / 6): x{res['ratio']:.3f}")
+        if _linear_is_zero3s():
+            res["linear_counted_twice"] = True
+            line += ("; NOTE: F.linear is ZeRO-3's memory-efficient linear here, and DeepSpeed's profiler counts both "
+                     "it and the matmul inside it: every Linear twice (zero_optimization.memory_efficient_linear "
+                     "false for a comparable count)")
         self.log(line + (f"; per-module table: {out_file}" if out_file else ""))
         self.result = res
+
+
+def _linear_is_zero3s() -> bool:
+    """Whether ``torch.nn.functional.linear`` is ZeRO-3's wrapper (``deepspeed.zero.Init`` with
+    ``memory_efficient_linear``, DeepSpeed's default, installs it): it calls ``torch.addmm`` or
+    ``Tensor.matmul``, which the profiler patches too, so each Linear layer's MACs are counted twice
+    (measured: x2.02 of the same model's count under ZeRO-0/2)."""
+    import torch.nn.functional as F
+
+    return getattr(F.linear, "__module__", "") == "deepspeed.runtime.zero.linear"
