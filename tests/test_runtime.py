@@ -138,3 +138,22 @@ def test_grounding_without_held_out_data_is_an_error_not_a_silent_skip(tmp_path,
                            str(tmp_path / "run")], env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
     assert "--grounding_eval yes needs held-out data" in proc.stderr
+
+
+def test_zero3_builds_the_model_in_a_fresh_process(tmp_path):
+    """ZeRO-3 builds the model inside deepspeed.zero.Init; nothing the model does at construction (e.g. importing
+    torch._dynamo, which fails under zero.Init's patched tensor constructors) may break it in a fresh process."""
+    from lxmert_fast.train.ds_config import packaged_config
+
+    with open(packaged_config("cpu.json"), encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    cfg["zero_optimization"]["stage"] = 3
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "-m", "lxmert_fast.pretrain", "--data_root", demo_world(), "--model", "tiny",
+                           "--max_steps", "1", "--micro_batch_size", "8", "--eval_every", "0", "--eval_batches", "1",
+                           "--grounding_eval", "no", "--no_export", "--no_progress", "--num_workers", "0",
+                           "--deepspeed_config", str(ds), "--output_dir", str(tmp_path / "run")],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "ZeRO-3" in proc.stdout and "step 1/1" in proc.stdout

@@ -22,7 +22,6 @@ Three entry points:
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 from dataclasses import dataclass
@@ -257,13 +256,11 @@ def _backend_name_for(dispatcher: "AttentionDispatcher", name: str, call_key: tu
     return dispatcher._resolve_cached(AttentionCall(*call_key)).name
 
 
-@functools.cache
-def _constant_backend_name_for() -> Callable[..., str]:
-    """`_backend_name_for` marked for torch.compile as a constant of its arguments. Built on first use (a
-    dispatcher's construction), not at import: importing torch._dynamo takes seconds."""
-    import torch._dynamo
-
-    return torch._dynamo.assume_constant_result(_backend_name_for)
+# torch.compile takes this function's result as a constant of its arguments: what
+# `torch._dynamo.assume_constant_result` sets, without importing torch._dynamo here (it takes seconds, and
+# importing it inside DeepSpeed's zero.Init, where ZeRO-3 builds the model, fails). Checked by the compile
+# tests (one graph, no recompilation).
+_backend_name_for._dynamo_marked_constant = True
 
 
 class AttentionDispatcher:
@@ -273,7 +270,6 @@ class AttentionDispatcher:
     """
 
     def __init__(self, name: str = "auto"):
-        self._backend_name_for = _constant_backend_name_for()
         self._backends: dict[str, AttentionBackend] = {}
         self._resolved: dict[tuple, AttentionBackend] = {}
         self.name = "auto"
@@ -295,7 +291,7 @@ class AttentionDispatcher:
             # Resolved once while tracing, as a constant: the choice depends only on the call's static
             # properties and the configured name (which the compiled code guards on), and tracing the
             # cache would make its first fill a guard failure (a recompile on the second call).
-            return self._backends[self._backend_name_for(self, self.name, call.key())]
+            return self._backends[_backend_name_for(self, self.name, call.key())]
         return self._resolve_cached(call)
 
     def _resolve_cached(self, call: AttentionCall) -> AttentionBackend:
