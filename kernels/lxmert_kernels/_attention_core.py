@@ -28,10 +28,11 @@ Numerics: scores and softmax statistics in fp32, exp2 with ``log2(e)`` folded in
 ``-inf`` for masked keys. A query row with no kept key gets ``l == 0``: its output is 0 and its
 logsumexp is stored as ``+inf`` so that the backward recomputes ``p = 0`` for it (zero grads).
 
-Dropout: ``_dropout.attention_keep``: one Philox call per 4 keys, counter (key // 4, query row,
-b * H + h, 0), keys counted from the start of their segment, so both paths and the mask helper
-regenerate the same mask whatever their tiles; 1 / (1 - p) is applied once per output element
-in the forward. The seed is read from a device tensor (``SEED``).
+Dropout: ``_dropout.attention_keep``: one Philox call per 2 x 2 block of (query, key), counter
+(key // 2, 8 * (query // 16) + query % 8, b * H + h, stream), queries and keys counted from the
+start of their segment, stream 2 for the second segment's queries (``_stream``), so both paths
+and the mask helper regenerate the same mask whatever their tiles; 1 / (1 - p) is applied once
+per output element in the forward. The seed is read from a device tensor (``SEED``).
 """
 from __future__ import annotations
 
@@ -74,6 +75,13 @@ def _segment(pid, n_split, L_OWN, L_OTHER, TWO_SEGMENTS: tl.constexpr, BLOCK: tl
         other_len = L_OTHER + pid * 0
         blk = pid
     return own_start, own_len, other_start, other_len, blk
+
+
+@triton.jit
+def _stream(q_start):
+    """Dropout stream of a query segment (``_dropout.attention_keep``): 0 for queries starting at
+    row 0 (plain attention, cross direction 0), 2 for the second segment's queries."""
+    return (q_start > 0) * 2
 
 
 @triton.jit
@@ -177,7 +185,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = attention_keep(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            keep = attention_keep(seed, pid_bh, blk * BLOCK_M, start_n, _stream(q_start), dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied to the output
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
@@ -270,7 +278,7 @@ def _attn_bwd_dkdv_kernel(
         p = tl.exp2(s - lse2[:, None])  # softmax probabilities, before dropout
         dp = _dot(do, tl.trans(v), IEEE)  # dL/d(dropped probabilities)
         if HAS_DROPOUT:
-            keep = attention_keep(seed, pid_bh, rows, blk * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
+            keep = attention_keep(seed, pid_bh, start_m, blk * BLOCK_N, _stream(q_start), dropout_p, BLOCK_M, BLOCK_N)
             p_drop = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
@@ -334,7 +342,7 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         if HAS_DROPOUT:
-            keep = attention_keep(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            keep = attention_keep(seed, pid_bh, blk * BLOCK_M, start_n, _stream(q_start), dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
@@ -344,7 +352,7 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit(do_not_specialize=["dropout_p"])
-def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, SEED, stream, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Materialise the keep mask (B*H, LQ, LK) uint8 that the attention kernels use."""
     seed = tl.load(SEED)
     pid_bh = tl.program_id(0)
@@ -352,7 +360,7 @@ def _attn_dropout_mask_kernel(OUT, LQ, LK, dropout_p, SEED, BLOCK_M: tl.constexp
     pid_n = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = attention_keep(seed, pid_bh, rows, pid_n * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
+    keep = attention_keep(seed, pid_bh, pid_m * BLOCK_M, pid_n * BLOCK_N, stream, dropout_p, BLOCK_M, BLOCK_N)
     ok = (rows[:, None] < LQ) & (cols[None, :] < LK)
     ptrs = OUT + (pid_bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=ok)
@@ -397,7 +405,7 @@ def _fwd_one_tile(
     l = tl.sum(p, 1)
     row_scale = 1.0
     if HAS_DROPOUT:
-        keep = attention_keep(seed, pid_bh, rows, 0, dropout_p, BLOCK_Q, BLOCK_K)
+        keep = attention_keep(seed, pid_bh, 0, 0, _stream(q_start), dropout_p, BLOCK_Q, BLOCK_K)
         p = tl.where(keep, p, 0.0)
         row_scale = 1.0 / (1.0 - dropout_p)  # applied once per output element, not per score
     acc = _dot(p.to(v.dtype), v, IEEE)
@@ -498,7 +506,7 @@ def _bwd_one_tile(
     dp = _dot(do, tl.trans(v), IEEE)  # dL/d(dropped probabilities)
     if HAS_DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
-        keep = attention_keep(seed, pid_bh, rows, 0, dropout_p, BLOCK_Q, BLOCK_K)
+        keep = attention_keep(seed, pid_bh, 0, 0, _stream(q_start), dropout_p, BLOCK_Q, BLOCK_K)
         p_drop = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
@@ -783,14 +791,15 @@ def attention_backward(do_blhd, q_blhd, k_blhd, v_blhd, o_blhd, lse_bhl, key_pad
     launch_dq(_config("dq", q_blhd.device, lq_seg, lk_seg, D, q_blhd.dtype, dropout_p > 0, key, launch_dq))
 
 
-def dropout_keep_mask(seed_t, dropout_p: float, B: int, H: int, LQ: int, LK: int, device) -> torch.Tensor:
+def dropout_keep_mask(seed_t, dropout_p: float, B: int, H: int, LQ: int, LK: int, device, q_start: int = 0) -> torch.Tensor:
     """The (B, H, LQ, LK) bool keep mask the attention kernels use for this seed (int64 tensor)
-    and p, key columns counted from the start of the key segment."""
+    and p, for queries of a segment starting at global row ``q_start`` (0 for plain attention;
+    it picks the dropout stream), query rows and key columns counted from their segment's start."""
     out = torch.empty((B, H, LQ, LK), dtype=torch.uint8, device=device)
     if out.numel() == 0:
         return out.bool()
     bm = bn = 32
     _attn_dropout_mask_kernel[(B * H, triton.cdiv(LQ, bm), triton.cdiv(LK, bn))](
-        out, LQ, LK, float(dropout_p), seed_t, BLOCK_M=bm, BLOCK_N=bn,
+        out, LQ, LK, float(dropout_p), seed_t, 2 if q_start > 0 else 0, BLOCK_M=bm, BLOCK_N=bn,
     )
     return out.bool()

@@ -1,24 +1,27 @@
 """Cheap dropout masks: one Philox call per 4 elements, 32-bit thresholds, 128-bit counters.
 
 ``tl.rand`` runs a full Philox-4x32-10 per element and keeps one of its four 32-bit outputs.
-Here one Philox call serves 4 consecutive columns (as ``tl.randint4x`` does):
-
-    words r0..r3 = Philox-4x32-10(seed, counter (c0 = column // 4, c1, c2, c3))
-    column 4 c0 + 2 i + j is kept when word r[2 j + i] >= floor(2**32 p)
-
-so the keep probability is 1 - p to within 2**-32 (p as the kernel argument's fp32 value) and
+Here one Philox call serves 4 elements; an element is kept when its word is >= floor(2**32 p),
+so the keep probability is 1 - p to within 2**-32 (p as the kernel argument's fp32 value), and
 kept values are scaled by 1 / (1 - p). The counter is four 32-bit words, so no offset is ever
-multiplied into one integer that could wrap: attention uses (key // 4, query row,
-batch * heads + head, 0) with keys counted from the start of their segment; the LayerNorm
-(column // 4, row low word, row high word, 1). A mask element depends only on the seed and its
-indices, never on a tile size, so every kernel (forward, backward, the multi-launch and one-tile
-paths, the mask helpers) regenerates the same mask whatever its block sizes, provided a tile's
-first column is a multiple of 4.
+multiplied into one integer that could wrap:
 
-Measured offline for sm_90 (kernels/README.md): this costs fewer SASS instructions than one
-call per 8 or 16 elements with 16- or 8-bit thresholds, whose extra interleaving outweighs the
-Philox calls they save. ``philox4x32`` is Triton's ``tl.philox`` written with one
-32x32->64-bit multiply per product.
+* attention (``attention_keep``): counter (key // 2, 8 * (query // 16) + query % 8,
+  batch * heads + head, stream), queries and keys counted from the start of their segment;
+  one call serves queries r and r + 8 times keys c and c + 1, the four elements one thread
+  holds of an MMA accumulator, so the words need no shared-memory reshuffle to reach the score
+  tile. A tile starts at a query multiple of 16 and an even key.
+* LayerNorm (``layer_norm_keep``): counter (column // 4, row low word, row high word, 1); one call
+  serves 4 consecutive columns (as ``tl.randint4x`` does). A tile starts at a column multiple of 4.
+
+A mask element depends only on the seed and its indices, never on a tile size, so every kernel
+(forward, backward, the multi-launch and one-tile paths, the mask helpers) regenerates the same
+mask whatever its block sizes.
+
+Measured offline for sm_90 (kernels/README.md): 32-bit words cost fewer SASS instructions than
+one call per 8 or 16 elements with 16- or 8-bit thresholds, whose extra unpacking outweighs
+the Philox calls they save at these tiles. ``philox4x32`` is Triton's ``tl.philox`` written with
+one 32x32->64-bit multiply per product.
 """
 from __future__ import annotations
 
@@ -77,10 +80,36 @@ def keep_tile(seed, c1, c2, c3, col_start, dropout_p, ROWS: tl.constexpr, COLS: 
 
 
 @triton.jit
-def attention_keep(seed, bh, rows, col_start, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Attention keep mask (BLOCK_M, BLOCK_N): query rows ``rows`` (global), key columns
-    [col_start, col_start + BLOCK_N) counted inside the key segment, program ``bh`` = b * H + h."""
-    return keep_tile(seed, rows, bh.to(tl.uint32), 0, col_start, dropout_p, BLOCK_M, BLOCK_N)
+def attention_keep(seed, bh, row_start, col_start, stream, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attention keep mask (BLOCK_M, BLOCK_N) for query rows [row_start, row_start + BLOCK_M) and
+    key columns [col_start, col_start + BLOCK_N), both counted inside their segment; program
+    ``bh`` = b * H + h; ``stream`` 0 for plain attention and cross direction 0, 2 for cross
+    direction 1 (LayerNorm uses 1). row_start a multiple of 16, col_start even.
+
+    One Philox call serves a 2 x 2 block: rows r and r + 8 of a 16-row group, columns c and c + 1
+    (c even): element (row, col) takes word 2 * ((row // 8) % 2) + col % 2 of
+    Philox(seed, (col // 2, 8 * (row // 16) + row % 8, bh, stream)). These are the four elements
+    one thread holds of an MMA accumulator (rows t // 4 and t // 4 + 8, columns 2 (t % 4) and
+    + 1), so the words reach the score tile without a trip through shared memory. The mask
+    depends only on (seed, bh, stream, row, col), never on the tile sizes.
+    """
+    tl.static_assert(BLOCK_M % 16 == 0, "attention_keep: BLOCK_M must be a multiple of 16")
+    tl.static_assert(BLOCK_N % 8 == 0, "attention_keep: BLOCK_N must be a multiple of 8")
+    A: tl.constexpr = BLOCK_M // 16
+    J: tl.constexpr = BLOCK_N // 8
+    # grid (a, j, c, t): rows row_start + 16 a + 8 b + c, columns col_start + 8 j + 2 t + e
+    zero = tl.zeros([A, J, 8, 4], dtype=tl.uint32)
+    a = tl.arange(0, A)[:, None, None, None]
+    j = tl.arange(0, J)[None, :, None, None]
+    c = tl.arange(0, 8)[None, None, :, None]
+    t = tl.arange(0, 4)[None, None, None, :]
+    c0 = zero + (col_start // 2 + 4 * j + t).to(tl.uint32)
+    c1 = zero + (row_start // 2 + 8 * a + c).to(tl.uint32)
+    r0, r1, r2, r3 = philox4x32(seed, c0, c1, zero + bh.to(tl.uint32), zero + stream, 10)
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (a, j, c, t, e, b): word 2 b + e
+    u = tl.reshape(tl.permute(words, (0, 5, 2, 1, 3, 4)), (BLOCK_M, BLOCK_N))  # (a, b, c) x (j, t, e)
+    thresh = tl.cast(dropout_p * 4294967296.0, tl.uint32)  # floor(2**32 p); p < 1
+    return u >= thresh
 
 
 @triton.jit

@@ -133,9 +133,9 @@ def cross_attention_dropout_mask(seed, dropout_p: float, B: int, H: int, L: int,
     :func:`bidirectional_cross_attention` applies for ``seed`` (an int or a 1-element int64
     tensor) and the split ``n_lang``.
 
-    Only the blocks [:n_lang, n_lang:] and [n_lang:, :n_lang] are used by the op. The kernels
-    count key columns from the start of the key segment (so a mask group of 8 columns never
-    straddles the split), hence ``n_lang`` is needed to place them.
+    Only the blocks [:n_lang, n_lang:] and [n_lang:, :n_lang] are used by the op (the diagonal
+    blocks are True). The kernels count query rows and key columns from the start of their
+    segments (so a mask group never straddles the split), hence ``n_lang`` is needed to place them.
     """
     device = torch.device(device)
     check_device(core.INTERPRETED, torch.empty(0, device=device))
@@ -143,7 +143,9 @@ def cross_attention_dropout_mask(seed, dropout_p: float, B: int, H: int, L: int,
     if not 0 <= n_lang <= L:
         raise ValueError(f"lxmert_kernels.cross_attention_dropout_mask: n_lang must be in [0, {L}], got {n_lang}")
     seed_t = as_seed_tensor(seed, device)
-    keep = torch.empty((B, H, L, L), dtype=torch.bool, device=device)
-    keep[..., n_lang:] = core.dropout_keep_mask(seed_t, float(dropout_p), B, H, L, L - n_lang, device)
-    keep[..., :n_lang] = core.dropout_keep_mask(seed_t, float(dropout_p), B, H, L, n_lang, device)
+    n_vis = L - n_lang
+    keep = torch.ones((B, H, L, L), dtype=torch.bool, device=device)
+    keep[..., :n_lang, n_lang:] = core.dropout_keep_mask(seed_t, float(dropout_p), B, H, n_lang, n_vis, device)
+    keep[..., n_lang:, :n_lang] = core.dropout_keep_mask(seed_t, float(dropout_p), B, H, n_vis, n_lang, device,
+                                                         q_start=n_lang)
     return keep

@@ -171,9 +171,43 @@ def test_dropout_keep_fraction_and_independence():
         assert abs(ln_keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5, p
     a = lk.attention_dropout_mask(1, 0.5, 1, 1, 16, 64, device=DEVICE)
     assert not torch.equal(a, lk.attention_dropout_mask(2, 0.5, 1, 1, 16, 64, device=DEVICE))
-    # the four columns of one Philox call are not copies of each other
+    # the four columns of one LayerNorm Philox call are not copies of each other
+    ln = lk.layer_norm_dropout_mask(1, 0.5, (16, 64), device=DEVICE)
     for j in (1, 2, 3):
-        assert not torch.equal(a[..., 0::4], a[..., j::4])
+        assert not torch.equal(ln[..., 0::4], ln[..., j::4])
+
+
+def _agree_like_independent_coins(x, y, p):
+    """x, y bool masks of the same shape agree as often as independent Bernoulli(1 - p) draws:
+    p**2 + (1 - p)**2, within 4 sigma."""
+    expected = p ** 2 + (1 - p) ** 2
+    n = x.numel()
+    rate = (x == y).float().mean().item()
+    return abs(rate - expected) < 4 * (expected * (1 - expected) / n) ** 0.5
+
+
+def test_attention_dropout_words_of_one_philox_call_are_independent():
+    """One Philox call serves queries r, r + 8 (r % 16 < 8) x keys c, c + 1 (c even): each
+    pair of its four elements agrees as independent coins would; the cross pair's two
+    directions draw different streams (at n_lang == n_vis, with the same segment-relative
+    indices); the language direction's block is plain attention's mask."""
+    p = 0.5
+    a = lk.attention_dropout_mask(3, p, 4, 4, 64, 64, device=DEVICE)
+    top = a.view(4, 4, 4, 2, 8, 64)[:, :, :, 0]  # rows r with r % 16 < 8
+    bottom = a.view(4, 4, 4, 2, 8, 64)[:, :, :, 1]  # rows r + 8
+    assert _agree_like_independent_coins(a[..., 0::2], a[..., 1::2], p)
+    assert _agree_like_independent_coins(top, bottom, p)
+    assert _agree_like_independent_coins(top[..., 0::2], bottom[..., 1::2], p)
+    # neighbouring calls (keys c and c + 2, rows r and r + 1) are independent too
+    assert _agree_like_independent_coins(a[..., 0::4], a[..., 2::4], p)
+    assert _agree_like_independent_coins(a[:, :, 0::2], a[:, :, 1::2], p)
+
+    n = 32
+    cross = lk.cross_attention_dropout_mask(3, p, 4, 4, 2 * n, device=DEVICE, n_lang=n)
+    lang_to_vis, vis_to_lang = cross[..., :n, n:], cross[..., n:, :n]
+    assert _agree_like_independent_coins(lang_to_vis, vis_to_lang, p)
+    assert torch.equal(lang_to_vis, lk.attention_dropout_mask(3, p, 4, 4, n, n, device=DEVICE))
+    assert cross[..., :n, :n].all() and cross[..., n:, n:].all()
 
 
 # ----------------------------------------------------------------------------------------------
