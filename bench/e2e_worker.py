@@ -9,8 +9,9 @@ warms it up (the first step compiles), frees the allocator's cache and waits for
 events, median), and appends its row to ROWS at once. A failure is a row too: status "no figure (error): ..."
 with the reason, the traceback in this process's log.
 
-GPU: the base config, batch 256 in one micro-batch, bf16, 3 warm-up + 10 timed steps. Dry run
-(CPU): the tiny preset, batch 4, dynamo only (torch.compile backend "eager"), 1 + 2 steps.
+GPU: the base config, batch 256 (or the variant's "batch") in one micro-batch, bf16, 3 warm-up + 10
+timed steps. Dry run (CPU): the tiny preset, batch 4 (2 for a variant with its own batch), dynamo only
+(torch.compile backend "eager"), 1 + 2 steps.
 """
 from __future__ import annotations
 
@@ -111,6 +112,11 @@ def run(spec: dict, rows: str | None, quiet: str | None, peak_tflops: float | No
     if cuda and dry:
         raise SystemExit("e2e_worker: --dry runs on CPU (gpu_check.py hides the GPU in a dry run)")
     sizes = DRY if (dry or not cuda) else GPU
+    if spec.get("batch"):  # a variant with its own batch, in one micro-batch
+        from _gpu_plan import DRY_VARIANT_BATCH
+
+        b = spec["batch"] if sizes is GPU else DRY_VARIANT_BATCH
+        sizes = {**sizes, "batch": b, "micro_batch": b}
     s = _e2e.Settings(**sizes, device="cuda" if cuda else "cpu", quick=dry,
                       compile_backend="inductor" if cuda else "eager")
     if cuda:

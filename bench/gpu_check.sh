@@ -21,7 +21,9 @@
 #                eager and + torch.compile, ours eager and compiled
 #                (default, reduce-overhead, max-autotune) in the same
 #                plain loop, ours under DeepSpeed eager and compiled,
-#                ours sdpa; TFLOP/s and MFU each                          expected ~150-220 s (the rest)
+#                ours sdpa; then ours at batch 32 (one GPU's share of
+#                256 on 8) eager, default, reduce-overhead; TFLOP/s and
+#                MFU each                                                 expected ~150-220 s (the rest)
 #   report       results.json, summary.md, the two plots, the tables     expected  ~10 s  (limit 20 s)
 # The e2e workers build and compile in the background from the start of the correctness part; they are
 # stopped while the kernels are timed, and each times its steps with every other worker stopped.

@@ -51,10 +51,10 @@ def environment(rows: list[dict]) -> dict:
 def add_e2e_ratios(rows: list[dict]) -> None:
     ok = {r["variant"]: r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"}
     hf, hfc = ok.get("hf"), ok.get("hf+compile")
-    for r in ok.values():
-        if hf:
+    for r in ok.values():  # against the peer at the same batch only (the peers run the part's batch)
+        if hf and r.get("batch") == hf.get("batch"):
             r["ratio_to_peer"] = r["samples_per_s"] / hf["samples_per_s"]
-        if hfc:
+        if hfc and r.get("batch") == hfc.get("batch"):
             r["ratio_to_compiled_peer"] = r["samples_per_s"] / hfc["samples_per_s"]
 
 
@@ -81,7 +81,8 @@ def targets(rows: list[dict], env: dict) -> list[list[str]]:
     """The project's GPU targets against the best of ours in this run."""
     if env.get("dry_run") or env.get("device_kind") != "cuda":
         return [["GPU targets (one H200)", "dry run / no GPU: nothing measured", "UNMEASURED"]]
-    ours = [r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok" and r.get("kind") != "hf"]
+    ours = [r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok" and r.get("kind") != "hf"
+            and not _gpu_plan.own_batch(r.get("variant"))]  # the targets are stated at the part's batch (256)
     out = []
     if "H200" not in str(env.get("hardware")):
         out.append(["the targets are stated for one H200", str(env.get("hardware")), "n/a"])
@@ -170,9 +171,10 @@ def main(argv=None) -> int:
     md += ["## Targets", "", _report.md_table(("target", "measured", "verdict"), tg), ""]
     md += ["## Correctness (Triton vs PyTorch)", "", _report.md_table(ccols, ct), ""]
     md += ["## Kernels", "", _report.md_table(kcols, ks), ""]
-    s0 = next((r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"), {})
+    s0 = next((r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"
+               and not _gpu_plan.own_batch(r.get("variant"))), {})
     md += [f"## End-to-end pre-training ({s0.get('preset', '?')} config, batch {s0.get('batch', '?')}, "
-           f"{s0.get('precision', '?')}, median of {s0.get('steps', '?')} steps)", "",
+           f"{s0.get('precision', '?')}, median of {s0.get('steps', '?')} steps; a variant named 'batch N' runs N)", "",
            _report.md_table(E2E_COLS, et), "",
            "MFU meas. = TFLOP/s over the bf16 matmul rate measured in this run; MFU sheet = over the datasheet peak "
            "(lxmert_fast/flops.py); FLOPs per sample: lxmert_fast.flops (what ours computes; the same count for "
@@ -192,9 +194,11 @@ def main(argv=None) -> int:
         print(_report.format_table(kcols, ks))
     print("\ntargets")
     print(_report.format_table(("target", "measured", "verdict"), tg))
-    s = next((r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"), {})
+    s = next((r for r in rows if r.get("part") == "e2e" and r.get("status") == "ok"
+              and not _gpu_plan.own_batch(r.get("variant"))), {})
     print(f"\nend-to-end pre-training: {s.get('preset', '?')} config, batch {s.get('batch', '?')}, "
-          f"{s.get('precision', '?')}, median of {s.get('steps', '?')} steps, {env['hardware']}")
+          f"{s.get('precision', '?')}, median of {s.get('steps', '?')} steps, {env['hardware']} "
+          f"(a variant named 'batch N' runs N)")
     print(_report.format_table(E2E_COLS, et))
     return 0
 
