@@ -14,6 +14,8 @@ from lxmert_fast.model.attention import (
     AttentionBackend,
     AttentionDispatcher,
     EagerAttention,
+    KeyMask,
+    PairKeyMask,
     SdpaAttention,
     register_backend,
 )
@@ -129,6 +131,57 @@ def test_cross_pair_default_is_two_attentions():
     lang, _ = EagerAttention().attention(q[:, :4], k[:, 4:], v[:, 4:], mask[:, 4:], 0.0, 0.5)
     vis, _ = EagerAttention().attention(q[:, 4:], k[:, :4], v[:, :4], mask[:, :4], 0.0, 0.5)
     assert torch.equal(out, torch.cat([lang, vis], 1))
+
+
+def test_a_prepared_key_mask_gives_the_bare_masks_results():
+    """KeyMask: the mask, SDPA's mask (a row with no kept key attends everywhere) and the rows
+    without keys, derived once; every backend and the cross pair give bitwise the results of the
+    bare bool mask with it; a non-bool mask is refused by name."""
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, 2:4] = False
+    mask[2, :] = False
+    km = KeyMask.of(mask)
+    assert torch.equal(km.keep_bl, mask)
+    assert km.attend_bl[2].all() and torch.equal(km.attend_bl[:2], mask[:2])
+    assert km.empty_b111.flatten().tolist() == [False, False, True]
+    rows = torch.tensor([2, 0, 0])
+    assert all(torch.equal(a, b) for a, b in zip(km.rows(rows), KeyMask.of(mask[rows])))
+    qkv = _qkv(length=9)
+    q, k, v = qkv.unbind(2)
+    for backend in (EagerAttention(), SdpaAttention()):
+        bare, _ = backend.attention(q, k, v, mask, 0.0, 0.5)
+        prepared, _ = backend.attention(q, k, v, km, 0.0, 0.5)
+        assert torch.equal(bare, prepared) and prepared[2].abs().max() == 0
+        pair = PairKeyMask.of(KeyMask.of(mask[:, :4]), KeyMask.of(mask[:, 4:]), 4, 5)
+        assert torch.equal(pair.keep_bs, mask)
+        assert torch.equal(backend.cross_pair(qkv, 4, mask, 0.0, 0.5)[0], backend.cross_pair(qkv, 4, pair, 0.0, 0.5)[0])
+    only_vis = PairKeyMask.of(None, KeyMask.of(mask[:, 4:]), 4, 5)
+    assert only_vis.lang is None and only_vis.keep_bs[:, :4].all() and PairKeyMask.of(None, None, 4, 5) is None
+    with pytest.raises(TypeError, match="bool tensor"):
+        KeyMask.of(mask.long())
+
+
+def test_the_model_derives_each_mask_once_per_forward():
+    """Eager mode: the rows-without-keys reduction runs once per mask (words, objects), not once
+    per attention layer (it did: 29 times a forward at the base config)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAny(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.any:
+                CountAny.n += 1
+            return func(*args, **(kwargs or {}))
+
+    config = LxmertConfig.preset("tiny", attention_backend="sdpa")
+    model = LxmertForPreTraining(config).eval()
+    inputs = random_batch(config)
+    inputs["visual_attention_mask"] = torch.ones(inputs["visual_feats"].shape[:2], dtype=torch.long)
+    inputs["visual_attention_mask"][0, -2:] = 0
+    with torch.no_grad(), CountAny():
+        model(**inputs)
+    assert CountAny.n == 2
 
 
 def test_sdpa_dropout_is_on_in_training():

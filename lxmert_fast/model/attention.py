@@ -3,8 +3,10 @@
 Layout: every backend takes and returns flash-attn's (batch, seq, heads, head_dim) layout,
 written `_blhd`, so that q, k and v can be strided views of one packed projection
 (`qkv_bl3hd[:, :, 0]` ...) without copies. Masks are boolean `key_padding_mask_bl`
-(batch, keys), True = keep; each backend converts it itself. A query whose keys are all
-masked gets a zero output (never NaN) from every backend.
+(batch, keys), True = keep, or the same prepared once as a `KeyMask` (a `PairKeyMask` for the
+cross pair): the model prepares each mask once per forward and every attention over the same
+keys shares it. A query whose keys are all masked gets a zero output (never NaN) from every
+backend.
 
 A backend answers `not_supported_reasons(call)` with a list of reasons it cannot serve a call
 (empty = it can). `auto` takes the first backend of `AUTO_ORDER` with no reasons; a named
@@ -25,7 +27,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,74 @@ class AttentionCall:
         return (self.device_type, self.dtype, self.head_dim, self.dropout, self.need_weights, self.auto)
 
 
+class KeyMask(NamedTuple):
+    """A boolean key-padding mask with what the backends derive from it, computed once (per
+    forward) and shared by every attention over the same keys; eager mode would otherwise derive
+    it again in each of LXMERT's ~30 attention calls (about 5 small launches each).
+
+    keep_bl:    (B, L) bool, True = keep: the mask itself (the Triton kernels and flash-attn's input).
+    attend_bl:  (B, L) bool: keep_bl, except that a row with no kept key attends to every key
+                (SDPA's boolean mask: no NaN for it; its output is zeroed after).
+    empty_b111: (B, 1, 1, 1) bool: True where no key is kept (those queries' outputs are zero).
+    """
+
+    keep_bl: Tensor
+    attend_bl: Tensor
+    empty_b111: Tensor
+
+    @classmethod
+    def of(cls, keep_bl: Tensor) -> "KeyMask":
+        if keep_bl.dtype != torch.bool or keep_bl.dim() != 2:
+            raise TypeError(f"a key-padding mask must be a (batch, keys) bool tensor (True = keep), got "
+                            f"{keep_bl.dtype} of shape {tuple(keep_bl.shape)}")
+        empty_b = ~keep_bl.any(dim=-1)
+        return cls(keep_bl, keep_bl | empty_b[:, None], empty_b[:, None, None, None])
+
+    def rows(self, b_m: Tensor) -> "KeyMask":
+        """The mask of batch rows ``b_m`` (M,), e.g. one per query of a rows-only layer."""
+        return KeyMask(self.keep_bl.index_select(0, b_m), self.attend_bl.index_select(0, b_m),
+                       self.empty_b111.index_select(0, b_m))
+
+
+class PairKeyMask(NamedTuple):
+    """The cross pair's masks, prepared once per forward: keep_bs (B, S) bool over the joint
+    [lang; vision] keys (for a backend that runs both directions in one call), and each
+    segment's `KeyMask` (None: every key of that segment kept) for one call per direction."""
+
+    keep_bs: Tensor
+    lang: Optional[KeyMask]
+    vis: Optional[KeyMask]
+
+    @classmethod
+    def of(cls, lang: Optional[KeyMask], vis: Optional[KeyMask], n_lang: int, n_vis: int) -> Optional["PairKeyMask"]:
+        """None when neither segment has a mask."""
+        if lang is None and vis is None:
+            return None
+        like = (lang if lang is not None else vis).keep_bl
+        ones = (lambda n: torch.ones(like.shape[0], n, dtype=torch.bool, device=like.device))
+        keep_bs = torch.cat([lang.keep_bl if lang is not None else ones(n_lang),
+                             vis.keep_bl if vis is not None else ones(n_vis)], dim=1)
+        return cls(keep_bs, lang, vis)
+
+
+MaskArg = Union[KeyMask, Tensor, None]
+
+
+def key_mask(mask: MaskArg) -> Optional[KeyMask]:
+    """A backend's mask argument as a `KeyMask` (a bare bool tensor is prepared here, per call)."""
+    if mask is None or isinstance(mask, KeyMask):
+        return mask
+    return KeyMask.of(mask)
+
+
+def pair_key_mask(mask: Union[PairKeyMask, Tensor, None], n_lang: int) -> Optional[PairKeyMask]:
+    """The cross pair's mask argument as a `PairKeyMask` (a bare (B, S) bool tensor over
+    [lang; vision] is split at ``n_lang`` and prepared here, per call)."""
+    if mask is None or isinstance(mask, PairKeyMask):
+        return mask
+    return PairKeyMask(mask, KeyMask.of(mask[:, :n_lang]), KeyMask.of(mask[:, n_lang:]))
+
+
 def import_optional(module: str, missing: str):
     """(the module, None), or (None, "<missing>: <the ImportError>") when it does not import: a backend built
     on an optional package gives that reason from `not_supported_reasons` instead of failing to construct."""
@@ -78,7 +148,7 @@ class AttentionBackend:
         q_blhd: Tensor,
         k_blhd: Tensor,
         v_blhd: Tensor,
-        key_padding_mask_bl: Optional[Tensor],
+        key_padding_mask_bl: MaskArg,
         dropout_p: float,
         scale: float,
         need_weights: bool = False,
@@ -89,7 +159,7 @@ class AttentionBackend:
     def attention_qkv(
         self,
         qkv_bl3hd: Tensor,
-        key_padding_mask_bl: Optional[Tensor],
+        key_padding_mask_bl: MaskArg,
         dropout_p: float,
         scale: float,
         need_weights: bool = False,
@@ -103,26 +173,21 @@ class AttentionBackend:
         self,
         qkv_bl3hd: Tensor,
         n_lang: int,
-        key_padding_mask_bl: Optional[Tensor],
+        key_padding_mask_bl: Union["PairKeyMask", Tensor, None],
         dropout_p: float,
         scale: float,
         need_weights: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """Both cross directions; returns (out_blhd over [lang; vision], lang->vision probs or None)."""
+        """Both cross directions; returns (out_blhd over [lang; vision], lang->vision probs or None).
+        ``key_padding_mask_bl``: a `PairKeyMask`, or a (B, S) bool mask over [lang; vision]."""
         q, k, v = qkv_bl3hd.unbind(dim=2)
-        lang_mask = vis_mask = None
-        if key_padding_mask_bl is not None:
-            lang_mask, vis_mask = key_padding_mask_bl[:, :n_lang], key_padding_mask_bl[:, n_lang:]
+        pair = pair_key_mask(key_padding_mask_bl, n_lang)
+        lang_mask, vis_mask = (None, None) if pair is None else (pair.lang, pair.vis)
         lang_out, lang_probs = self.attention(
             q[:, :n_lang], k[:, n_lang:], v[:, n_lang:], vis_mask, dropout_p, scale, need_weights
         )
         vis_out, _ = self.attention(q[:, n_lang:], k[:, :n_lang], v[:, :n_lang], lang_mask, dropout_p, scale, False)
         return torch.cat([lang_out, vis_out], dim=1), lang_probs
-
-
-def _rows_with_keys(key_padding_mask_bl: Tensor) -> Tensor:
-    """(B,) bool: True where at least one key is kept."""
-    return key_padding_mask_bl.any(dim=-1)
 
 
 class EagerAttention(AttentionBackend):
@@ -147,14 +212,15 @@ class EagerAttention(AttentionBackend):
             scores_bhqk = scores_bhqk / math.sqrt(head_dim)
         else:
             scores_bhqk = scores_bhqk * scale
-        if key_padding_mask_bl is not None:
-            additive_b11k = (1.0 - key_padding_mask_bl[:, None, None, :].to(scores_bhqk.dtype)) * torch.finfo(
+        mask = key_mask(key_padding_mask_bl)
+        if mask is not None:
+            additive_b11k = (1.0 - mask.keep_bl[:, None, None, :].to(scores_bhqk.dtype)) * torch.finfo(
                 scores_bhqk.dtype
             ).min
             scores_bhqk = scores_bhqk + additive_b11k
         probs_bhqk = torch.softmax(scores_bhqk, dim=-1)
-        if key_padding_mask_bl is not None:
-            probs_bhqk = probs_bhqk * _rows_with_keys(key_padding_mask_bl)[:, None, None, None].to(probs_bhqk.dtype)
+        if mask is not None:
+            probs_bhqk = probs_bhqk.masked_fill(mask.empty_b111, 0.0)
         dropped_bhqk = F.dropout(probs_bhqk, p=dropout_p, training=dropout_p > 0.0)
         out_bhld = torch.matmul(dropped_bhqk, v_bhld)
         return out_bhld.transpose(1, 2), (probs_bhqk if need_weights else None)
@@ -176,12 +242,9 @@ class SdpaAttention(AttentionBackend):
     def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
         if need_weights:
             raise AttentionBackendError("sdpa cannot return attention probabilities")
-        mask_b11k = None
-        has_keys_b = None
-        if key_padding_mask_bl is not None:
-            has_keys_b = _rows_with_keys(key_padding_mask_bl)
-            # A row with no kept key would give NaN: let it attend everywhere, then zero it.
-            mask_b11k = (key_padding_mask_bl | ~has_keys_b[:, None])[:, None, None, :]
+        mask = key_mask(key_padding_mask_bl)
+        # A row with no kept key would give NaN: it attends everywhere (attend_bl), then is zeroed.
+        mask_b11k = None if mask is None else mask.attend_bl[:, None, None, :]
         out_bhld = F.scaled_dot_product_attention(
             q_blhd.transpose(1, 2),
             k_blhd.transpose(1, 2),
@@ -191,8 +254,8 @@ class SdpaAttention(AttentionBackend):
             scale=scale,
         )
         out_blhd = out_bhld.transpose(1, 2)
-        if has_keys_b is not None:
-            out_blhd = out_blhd * has_keys_b[:, None, None, None].to(out_blhd.dtype)
+        if mask is not None:
+            out_blhd = out_blhd.masked_fill(mask.empty_b111, 0.0)
         return out_blhd, None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lxmert_fast.model.attention import AttentionBackend, AttentionBackendError, AttentionCall, import_optional
+from lxmert_fast.model.attention import AttentionBackend, AttentionBackendError, AttentionCall, import_optional, key_mask
 
 
 class FlashAttnAttention(AttentionBackend):
@@ -35,12 +35,13 @@ class FlashAttnAttention(AttentionBackend):
     def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
         if need_weights:
             raise AttentionBackendError("flash_attn cannot return attention probabilities")
-        if key_padding_mask_bl is None:
+        mask = key_mask(key_padding_mask_bl)
+        if mask is None:
             return self._fa.flash_attn_func(q_blhd, k_blhd, v_blhd, dropout_p=dropout_p, softmax_scale=scale), None
         batch, len_q, heads, dim = q_blhd.shape
         len_k = k_blhd.shape[1]
-        keep_n = key_padding_mask_bl.reshape(-1).nonzero().squeeze(1)
-        lengths_b = key_padding_mask_bl.sum(dim=1, dtype=torch.int32)
+        keep_n = mask.keep_bl.reshape(-1).nonzero().squeeze(1)
+        lengths_b = mask.keep_bl.sum(dim=1, dtype=torch.int32)
         cu_k = torch.nn.functional.pad(lengths_b.cumsum(0, dtype=torch.int32), (1, 0))
         cu_q = torch.arange(0, (batch + 1) * len_q, len_q, dtype=torch.int32, device=q_blhd.device)
         k_nhd = k_blhd.reshape(batch * len_k, heads, dim).index_select(0, keep_n)
@@ -50,5 +51,4 @@ class FlashAttnAttention(AttentionBackend):
             dropout_p=dropout_p, softmax_scale=scale,
         )
         out_blhd = out_nhd.view(batch, len_q, heads, dim)
-        has_keys_b = lengths_b > 0
-        return out_blhd * has_keys_b[:, None, None, None].to(out_blhd.dtype), None
+        return out_blhd.masked_fill(mask.empty_b111, 0.0), None

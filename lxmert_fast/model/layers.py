@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lxmert_fast.config import LxmertConfig
-from lxmert_fast.model.attention import AttentionDispatcher
+from lxmert_fast.model.attention import AttentionDispatcher, KeyMask, PairKeyMask, key_mask
 from lxmert_fast.model.fused_ops import TorchOps
 
 Tensor = torch.Tensor
@@ -134,7 +134,7 @@ class LxmertSelfAttentionLayer(LxmertAttentionBlock):
         self.self = LxmertQKV(config)
         self.output = LxmertResidualOutput(config, ctx, config.hidden_size)
 
-    def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor],
+    def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[KeyMask | Tensor],
                 need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         qkv_bl3hd = self.self(x_bld)
         ctx_blhd, probs = self._ctx.dispatcher.attention_qkv(qkv_bl3hd, key_padding_mask_bl, self.attention_dropout(),
@@ -142,7 +142,7 @@ class LxmertSelfAttentionLayer(LxmertAttentionBlock):
         ctx_bld = ctx_blhd.reshape(x_bld.shape)
         return self.output(ctx_bld, x_bld), probs
 
-    def forward_rows(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor], rows_m: Tensor) -> Tensor:
+    def forward_rows(self, x_bld: Tensor, key_padding_mask_bl: Optional[KeyMask | Tensor], rows_m: Tensor) -> Tensor:
         """The layer's output at flat rows ``rows_m`` (``b * L + t``) only: ``(M, d)``.
 
         Keys and values come from every position of the row's sequence, as in :meth:`forward`;
@@ -154,7 +154,8 @@ class LxmertSelfAttentionLayer(LxmertAttentionBlock):
         b_m = torch.div(rows_m, length, rounding_mode="floor")
         q_m1hd = qkv_bl3hd.reshape(batch * length, *qkv_bl3hd.shape[2:]).index_select(0, rows_m)[:, 0:1]  # q
         kv_ml2hd = qkv_bl3hd[:, :, 1:].index_select(0, b_m)
-        mask_ml = None if key_padding_mask_bl is None else key_padding_mask_bl.index_select(0, b_m)
+        mask = key_mask(key_padding_mask_bl)
+        mask_ml = None if mask is None else mask.rows(b_m)
         ctx_m1hd, _ = self._ctx.dispatcher.attention(
             q_m1hd, kv_ml2hd[:, :, 0], kv_ml2hd[:, :, 1], mask_ml, self.attention_dropout(), self.scale, False
         )
@@ -174,7 +175,7 @@ class LxmertCrossAttentionLayer(LxmertAttentionBlock):
         self.att = LxmertQKV(config)
         self.output = LxmertResidualOutput(config, ctx, config.hidden_size)
 
-    def forward(self, lang_btd: Tensor, vis_bvd: Tensor, key_padding_mask_bs: Optional[Tensor],
+    def forward(self, lang_btd: Tensor, vis_bvd: Tensor, key_padding_mask_bs: Optional[PairKeyMask | Tensor],
                 need_weights: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         n_lang = lang_btd.shape[1]
         joint_bsd = torch.cat([lang_btd, vis_bvd], dim=1)
@@ -207,7 +208,7 @@ class LxmertLayer(nn.Module):
         self.intermediate = LxmertIntermediate(config, ctx)
         self.output = LxmertResidualOutput(config, ctx, config.intermediate_size)
 
-    def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[Tensor],
+    def forward(self, x_bld: Tensor, key_padding_mask_bl: Optional[KeyMask | Tensor],
                 need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         att_bld, probs = self.attention(x_bld, key_padding_mask_bl, need_weights)
         return self.output(self.intermediate(att_bld), att_bld), probs
@@ -226,8 +227,8 @@ class LxmertXLayer(nn.Module):
         self.visn_inter = LxmertIntermediate(config, ctx)
         self.visn_output = LxmertResidualOutput(config, ctx, config.intermediate_size)
 
-    def forward(self, lang_btd: Tensor, lang_mask_bt: Optional[Tensor], vis_bvd: Tensor,
-                vis_mask_bv: Optional[Tensor], joint_mask_bs: Optional[Tensor],
+    def forward(self, lang_btd: Tensor, lang_mask_bt: Optional[KeyMask | Tensor], vis_bvd: Tensor,
+                vis_mask_bv: Optional[KeyMask | Tensor], joint_mask_bs: Optional[PairKeyMask | Tensor],
                 need_weights: bool = False, lang_rows_m: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """``lang_rows_m`` (flat ``b * T + t`` indices): return the language output at those rows
         only, ``(M, d)``; the cross-attention still runs on every token (the language

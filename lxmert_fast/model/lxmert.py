@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lxmert_fast.config import LxmertConfig
-from lxmert_fast.model.attention import AttentionDispatcher
+from lxmert_fast.model.attention import AttentionDispatcher, PairKeyMask, key_mask
 from lxmert_fast.model.fused_ops import make_ops
 from lxmert_fast.model.heads import (
     LxmertLMPredictionHead,
@@ -310,6 +310,8 @@ class LxmertEncoder(nn.Module):
         if lang_rows_m is not None and not len(self.x_layers):
             raise ValueError("language rows need a cross-modality layer to restrict (x_layers=0)")
         vis_bnd = self.visn_fc(visual_feats_bnf, visual_pos_bnp)
+        # each mask prepared once for every attention over its keys (see attention.KeyMask)
+        lang_mask_bt, vis_mask_bn = key_mask(lang_mask_bt), key_mask(vis_mask_bn)
         lang_states, vis_states = [], []
         lang_atts: Optional[list] = [] if output_attentions else None
         vis_atts: Optional[list] = [] if output_attentions else None
@@ -324,14 +326,7 @@ class LxmertEncoder(nn.Module):
             vis_states.append(vis_bnd)
             if output_attentions:
                 vis_atts.append(probs)
-        joint_mask_bs = None
-        if lang_mask_bt is not None or vis_mask_bn is not None:
-            batch = lang_btd.shape[0]
-            if lang_mask_bt is None:
-                lang_mask_bt = torch.ones(batch, lang_btd.shape[1], dtype=torch.bool, device=lang_btd.device)
-            if vis_mask_bn is None:
-                vis_mask_bn = torch.ones(batch, vis_bnd.shape[1], dtype=torch.bool, device=vis_bnd.device)
-            joint_mask_bs = torch.cat([lang_mask_bt, vis_mask_bn], dim=1)
+        joint_mask_bs = PairKeyMask.of(lang_mask_bt, vis_mask_bn, lang_btd.shape[1], vis_bnd.shape[1])
         last = len(self.x_layers) - 1
         for i, layer in enumerate(self.x_layers):
             lang_btd, vis_bnd, probs = self._layer(layer, lang_btd, lang_mask_bt, vis_bnd, vis_mask_bn, joint_mask_bs,

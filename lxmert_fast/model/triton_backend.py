@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import importlib
 
-from lxmert_fast.model.attention import AttentionBackend, AttentionBackendError, AttentionCall, import_optional
+from lxmert_fast.model.attention import (AttentionBackend, AttentionBackendError, AttentionCall, import_optional,
+                                        key_mask, pair_key_mask)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _keep(mask):
+    """The kernels' (B, L) bool mask from a backend mask argument (the kernels handle rows with no key)."""
+    mask = key_mask(mask)
+    return None if mask is None else mask.keep_bl
 
 
 class TritonAttention(AttentionBackend):
@@ -41,7 +48,7 @@ class TritonAttention(AttentionBackend):
     def attention(self, q_blhd, k_blhd, v_blhd, key_padding_mask_bl, dropout_p, scale, need_weights=False):
         if need_weights:
             raise AttentionBackendError("triton cannot return attention probabilities")
-        out = self._kernels.flash_attention(q_blhd, k_blhd, v_blhd, key_padding_mask=key_padding_mask_bl,
+        out = self._kernels.flash_attention(q_blhd, k_blhd, v_blhd, key_padding_mask=_keep(key_padding_mask_bl),
                                             dropout_p=dropout_p, softmax_scale=scale)
         return out, None
 
@@ -50,13 +57,15 @@ class TritonAttention(AttentionBackend):
         whose backward writes one dqkv (no stack of dq, dk, dv into the projection's gradient)."""
         if need_weights:
             raise AttentionBackendError("triton cannot return attention probabilities")
-        out = self._kernels.flash_attention_qkv(qkv_bl3hd, key_padding_mask=key_padding_mask_bl,
+        out = self._kernels.flash_attention_qkv(qkv_bl3hd, key_padding_mask=_keep(key_padding_mask_bl),
                                                 dropout_p=dropout_p, softmax_scale=scale)
         return out, None
 
     def cross_pair(self, qkv_bl3hd, n_lang, key_padding_mask_bl, dropout_p, scale, need_weights=False):
         if need_weights:
             raise AttentionBackendError("triton cannot return attention probabilities")
-        out = self._kernels.bidirectional_cross_attention(qkv_bl3hd, n_lang, key_padding_mask=key_padding_mask_bl,
+        pair = pair_key_mask(key_padding_mask_bl, n_lang)
+        out = self._kernels.bidirectional_cross_attention(qkv_bl3hd, n_lang,
+                                                          key_padding_mask=None if pair is None else pair.keep_bs,
                                                           dropout_p=dropout_p, softmax_scale=scale)
         return out, None
