@@ -377,14 +377,15 @@ def _fwd_one_tile(
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_mb, stride_mn,
-    pid_bh, off_b, off_h, LQ, q_start, q_len, k_start, k_len,
+    pid_bh, off_b, off_h, LQ, q_start, q_len, k_start, k_len, q_block_start,
     softmax_scale, dropout_p, seed,
     D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Softmax attention of the queries [q_start, q_start + q_len) over the keys
-    [k_start, k_start + k_len), all in one (BLOCK_Q, BLOCK_K) tile: no online rescaling."""
-    rows_local = tl.arange(0, BLOCK_Q)
+    """Softmax attention of the queries [q_start + q_block_start, + BLOCK_Q) (of the segment
+    [q_start, q_start + q_len)) over the keys [k_start, k_start + k_len), all in one
+    (BLOCK_Q, BLOCK_K) tile: no online rescaling."""
+    rows_local = q_block_start + tl.arange(0, BLOCK_Q)
     row_ok = rows_local < q_len
     rows = q_start + rows_local
     cols_local = tl.arange(0, BLOCK_K)
@@ -405,7 +406,7 @@ def _fwd_one_tile(
     l = tl.sum(p, 1)
     row_scale = 1.0
     if HAS_DROPOUT:
-        keep = attention_keep(seed, pid_bh, 0, 0, _stream(q_start), dropout_p, BLOCK_Q, BLOCK_K)
+        keep = attention_keep(seed, pid_bh, q_block_start, 0, _stream(q_start), dropout_p, BLOCK_Q, BLOCK_K)
         p = tl.where(keep, p, 0.0)
         row_scale = 1.0 / (1.0 - dropout_p)  # applied once per output element, not per score
     acc = _dot(p.to(v.dtype), v, IEEE)
@@ -431,10 +432,11 @@ def _attn_fwd_one_tile_kernel(
     D: tl.constexpr, TWO_SEGMENTS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     COMPUTE_F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program per (batch * head, direction). Plain attention: one direction, queries
-    [0, LQ) in a BLOCK_Q tile, keys [0, LK) in a BLOCK_K tile. Two segments: direction 0 =
-    language queries [0, n_split) (BLOCK_Q) over vision keys [n_split, L) (BLOCK_K), direction 1
-    the other way round with the tiles swapped, so each tile is sized to its segment."""
+    """Plain attention: one program per (batch * head, query block): queries
+    [BLOCK_Q * block, + BLOCK_Q) of [0, LQ) over every key [0, LK) in a BLOCK_K tile (one block
+    when BLOCK_Q holds LQ). Two segments: one program per (batch * head, direction): direction 0
+    = language queries [0, n_split) (BLOCK_Q) over vision keys [n_split, L) (BLOCK_K), direction
+    1 the other way round with the tiles swapped, so each tile is sized to its segment."""
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
@@ -444,21 +446,23 @@ def _attn_fwd_one_tile_kernel(
     if TWO_SEGMENTS:  # direction 0: language queries [0, n_split) over vision keys [n_split, LK)
         direction = tl.program_id(1)
         q_len, k_start, k_len = n_split, n_split, LK - n_split
+        q_block_start = 0
     else:
         direction = 0
         q_len, k_start, k_len = LQ, 0, LK
+        q_block_start = tl.program_id(1) * BLOCK_Q
     if direction == 0:
         _fwd_one_tile(Q, K, V, O, LSE, MASK,
                       stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                       stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
-                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, q_len, k_start, k_len,
+                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, 0, q_len, k_start, k_len, q_block_start,
                       softmax_scale, dropout_p, seed,
                       D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_Q, BLOCK_K)
     else:  # direction 1: vision queries over language keys, the tiles swapped
         _fwd_one_tile(Q, K, V, O, LSE, MASK,
                       stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                       stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
-                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, n_split, LQ - n_split, 0, n_split,
+                      stride_mb, stride_mn, pid_bh, off_b, off_h, LQ, n_split, LQ - n_split, 0, n_split, 0,
                       softmax_scale, dropout_p, seed,
                       D, HAS_MASK, HAS_DROPOUT, COMPUTE_F32, IEEE, BLOCK_K, BLOCK_Q)
 
@@ -698,7 +702,9 @@ def attention_forward(q_blhd, k_blhd, v_blhd, key_padding_mask_bl, softmax_scale
             H, LQ, LK, n_split, float(softmax_scale), float(dropout_p), _seed_arg(seed_t, lse_bhl))
     if uses_one_tile(LQ, LK, D, two_segments, n_split):
         bq, bk = _one_tile_blocks(LQ, LK, two_segments, n_split)
-        grid = (B * H, 2 if two_segments else 1)
+        if not two_segments:  # plain attention: the forward may split the queries (tuning.forward_query_block)
+            bq = tuning.forward_query_block(bq, bk)
+        grid = (B * H, 2 if two_segments else triton.cdiv(LQ, bq))
 
         def launch(cfg):
             _attn_fwd_one_tile_kernel[grid](*args, **flags, BLOCK_Q=bq, BLOCK_K=bk, **cfg)

@@ -118,6 +118,39 @@ def test_flash_attention_qkv_matches_reference_with_one_gradient(B, L, H, D, mas
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("L,masked", [(36, False), (47, True)])
+def test_split_query_forward_and_one_tile_backward_share_the_dropout_mask(L, masked, monkeypatch):
+    """At 33-64 tokens the forward runs one program per 32 queries (tuning.forward_query_block)
+    while the backward keeps every query in one program: with dropout, the output and the packed
+    gradient match the reference with the helper's mask (odd lengths, a fully masked row)."""
+    assert tuning.forward_query_block(64, 64) == 32 and tuning.forward_query_block(32, 64) == 32
+    assert tuning.forward_query_block(128, 128) == 128  # beyond 64 x 64: unmeasured, unchanged
+    grids = {}
+    if ON_GPU:
+        from triton.runtime.jit import JITFunction as cls
+    else:
+        from triton.runtime.interpreter import InterpretedFunction as cls
+    real_run = cls.run
+
+    def run(self, *args, grid, **kwargs):
+        grids.setdefault(self.__name__, []).append(tuple(grid))
+        return real_run(self, *args, grid=grid, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    B, H, D, p, seed = 2, 2, 16, 0.3, 11
+    gen = torch.Generator().manual_seed(L)
+    qkv = torch.randn(B, L, 3, H, D, generator=gen).to(DEVICE)
+    dout = torch.randn(B, L, H, D, generator=gen).to(DEVICE)
+    mask = random_padding_mask(B, L, gen, fully_masked_rows=(1,)).to(DEVICE) if masked else None
+    ours, (g,) = grads_of(lambda x: lk.flash_attention_qkv(x, mask, dropout_p=p, seed=seed), [leaf(qkv)], dout)
+    assert grids == {"_attn_fwd_one_tile_kernel": [(B * H, 2)], "_attn_bwd_one_tile_kernel": [(B * H, 1)]}
+    keep = lk.attention_dropout_mask(seed, p, B, H, L, L, device=DEVICE)
+    ref, (rg,) = grads_of(lambda x: attention_ref(*x.unbind(2), mask, p, keep, compute_dtype=REF_DTYPE),
+                          [leaf(qkv, REF_DTYPE)], dout)
+    check("out", ours, ref)
+    check("dqkv", g, rg)
+
+
 def test_opcheck_flash_attention_qkv():
     fa = importlib.import_module("lxmert_kernels.flash_attention")
     gen = torch.Generator().manual_seed(0)
