@@ -173,7 +173,7 @@ class AttentionBackend:
         self,
         qkv_bl3hd: Tensor,
         n_lang: int,
-        key_padding_mask_bl: Union["PairKeyMask", Tensor, None],
+        key_padding_mask_bl: Union[PairKeyMask, Tensor, None],
         dropout_p: float,
         scale: float,
         need_weights: bool = False,
