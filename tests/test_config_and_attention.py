@@ -12,6 +12,7 @@ import transformers
 from lxmert_fast import AttentionBackendError, ConfigError, LxmertConfig, LxmertForPreTraining
 from lxmert_fast.model.attention import (
     AttentionBackend,
+    AttentionCall,
     AttentionDispatcher,
     EagerAttention,
     KeyMask,
@@ -182,6 +183,29 @@ def test_the_model_derives_each_mask_once_per_forward():
     with torch.no_grad(), CountAny():
         model(**inputs)
     assert CountAny.n == 2
+
+
+def test_a_deep_copy_has_its_own_dispatcher():
+    """copy.deepcopy(model) (EMA, teacher models): the copy's dispatcher resolves and switches
+    on its own (its compile-time resolver is bound to it, not to the original's), and gives the
+    original's outputs."""
+    import copy
+
+    config = LxmertConfig.preset("tiny", attention_backend="sdpa")
+    model = LxmertForPreTraining(config).eval()
+    inputs = random_batch(config)
+    with torch.no_grad():
+        model(**inputs)  # the original has resolved (and cached) its backends
+    twin = copy.deepcopy(model)
+    ours, theirs = (m.lxmert.encoder.layer[0].attention._ctx.dispatcher for m in (model, twin))
+    assert ours is not theirs and theirs._backend_name_for.__closure__[0].cell_contents is theirs
+    twin.set_attention_backend("eager")
+    assert ours.name == "sdpa" and theirs.name == "eager"
+    q = torch.randn(2, 3, 2, 8)
+    assert theirs.current(q) == "eager" and ours.current(q) == "sdpa"
+    assert theirs._backend_name_for("eager", AttentionCall.of(q, 0.0, False).key()) == "eager"
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).prediction_logits, twin(**inputs).prediction_logits, atol=1e-5)
 
 
 def test_sdpa_dropout_is_on_in_training():

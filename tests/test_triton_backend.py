@@ -72,3 +72,16 @@ def test_triton_backend_attention_qkv_matches_the_unbound_views():
         grads.append(x.grad)
     assert torch.equal(outs[0], outs[1])
     assert_close_scaled(grads[0], grads[1], "dqkv", rel=1e-6)
+
+
+def test_a_model_on_the_triton_backend_and_kernels_deep_copies():
+    """copy.deepcopy of a model whose backend and fused ops imported lxmert_kernels (modules do
+    not copy): the copy shares them and gives the same outputs."""
+    import copy
+
+    model = LxmertForPreTraining(CONFIG.replace(attention_backend="triton", kernels="triton")).eval()
+    inputs = random_batch(CONFIG, batch=2, tokens=5, objects=7, lengths=[5, 2])
+    with torch.no_grad():
+        before = model(**inputs).prediction_logits
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(**inputs).prediction_logits, before)

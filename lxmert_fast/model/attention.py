@@ -136,9 +136,15 @@ def import_optional(module: str, missing: str):
 
 
 class AttentionBackend:
-    """Base class. Subclasses implement `attention` and `not_supported_reasons`."""
+    """Base class. Subclasses implement `attention` and `not_supported_reasons`.
+
+    A backend holds no per-model state (at most the modules it imported), so copies of a model
+    share it: ``copy.deepcopy`` returns the backend itself."""
 
     name = "base"
+
+    def __deepcopy__(self, memo: dict) -> "AttentionBackend":
+        return self
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -314,18 +320,6 @@ def _build_backend(name: str) -> AttentionBackend:
     )
 
 
-def _backend_name_for(dispatcher: "AttentionDispatcher", name: str, call_key: tuple) -> str:
-    """The name of the backend `dispatcher` (configured as `name`) picks for a call (see `resolve`)."""
-    return dispatcher._resolve_cached(AttentionCall(*call_key)).name
-
-
-# torch.compile takes this function's result as a constant of its arguments: what
-# `torch._dynamo.assume_constant_result` sets, without importing torch._dynamo here (it takes seconds, and
-# importing it inside DeepSpeed's zero.Init, where ZeRO-3 builds the model, fails). Checked by the compile
-# tests (one graph, no recompilation).
-_backend_name_for._dynamo_marked_constant = True
-
-
 class AttentionDispatcher:
     """Resolves the configured backend name to a backend for each kind of call (cached).
 
@@ -336,7 +330,33 @@ class AttentionDispatcher:
         self._backends: dict[str, AttentionBackend] = {}
         self._resolved: dict[tuple, AttentionBackend] = {}
         self.name = "auto"
+        self._bind_backend_name_for()
         self.set_backend(name)
+
+    def _bind_backend_name_for(self) -> None:
+        """``self._backend_name_for(name, call_key)``: the name of the backend this dispatcher
+        (configured as ``name``) picks for a call, which torch.compile calls while tracing and
+        takes as a constant (see `resolve`).
+
+        The mark is what `torch._dynamo.assume_constant_result` sets, without importing
+        torch._dynamo here (it takes seconds, and importing it inside DeepSpeed's zero.Init, where
+        ZeRO-3 builds the model, fails). The function closes over the dispatcher because the
+        compiled code may pass it constants only (torch 2.11 refuses an object argument; 2.13
+        accepts one). Checked by the compile tests: one graph, no recompilation."""
+        def backend_name_for(name: str, call_key: tuple) -> str:
+            return self._resolve_cached(AttentionCall(*call_key)).name
+
+        backend_name_for._dynamo_marked_constant = True
+        self._backend_name_for = backend_name_for
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_backend_name_for"]  # a closure over this dispatcher: a copy binds its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bind_backend_name_for()
 
     def set_backend(self, name: str) -> None:
         if name != "auto":
@@ -354,7 +374,7 @@ class AttentionDispatcher:
             # Resolved once while tracing, as a constant: the choice depends only on the call's static
             # properties and the configured name (which the compiled code guards on), and tracing the
             # cache would make its first fill a guard failure (a recompile on the second call).
-            return self._backends[_backend_name_for(self, self.name, call.key())]
+            return self._backends[self._backend_name_for(self.name, call.key())]
         return self._resolve_cached(call)
 
     def _resolve_cached(self, call: AttentionCall) -> AttentionBackend:

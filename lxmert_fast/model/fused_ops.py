@@ -24,7 +24,13 @@ class OpsUnavailableError(RuntimeError):
 
 
 class TorchOps:
+    """Stateless apart from the modules an implementation imported: copies of a model share one
+    (``copy.deepcopy`` returns it)."""
+
     name = "torch"
+
+    def __deepcopy__(self, memo: dict) -> "TorchOps":
+        return self
 
     def residual_layer_norm(self, x: Tensor, residual: Tensor, ln: nn.LayerNorm, dropout_p: float) -> Tensor:
         x = F.dropout(x, p=dropout_p, training=dropout_p > 0.0)
