@@ -13,7 +13,6 @@ import warnings
 from typing import Callable, Optional
 
 from lxmert_fast.train.checkpoint import TrainingError
-from lxmert_fast.train.process import end_process
 
 
 def quiet_known_warnings() -> None:
@@ -50,5 +49,4 @@ def run_job(run: Callable[[Optional[list[str]]], dict], argv: Optional[list[str]
     except usage_errors() + more_usage_errors as err:
         report(err)
         return 2
-    end_process()
     return 0

@@ -98,22 +98,6 @@ def cpu_threads(requested: Optional[int], environ: Optional[Mapping[str, str]] =
     return max(1, cores // max(1, local))
 
 
-def end_process() -> None:
-    """At the successful end of a job of several processes: wait for every rank, then take the
-    process group down before the interpreter exits.
-
-    Without it a rank could leave while another still held its connections, and the
-    communication threads of the process left behind abort it at exit ("terminate called without
-    an active exception", seen once in a two-node CPU run); torch asks for the same before exit.
-    A one-process job keeps its group (DeepSpeed caches it, and a second job in the same process,
-    as the tests run them, reuses it)."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.barrier()
-        tdist.destroy_process_group()
-
-
 def barrier() -> None:
     import torch.distributed as tdist
 
