@@ -558,4 +558,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lxmert_fast.train.entry import exit_script
+
+    exit_script(main)

@@ -77,3 +77,37 @@ def test_two_nodes_with_disks_of_their_own_build_one_copy_each(tmp_path):
         dirs = _tree(cache)
         assert "demo-v2-n240-s0" in dirs and [d for d in dirs if "partial" in d] == [], dirs
         assert os.path.isdir(os.path.join(cache, "demo-v2-n240-s0", "lxmert_fast", "store-train2014"))
+
+
+def test_a_job_script_leaves_its_process_group_after_success_only(monkeypatch):
+    """The scripts' __main__ (train.entry.exit_script): after success every rank waits for the
+    others and takes the group down before exiting, so no rank leaves while a peer still needs it
+    (the rank-0 store going away under a finishing peer aborted that peer at exit once: rc -6);
+    after a failure no rank waits for peers that may never arrive."""
+    from lxmert_fast.train import entry, process
+
+    left = []
+    monkeypatch.setattr(process, "leave_process_group", lambda: left.append(True))
+    for code, leaves in ((0, True), (2, False), (3, False)):
+        left.clear()
+        with pytest.raises(SystemExit) as ended:
+            entry.exit_script(lambda code=code: code)
+        assert ended.value.code == code and bool(left) == leaves, (code, left)
+
+
+def test_leaving_the_process_group_takes_it_down(tmp_path):
+    """leave_process_group in a real (one-process, gloo) group: barrier, then destroyed; a process
+    without a group passes through it."""
+    code = (
+        "import torch.distributed as dist\n"
+        "from lxmert_fast.train.process import leave_process_group\n"
+        "leave_process_group()\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "assert dist.is_initialized()\n"
+        "leave_process_group()\n"
+        "assert not dist.is_initialized()\n"
+        "print('left')\n")
+    env = child_env()
+    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "left" in out.stdout, out.stdout + out.stderr

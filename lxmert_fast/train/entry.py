@@ -50,3 +50,15 @@ def run_job(run: Callable[[Optional[list[str]]], dict], argv: Optional[list[str]
         report(err)
         return 2
     return 0
+
+
+def exit_script(main: Callable[[], int]) -> None:
+    """A job script's ``__main__``: run ``main()``, leave the process group after success (every
+    rank waits for the others, so none exits while a peer still needs it), exit with its code.
+    After a failure no rank waits: its peers may never arrive."""
+    from lxmert_fast.train.process import leave_process_group
+
+    code = main()
+    if code == 0:
+        leave_process_group()
+    sys.exit(code)
