@@ -1,7 +1,7 @@
 """Cheap dropout masks: one Philox call per 4 elements, 32-bit thresholds, 128-bit counters.
 
 ``tl.rand`` runs a full Philox-4x32-10 per element and keeps one of its four 32-bit outputs.
-Here one Philox call serves 4 elements; an element is kept when its word is >= floor(2**32 p),
+Here one Philox-4x32-7 call serves 4 elements; an element is kept when its word is >= floor(2**32 p),
 so the keep probability is 1 - p to within 2**-32 (p as the kernel argument's fp32 value), and
 kept values are scaled by 1 / (1 - p). The counter is four 32-bit words, so no offset is ever
 multiplied into one integer that could wrap:
@@ -10,7 +10,10 @@ multiplied into one integer that could wrap:
   batch * heads + head, stream), queries and keys counted from the start of their segment;
   one call serves queries r and r + 8 times keys c and c + 1, the four elements one thread
   holds of an MMA accumulator, so the words need no shared-memory reshuffle to reach the score
-  tile. A tile starts at a query multiple of 16 and an even key.
+  tile. A tile starts at a query multiple of 16 and an even key. The words are spread over the
+  tile by broadcasting and selecting, not by ``tl.join``: Triton 3.6 halves a dot operand's
+  kWidth when a join feeds it, which cost the P @ V dot its ldmatrix loads (self 36 forward
+  1040 -> 928 SASS instructions there).
 * LayerNorm (``layer_norm_keep``): counter (column // 4, row low word, row high word, 1); one call
   serves 4 consecutive columns (as ``tl.randint4x`` does). A tile starts at a column multiple of 4.
 
@@ -22,6 +25,12 @@ Measured offline for sm_90 (kernels/README.md): 32-bit words cost fewer SASS ins
 one call per 8 or 16 elements with 16- or 8-bit thresholds, whose extra unpacking outweighs
 the Philox calls they save at these tiles. ``philox4x32`` is Triton's ``tl.philox`` written with
 one 32x32->64-bit multiply per product.
+
+Rounds: ``PHILOX_ROUNDS`` = 7, the dropout generator of flash-attention 2 and of Composable
+Kernel's attention (their ``philox.cuh``: "7-round philox"). Salmon et al. (SC 2011) report
+Philox-4x32 passing all of TestU01's BigCrush from 7 rounds; the 10 of ``tl.philox`` and
+cuRAND add a safety margin a dropout mask does not need. Each round is two wide multiplies and two
+3-input XORs, so 7 rounds cut the mask's arithmetic by 30% (offline figures in kernels/README.md).
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import triton
 import triton.language as tl
 
 GROUP = 4  # columns per Philox call
+PHILOX_ROUNDS = tl.constexpr(7)  # rounds of every dropout mask (see the module docstring)
 
 
 @triton.jit
@@ -72,7 +82,7 @@ def keep_tile(seed, c1, c2, c3, col_start, dropout_p, ROWS: tl.constexpr, COLS: 
     w1 = zero + c1.to(tl.uint32)[:, None]
     w2 = zero + c2
     w3 = zero + c3
-    r0, r1, r2, r3 = philox4x32(seed, c0, w1, w2, w3, 10)
+    r0, r1, r2, r3 = philox4x32(seed, c0, w1, w2, w3, PHILOX_ROUNDS)
     # (ROWS, G, 2, 2) -> (ROWS, COLS): column 4 g + 2 i + j takes word r[2 j + i]
     u = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (ROWS, COLS))
     thresh = tl.cast(dropout_p * 4294967296.0, tl.uint32)  # floor(2**32 p); p < 1
@@ -97,17 +107,22 @@ def attention_keep(seed, bh, row_start, col_start, stream, dropout_p, BLOCK_M: t
     tl.static_assert(BLOCK_N % 8 == 0, "attention_keep: BLOCK_N must be a multiple of 8")
     A: tl.constexpr = BLOCK_M // 16
     J: tl.constexpr = BLOCK_N // 8
-    # grid (a, j, c, t): rows row_start + 16 a + 8 b + c, columns col_start + 8 j + 2 t + e
-    zero = tl.zeros([A, J, 8, 4], dtype=tl.uint32)
-    a = tl.arange(0, A)[:, None, None, None]
-    j = tl.arange(0, J)[None, :, None, None]
-    c = tl.arange(0, 8)[None, None, :, None]
-    t = tl.arange(0, 4)[None, None, None, :]
+    # grid (a, b, c, j, t, e): row row_start + 16 a + 8 b + c, column col_start + 8 j + 2 t + e;
+    # the Philox call of (a, c, j, t) serves the 2 x 2 block (b, e): it runs on tensors of extent
+    # 1 in b and e, and its four words are broadcast and picked by (b, e) (no tl.join: see the
+    # module docstring)
+    a = tl.arange(0, A)[:, None, None, None, None, None]
+    b = tl.arange(0, 2)[None, :, None, None, None, None]
+    c = tl.arange(0, 8)[None, None, :, None, None, None]
+    j = tl.arange(0, J)[None, None, None, :, None, None]
+    t = tl.arange(0, 4)[None, None, None, None, :, None]
+    e = tl.arange(0, 2)[None, None, None, None, None, :]
+    zero = tl.zeros([A, 1, 8, J, 4, 1], dtype=tl.uint32)
     c0 = zero + (col_start // 2 + 4 * j + t).to(tl.uint32)
     c1 = zero + (row_start // 2 + 8 * a + c).to(tl.uint32)
-    r0, r1, r2, r3 = philox4x32(seed, c0, c1, zero + bh.to(tl.uint32), zero + stream, 10)
-    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (a, j, c, t, e, b): word 2 b + e
-    u = tl.reshape(tl.permute(words, (0, 5, 2, 1, 3, 4)), (BLOCK_M, BLOCK_N))  # (a, b, c) x (j, t, e)
+    r0, r1, r2, r3 = philox4x32(seed, c0, c1, zero + bh.to(tl.uint32), zero + stream, PHILOX_ROUNDS)
+    words = tl.where(b == 0, tl.where(e == 0, r0, r1), tl.where(e == 0, r2, r3))  # word 2 b + e
+    u = tl.reshape(words, (BLOCK_M, BLOCK_N))
     thresh = tl.cast(dropout_p * 4294967296.0, tl.uint32)  # floor(2**32 p); p < 1
     return u >= thresh
 

@@ -168,27 +168,64 @@ def test_opcheck_flash_attention_qkv():
 # cheap dropout
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _philox_pair_kernel(SEED, OUT, N: tl.constexpr):
+def _philox_pair_kernel(SEED, OUT, N: tl.constexpr, ROUNDS: tl.constexpr):
     i = tl.arange(0, N)
     seed = tl.load(SEED)
     c0 = i.to(tl.uint32) * 7 + 3
     c1 = i.to(tl.uint32) * 13
     c2 = (i * 0 + 5).to(tl.uint32)
     c3 = (i * 0 + 1).to(tl.uint32)
-    a = _dropout.philox4x32(seed, c0, c1, c2, c3, 10)
-    b = tl.philox(seed, c0, c1, c2, c3)
+    a = _dropout.philox4x32(seed, c0, c1, c2, c3, ROUNDS)
+    b = tl.philox(seed, c0, c1, c2, c3, ROUNDS)
     for j in tl.static_range(4):
         tl.store(OUT + j * N + i, a[j])
         tl.store(OUT + (4 + j) * N + i, b[j])
 
 
-def test_philox_is_tritons_philox():
-    """Our wide-multiply Philox gives the words of tl.philox (seed above 2**32 included)."""
+@pytest.mark.parametrize("rounds", [_dropout.PHILOX_ROUNDS.value, 10])
+def test_philox_is_tritons_philox(rounds):
+    """Our wide-multiply Philox gives the words of tl.philox with the same rounds (seed above
+    2**32 included), for the masks' 7 rounds and tl.philox's default 10."""
     out = torch.zeros(8, 16, dtype=torch.int32, device=DEVICE)
     seed = torch.tensor([(7 << 32) + 12345], dtype=torch.int64, device=DEVICE)
-    _philox_pair_kernel[(1,)](seed, out, N=16)
+    _philox_pair_kernel[(1,)](seed, out, N=16, ROUNDS=rounds)
     assert torch.equal(out[:4], out[4:])
     assert out[:4].unique().numel() > 60
+
+
+@triton.jit
+def _philox_words_kernel(SEED, C_4N, OUT_4N, N: tl.constexpr, ROUNDS: tl.constexpr):
+    i = tl.arange(0, N)
+    seed = tl.load(SEED)
+    c = [tl.load(C_4N + j * N + i).to(tl.uint32) for j in tl.static_range(4)]
+    words = tl.philox(seed, c[0], c[1], c[2], c[3], ROUNDS)
+    for j in tl.static_range(4):
+        tl.store(OUT_4N + j * N + i, words[j])
+
+
+def _attention_keep_from_tl_philox(seed, p, rows, cols, rounds):
+    """The plain-attention keep mask of (batch, head) 0 rebuilt element by element from the
+    documented counter (key // 2, 8 * (query // 16) + query % 8, 0, 0) and word
+    2 * ((query // 8) % 2) + key % 2 of tl.philox with ``rounds`` rounds."""
+    q = torch.arange(rows).repeat_interleave(cols)
+    k = torch.arange(cols).repeat(rows)
+    n = q.numel()
+    counters = torch.stack([k // 2, 8 * (q // 16) + q % 8, torch.zeros_like(q), torch.zeros_like(q)])
+    out = torch.zeros(4, n, dtype=torch.int32, device=DEVICE)
+    _philox_words_kernel[(1,)](seed, counters.to(torch.int32).to(DEVICE).contiguous(), out, N=n, ROUNDS=rounds)
+    word = out.cpu().gather(0, (2 * ((q // 8) % 2) + k % 2)[None]).squeeze(0).long() & 0xFFFFFFFF
+    return (word >= int(p * 2 ** 32)).view(rows, cols)
+
+
+def test_dropout_masks_use_seven_round_philox():
+    """The masks are Philox-4x32-7 (flash-attention 2's dropout generator): the kernels' mask
+    equals the one rebuilt from tl.philox(n_rounds=7) and its documented counters, and differs
+    from the 10-round one."""
+    assert _dropout.PHILOX_ROUNDS.value == 7
+    seed = torch.tensor([(3 << 32) + 99], dtype=torch.int64, device=DEVICE)
+    keep = lk.attention_dropout_mask(seed, 0.5, 1, 1, 32, 16, device=DEVICE)[0, 0].cpu()
+    assert torch.equal(keep, _attention_keep_from_tl_philox(seed, 0.5, 32, 16, 7))
+    assert not torch.equal(keep, _attention_keep_from_tl_philox(seed, 0.5, 32, 16, 10))
 
 
 def test_dropout_keep_fraction_and_independence():
