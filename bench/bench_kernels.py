@@ -300,11 +300,13 @@ def _measure_copy(rec, group: dict, nbytes: int, device) -> None:
     rec.measure(group, "copy (same bytes)", lambda: dst.copy_(src), {"bytes": nbytes}, reference="copy")
 
 
-def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile, hidden=HIDDEN):
+def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile, hidden=HIDDEN, dropouts=(0.0,)):
+    """dropout(x) + residual -> LayerNorm, ours (one kernel, the mask regenerated in backward) against
+    torch eager / torch.compile and a copy of the same bytes, for each dropout p."""
     gen = torch.Generator().manual_seed(2)
 
-    def torch_ln(x, r, w, b):
-        return F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-12)
+    def torch_ln(x, r, w, b, p=0.0):
+        return F.layer_norm((F.dropout(x, p) if p else x) + r, (x.shape[-1],), w, b, 1e-12)
 
     compiled = _compiled(torch_ln, use_compile)
     for B in batches:
@@ -316,20 +318,24 @@ def bench_layer_norm(lk, rec, batches, dtype, device, modes, use_compile, hidden
         dy = torch.randn(M, hidden, generator=gen).to(device, dtype)
         e = x.element_size()
         for mode in modes:
-            # minimal traffic: fwd reads x, r, writes y; bwd reads dy, x, r, writes dx, dr
-            nbytes = M * hidden * e * (3 if mode == "fwd" else 8)
-            group = dict(op="layer_norm+residual", mode=mode, shape=f"M{M} N{hidden}", dtype=str(dtype)[6:],
-                         masked=False, dropout=0.0)
-            start = len(rec.rows)
-            inputs = [x, r, w, b]
-            rec.measure(group, "ours layer_norm", _step(lambda: lk.layer_norm(x, w, b, 1e-12, r), inputs, dy, mode),
-                        {"bytes": nbytes})
-            rec.measure(group, "torch eager", _step(lambda: torch_ln(x, r, w, b), inputs, dy, mode), {"bytes": nbytes})
-            _measure_copy(rec, group, nbytes, device)
-            if compiled is not None:
-                rec.measure(group, "torch.compile", _step(lambda: compiled(x, r, w, b), inputs, dy, mode),
+            for p in dropouts:
+                # minimal traffic: fwd reads x, r, writes y; bwd reads dy, x, r, writes dx, dr (ours
+                # regenerates the dropout mask: no mask bytes)
+                nbytes = M * hidden * e * (3 if mode == "fwd" else 8)
+                group = dict(op="layer_norm+residual", mode=mode, shape=f"M{M} N{hidden}", dtype=str(dtype)[6:],
+                             masked=False, dropout=p)
+                start = len(rec.rows)
+                inputs = [x, r, w, b]
+                rec.measure(group, "ours layer_norm",
+                            _step(lambda: lk.layer_norm(x, w, b, 1e-12, r, dropout_p=p), inputs, dy, mode),
                             {"bytes": nbytes})
-            _finish_group(rec.rows[start:])
+                rec.measure(group, "torch eager", _step(lambda: torch_ln(x, r, w, b, p), inputs, dy, mode),
+                            {"bytes": nbytes})
+                _measure_copy(rec, group, nbytes, device)
+                if compiled is not None:
+                    rec.measure(group, "torch.compile", _step(lambda: compiled(x, r, w, b, p), inputs, dy, mode),
+                                {"bytes": nbytes})
+                _finish_group(rec.rows[start:])
 
 
 def bench_bias_gelu(lk, rec, batches, dtype, device, modes, use_compile, ffn=FFN):
@@ -429,7 +435,7 @@ def gpu_check_key(row: dict) -> str:
 
 def run_gpu_check(batches, rows_path, dry: bool) -> list[dict]:
     """The GPU check's kernel part: bf16 at LXMERT-base shapes, batches (64, 256), forward and
-    forward+backward, dropout 0 (and 0.1 for the attention backward); ours against SDPA (automatic
+    forward+backward, dropout 0 (and 0.1 for the attention backward and LayerNorm); ours against SDPA (automatic
     choice, and forced efficient / flash / cudnn) and the two-SDPA cross pair with its slicing and
     cat; LayerNorm and GELU against torch eager and a copy of the same bytes. No torch.compile peers
     (a compilation per shape does not fit the time box). Each row is appended to rows_path as soon as
@@ -464,7 +470,7 @@ def run_gpu_check(batches, rows_path, dry: bool) -> list[dict]:
     # the headline first: the cross pair, then self-attention, then the elementwise ops
     bench_cross_pair(lk, rec, batches, dtype, device, modes, dropouts, heads, head_dim)
     bench_self_attention(lk, rec, batches, dtype, device, modes, dropouts, heads, head_dim)
-    bench_layer_norm(lk, rec, batches, dtype, device, modes, False, hidden)
+    bench_layer_norm(lk, rec, batches, dtype, device, modes, False, hidden, dropouts)
     bench_bias_gelu(lk, rec, batches, dtype, device, modes, False, ffn)
     return rec.rows
 

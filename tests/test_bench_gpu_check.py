@@ -274,3 +274,36 @@ def test_correctness_comparison_catches_a_wrong_kernel():
     masked = gpu_correctness.Compare(torch.float32, "attention")
     masked.require(False, "the fully masked row's output is not exactly 0")
     assert masked.verdict()[0] == "mismatch: the fully masked row's output is not exactly 0"
+
+
+def test_kernel_targets_judge_issue_15s_conditions():
+    """The report's kernel targets: the cross pair forward+backward against the faster two-SDPA form,
+    with dropout 0.1 (the issue's condition) and 0, >= 2x; LayerNorm (with and without dropout) and
+    GELU against a copy of the same bytes, >= 80%; a group without its reference gives no line."""
+    import gpu_report
+
+    def row(op, impl, ms, batch=256, mode="fwd+bwd", dropout=0.0, **more):
+        return dict(part="kernels", op=op, impl=impl, ms=ms, batch=batch, mode=mode, dropout=dropout, **more)
+
+    rows = [row("cross_pair", "ours bidirectional (1 launch)", 1.0, dropout=0.1),
+            row("cross_pair", "2 x sdpa (auto backend)", 2.5, dropout=0.1),
+            row("cross_pair", "2 x sdpa flash", 1.8, dropout=0.1),
+            row("cross_pair", "ours bidirectional (1 launch)", 1.0),
+            row("cross_pair", "2 x sdpa (auto backend)", 2.2),
+            row("cross_pair", "ours bidirectional (1 launch)", 0.5, mode="fwd"),
+            row("cross_pair", "2 x sdpa (auto backend)", 0.6, mode="fwd"),
+            row("layer_norm+residual", "ours layer_norm", 0.10, mode="fwd", dropout=0.1, **{"GB/s": 3000.0}),
+            row("layer_norm+residual", "copy (same bytes)", 0.09, mode="fwd", dropout=0.1),
+            row("bias_gelu", "ours bias_gelu", 0.2, mode="fwd", **{"GB/s": 1500.0}),
+            row("bias_gelu", "copy (same bytes)", 0.1, mode="fwd"),
+            row("bias_gelu", "ours bias_gelu", 0.3, batch=64, mode="fwd"),  # no copy measured: no line
+            row("layer_norm+residual", "ours layer_norm", None, batch=64, mode="fwd")]  # no figure: no line
+    lines = gpu_report.kernel_targets(rows)
+    assert lines == [
+        ["cross pair >= 2.0x two SDPA calls (B256 fwd+bwd, dropout 0.1)", "1.80x (vs 2 x sdpa flash)", "NOT met"],
+        ["cross pair >= 2.0x two SDPA calls (B256 fwd+bwd, dropout 0)", "2.20x (vs 2 x sdpa (auto backend))", "met"],
+        ["LayerNorm + residual >= 80% of copy bandwidth (B256 fwd, dropout 0.1)", "90% (3,000 GB/s)", "met"],
+        ["bias + GELU >= 80% of copy bandwidth (B256 fwd)", "50% (1,500 GB/s)", "NOT met"],
+    ], lines
+    cuda_env = {"device_kind": "cuda", "hardware": "NVIDIA H200", "dry_run": False}
+    assert gpu_report.targets(rows, cuda_env)[-4:] == lines  # after the end-to-end targets
