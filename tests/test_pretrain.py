@@ -16,6 +16,7 @@ each on 2 cores): object/colour words need the true image (the default world), a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
@@ -87,6 +88,27 @@ def _zero_init_probe() -> str:
         return f"{type(err).__name__}: {err}"
 
 
+@contextlib.contextmanager
+def nonfinite_loss_from(step: int):
+    """The training loss turns NaN from optimizer step ``step`` (1-based) on: what the non-finite policy is
+    tested with (the recipe's forward wrapped; nothing in the job knows)."""
+    from lxmert_fast.pretrain import PretrainRecipe
+
+    original = PretrainRecipe.micro_step
+
+    def micro_step(self, trainer, raw):
+        loss, parts = original(self, trainer, raw)
+        if trainer.engine.global_steps + 1 >= step:
+            loss = loss * float("nan")
+        return loss, parts
+
+    PretrainRecipe.micro_step = micro_step
+    try:
+        yield
+    finally:
+        PretrainRecipe.micro_step = original
+
+
 def worker(work: str) -> None:
     from lxmert_fast.train.process import barrier, start_process
 
@@ -107,8 +129,9 @@ def worker(work: str) -> None:
                  ["--qa_sets", "gqa"] if name == "z3_fp32" else [])
         results[name] = _run(name, work, ["--deepspeed_config", cfg(name, stage, prec), "--max_steps", "12",
                                           "--save_every", "0"] + extra)
-    results["nan"] = _run("nan", work, ["--deepspeed_config", z2, "--max_steps", "20", "--save_every", "2",
-                                        "--max_nonfinite_steps", "3", "--debug_nonfinite_from_step", "5"])
+    with nonfinite_loss_from(5):
+        results["nan"] = _run("nan", work, ["--deepspeed_config", z2, "--max_steps", "20", "--save_every", "2",
+                                            "--max_nonfinite_steps", "3"])
     bad_batch = cfg("bad_batch", 2, "fp32", train_batch_size=6, train_micro_batch_size_per_gpu=2,
                     gradient_accumulation_steps=2)
     results["bad_batch"] = _run("bad_batch", work, ["--deepspeed_config", bad_batch])

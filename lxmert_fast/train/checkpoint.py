@@ -36,10 +36,12 @@ class TrainingError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- RNG
 def rng_state(extra: Optional[dict[str, torch.Generator]] = None) -> dict:
-    """Every RNG this process draws from: python, numpy, torch (CPU and CUDA), named generators."""
+    """Every RNG this process draws from: python, numpy, torch (CPU and CUDA), named generators. Tensors and
+    plain values only (numpy's key as a tensor), so a checkpoint holding it loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -51,8 +53,10 @@ def rng_state(extra: Optional[dict[str, torch.Generator]] = None) -> dict:
 
 
 def set_rng_state(state: dict, extra: Optional[dict[str, torch.Generator]] = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # older checkpoints: an array
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -180,7 +184,8 @@ def read_run_file(directory: str, tag: str) -> dict:
         return json.load(fh)
 
 
-def plan_resume(ckpt: CheckpointManager, world_size: int, zero_stage: int, train_batch_size: int) -> ResumePlan:
+def plan_resume(ckpt: CheckpointManager, world_size: int, zero_stage: int, train_batch_size: int,
+                engine: str = "deepspeed") -> ResumePlan:
     """Read the latest tag's run shape and decide how to load it (before the engine is built: a universal
     checkpoint is a DeepSpeed config setting).
 
@@ -197,6 +202,9 @@ def plan_resume(ckpt: CheckpointManager, world_size: int, zero_stage: int, train
     if not os.path.isfile(os.path.join(ckpt.directory, tag, RUN_FILE)):  # written by an earlier version
         return ResumePlan(tag, False, {})
     then = read_run_file(ckpt.directory, tag)
+    if then.get("engine", "deepspeed") != engine:
+        raise TrainingError(f"--resume: checkpoint {tag} was written by the {then.get('engine', 'deepspeed')} engine; "
+                            f"this run uses --engine {engine}: resume with --engine {then.get('engine', 'deepspeed')}")
     if then.get("train_batch_size") != train_batch_size:
         raise TrainingError(f"--resume: checkpoint {tag} was written with train_batch_size {then.get('train_batch_size')}, "
                             f"this run has {train_batch_size}: the schedule and the sample position need the same "

@@ -19,15 +19,21 @@ import torch
 from torch import nn
 
 COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")
+COMPILE_BACKENDS = ("inductor", "eager")
 
 
 class CompileModeError(ValueError):
     """A --compile mode this run cannot use (the message says why)."""
 
 
-def check_compile_mode(mode: str, device: torch.device, zero_stage: int = 0) -> None:
+def check_compile_mode(mode: str, device: torch.device, zero_stage: int = 0, backend: str = "inductor") -> None:
     if mode not in COMPILE_MODES:
         raise CompileModeError(f"--compile {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if backend not in COMPILE_BACKENDS:
+        raise CompileModeError(f"--compile_backend {backend!r}: expected one of {', '.join(COMPILE_BACKENDS)}")
+    if backend == "eager" and mode not in ("none", "default"):
+        raise CompileModeError(f"--compile {mode} --compile_backend eager: the eager backend takes no mode "
+                               f"(use --compile default, or the inductor backend)")
     if mode == "reduce-overhead" and device.type != "cuda":
         raise CompileModeError(f"--compile reduce-overhead captures CUDA graphs; this run is on {device.type}: "
                                f"use --compile default (or none)")
@@ -37,12 +43,18 @@ def check_compile_mode(mode: str, device: torch.device, zero_stage: int = 0) -> 
                                "ZeRO 0/1/2 with --compile, or --compile none with ZeRO-3")
 
 
-def compile_model(model: nn.Module, mode: str) -> nn.Module:
-    """Compile ``model``'s forward in place for ``mode`` (none: unchanged). Returns the model."""
+def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
+    """Compile ``model``'s forward in place for ``mode`` (none: unchanged). Returns the model.
+
+    ``backend`` "eager" is TorchDynamo alone (the graph is captured whole, then run by PyTorch as it is):
+    seconds instead of inductor's minutes, to check that a step compiles without a break; no speed-up, and
+    a mode other than "default" means nothing to it (refused)."""
     if mode == "none":
         return model
-    model.forward = torch.compile(model.forward, mode=None if mode == "default" else mode, fullgraph=True,
-                                  dynamic=False)
+    check_compile_mode(mode, torch.device("cpu") if mode != "reduce-overhead" else torch.device("cuda"),
+                       backend=backend)
+    kwargs = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}
+    model.forward = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False, **kwargs)
     return model
 
 

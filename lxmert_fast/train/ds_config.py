@@ -169,7 +169,7 @@ def _find_auto(obj: Any, path: str = "") -> list[str]:
 def prepare_ds_config(cfg: dict, *, world_size: int, total_steps: int, output_dir: str,
                       micro_batch_size: Optional[int] = None, warmup_ratio: float = 0.05,
                       job_name: str = "pretrain", flops_profile_step: Optional[int] = None,
-                      activation_checkpointing: bool = False) -> dict:
+                      activation_checkpointing: bool = False, engine: str = "deepspeed") -> dict:
     """A copy of `cfg` with every "auto" filled; raises DSConfigError on what cannot be filled or fit.
 
     The monitor sections: `lxmert_fast.train.monitors.fill_monitor_sections`; the FLOPs profiler
@@ -202,7 +202,7 @@ def prepare_ds_config(cfg: dict, *, world_size: int, total_steps: int, output_di
     from lxmert_fast.train.monitors import fill_monitor_sections
     from lxmert_fast.train.profiler import fill_flops_profiler
 
-    fill_monitor_sections(cfg, output_dir=output_dir, job_name=job_name)
+    fill_monitor_sections(cfg, output_dir=output_dir, job_name=job_name, engine=engine)
     fill_flops_profiler(cfg, profile_step=flops_profile_step, output_dir=output_dir,
                         activation_checkpointing=activation_checkpointing)
     left = _find_auto(cfg)
@@ -308,7 +308,7 @@ def optim_settings(engine) -> OptimSettings:
     inner = getattr(opt, "optimizer", opt)
     group = inner.param_groups[0]
     sched = engine.lr_scheduler
-    sched_name = type(sched).__name__ if sched is not None else "constant"
+    sched_name = getattr(sched, "name", type(sched).__name__) if sched is not None else "constant"
     if sched is not None and hasattr(sched, "total_num_steps"):
         sched_name += f"(warmup {getattr(sched, 'warmup_num_steps', '?')} / total {sched.total_num_steps})"
     precision = "bf16" if engine.bfloat16_enabled() else ("fp16" if engine.fp16_enabled() else "fp32")

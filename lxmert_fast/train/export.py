@@ -15,9 +15,11 @@ def full_fp32_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
     """The model's full fp32 weights on CPU, on rank 0 (None elsewhere). Collective: call on every rank.
 
     ZeRO-1/2 and the bf16/fp16 optimizers: the fp32 master copy (`safe_get_full_fp32_param`);
-    ZeRO-3: the partitions gathered; plain fp32: the module's parameters.
+    ZeRO-3: the partitions gathered; plain fp32: the module's parameters; the torch engine: its own.
     """
-    import deepspeed
+    if hasattr(engine, "fp32_state_dict"):  # lxmert_fast.train.torch_engine.TorchEngine (one process)
+        return engine.fp32_state_dict()
+    import deepspeed  # only for DeepSpeed's engine (absent where the torch engine is used)
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module

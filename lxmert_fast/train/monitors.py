@@ -39,8 +39,15 @@ STEP_AXIS = "step"        # the x-axis metric of the trainer's events (optimizer
 DEEPSPEED_EVENT_PREFIX = "Train/Samples/"
 
 
-def _schema_keys(section: str) -> list[str]:
-    from deepspeed.monitor import config as mc
+# What the torch engine (lxmert_fast.train.torch_engine.FileMonitor) reads of the sections it writes.
+TORCH_ENGINE_KEYS = {"tensorboard": ["enabled", "output_path", "job_name"],
+                     "csv_monitor": ["enabled", "output_path", "job_name"]}
+
+
+def _schema_keys(section: str, engine: str = "deepspeed") -> list[str]:
+    if engine == "torch":
+        return TORCH_ENGINE_KEYS.get(section, ["enabled"])
+    from deepspeed.monitor import config as mc  # DeepSpeed's own schema (only where its engine runs)
 
     model = {"tensorboard": mc.TensorBoardConfig, "csv_monitor": mc.CSVConfig, "wandb": mc.WandbConfig,
              "comet": mc.CometConfig}[section]
@@ -65,18 +72,19 @@ _WHERE = {
 }
 
 
-def fill_monitor_sections(cfg: dict, *, output_dir: str, job_name: str) -> None:
+def fill_monitor_sections(cfg: dict, *, output_dir: str, job_name: str, engine: str = "deepspeed") -> None:
     """Fill, in place, the "auto" entries of the monitor sections ``cfg`` has; raise DSConfigError on a
-    key DeepSpeed's schema for that section does not have, or an "auto" this runtime cannot fill."""
+    key DeepSpeed's schema for that section does not have (the torch engine: a key it does not read), or an
+    "auto" this runtime cannot fill."""
     for section in SECTIONS:
         mon = cfg.get(section)
         if mon is None:
             continue
         if not isinstance(mon, dict):
             raise DSConfigError(f"DeepSpeed config: {section} = {mon!r}: expected an object")
-        known = _schema_keys(section)
+        known = _schema_keys(section, engine)
         unknown = sorted(set(mon) - set(known))
-        if unknown:
+        if unknown and (engine == "deepspeed" or mon.get("enabled")):  # the torch engine reads enabled ones only
             where = f"; {_WHERE[section]}" if _WHERE[section] else ""
             raise DSConfigError(f"DeepSpeed config: {section}.{unknown[0]}: DeepSpeed's {section} section has no such "
                                 f"key (it takes {', '.join(known)}){where}")
@@ -172,6 +180,8 @@ def close_monitors(engine) -> None:
     master = getattr(engine, "monitor", None)
     if master is None:
         return
+    if hasattr(master, "close"):  # the torch engine's FileMonitor
+        master.close()
     if getattr(master, "wandb_monitor", None) is not None:
         import wandb
 

@@ -58,16 +58,25 @@ def set_single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def start_process() -> Process:
-    """Initialise torch.distributed through DeepSpeed; the rank, world size and device."""
+def start_process(engine: str = "deepspeed") -> Process:
+    """The rank, world size and device: torch.distributed initialised through DeepSpeed (``engine``
+    "deepspeed"), or, for the one-process torch engine, no process group at all (a launcher's world size
+    above 1 is then an error naming it)."""
     kind = select_accelerator()
     set_single_process_env()
-    import deepspeed
-    import deepspeed.comm as dist
+    if engine == "torch":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != 1:
+            raise ValueError(f"--engine torch runs one process; the launcher started {world} (WORLD_SIZE): "
+                             f"use --engine deepspeed for several")
+        rank = 0
+    else:
+        import deepspeed  # heavy, and absent where the torch engine is used
+        import deepspeed.comm as dist
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
+        if not dist.is_initialized():
+            deepspeed.init_distributed(verbose=False)
+        rank, world = dist.get_rank(), dist.get_world_size()
     if kind == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)

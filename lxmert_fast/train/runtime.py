@@ -14,27 +14,30 @@ end (exports, predictions). See `Recipe` for the hooks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lxmert_fast.flops import device_name, peak_tflops_for
 from lxmert_fast.train import ds_config as ds_cfg
 from lxmert_fast.train.checkpoint import (RUN_FILE, UNIVERSAL_SUFFIX, CheckpointManager, TrainingError, check_resumable,
                                           convert_to_universal, plan_resume, preserved_rng, rng_state,
                                           seed_everything, set_rng_state)
-from lxmert_fast.train.compile import (COMPILE_MODES, CompileModeError, check_compile_mode, compile_model,
-                                       eager_forward, step_begins)
+from lxmert_fast.train.compile import (COMPILE_BACKENDS, COMPILE_MODES, CompileModeError, check_compile_mode,
+                                       compile_model, eager_forward, step_begins)
 from lxmert_fast.train import monitors
 from lxmert_fast.train.meter import IntervalMeter
 from lxmert_fast.train.profiler import FlopsProbe
 from lxmert_fast.train.process import (ThreadsError, all_gather_object, barrier, cpu_threads,
                                       start_process)
+from lxmert_fast.train.torch_engine import ENGINES, TorchEngine, unsupported_reasons
 from lxmert_fast.utils import atomic_write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -80,17 +83,24 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, save_every: int, log_ev
     r.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile the model's forward and backward as whole static graphs (reduce-overhead: "
                         "with CUDA graphs, GPU only); none = eager")
+    r.add_argument("--compile_backend", default="inductor", choices=COMPILE_BACKENDS,
+                   help="torch.compile's backend for --compile: inductor (the one that makes code faster); eager "
+                        "(TorchDynamo alone: seconds instead of minutes, to check that the step captures whole)")
     r.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute each encoder layer (language, vision, cross) in backward instead of keeping its "
                         "activations: less memory for about one more forward per step, the same gradients")
     r.add_argument("--flops_profile_step", type=int, default=None,
                    help="run DeepSpeed's FLOPs profiler on this optimizer step's forward (fills the config's "
                         "flops_profiler section) and log its count beside lxmert_fast/flops.py's")
-    r.add_argument("--debug_nonfinite_from_step", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
-    import deepspeed
-
-    deepspeed.add_config_arguments(p)
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", default="deepspeed", choices=ENGINES,
+                   help="deepspeed: DeepSpeed's engine (any number of processes, ZeRO); torch: the same config run "
+                        "by plain PyTorch in one process, for machines without DeepSpeed (ZeRO-0/1/2, bf16 or fp32; "
+                        "docs/training.md)")
+    e.add_argument("--deepspeed_config", default=None,
+                   help="the DeepSpeed config: a path, or the name of a packaged one (zero2.json, cpu.json, ...)")
+    e.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's launchers (always on)")
 
 
 class Recipe:
@@ -170,7 +180,10 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, recipe: Recipe):
         self.args = args
         self.recipe = recipe
-        self.process = start_process()
+        try:
+            self.process = start_process(args.engine)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         self.rank, self.world, self.device = self.process.rank, self.process.world, self.process.device
         self.is_main = self.process.is_main
         self.bar = None
@@ -229,13 +242,18 @@ class Trainer:
         raw = ds_cfg.load_ds_config(ds_path)
         self.ds_path = ds_cfg.resolve_config_path(ds_path)
         try:
-            check_compile_mode(args.compile, self.device, ds_cfg.zero_stage_of(raw))
+            check_compile_mode(args.compile, self.device, ds_cfg.zero_stage_of(raw), args.compile_backend)
         except CompileModeError as err:
             raise UsageError(str(err)) from None
         self.hardware_changes: list[str] = []
         if self.device.type != "cuda":
             raw, self.hardware_changes = ds_cfg.fit_to_cpu(raw)
         raw = recipe.fill_config(raw)
+        if args.engine == "torch":
+            reasons = unsupported_reasons(raw, self.world) + (
+                ["the FLOPs profiler is DeepSpeed's (--flops_profile_step)"] if args.flops_profile_step else [])
+            if reasons:
+                raise UsageError(f"--engine torch cannot run {os.path.basename(ds_path)}: " + "; ".join(reasons))
         _, micro, accum = ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)
         self.accum = accum
         recipe.build_data(self, micro, accum)
@@ -255,7 +273,8 @@ class Trainer:
         self.resume_plan = None
         if args.resume:  # decided before the engine exists: a universal checkpoint is a config setting
             self.resume_plan = plan_resume(self.ckpt, self.world, ds_cfg.zero_stage_of(raw),
-                                           ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)[0])
+                                           ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)[0],
+                                           engine=args.engine)
             if self.resume_plan.universal:
                 if self.is_main:
                     convert_to_universal(self.ckpt.directory, self.resume_plan.tag, self.log)
@@ -266,7 +285,8 @@ class Trainer:
                                              output_dir=self.out_dir, micro_batch_size=args.micro_batch_size,
                                              warmup_ratio=warmup, job_name=recipe.job_name,
                                              flops_profile_step=args.flops_profile_step,
-                                             activation_checkpointing=args.activation_checkpointing)
+                                             activation_checkpointing=args.activation_checkpointing,
+                                             engine=args.engine)
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             atomic_write_json(os.path.join(self.out_dir, "ds_config.json"), self.ds_config)
@@ -275,10 +295,14 @@ class Trainer:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         if args.activation_checkpointing:
             model.set_activation_checkpointing(True)
-        compile_model(model, args.compile)
-        with monitors.monitor_environment(self.ds_config, self.out_dir, self.log):
-            self.engine = ds_cfg.initialize(model, self.ds_config)
-        monitors.adapt_monitors(self.engine)
+        compile_model(model, args.compile, args.compile_backend)
+        if args.engine == "torch":
+            self.engine = TorchEngine(model, self.ds_config)
+            self.hardware_changes += self.engine.changes()
+        else:
+            with monitors.monitor_environment(self.ds_config, self.out_dir, self.log):
+                self.engine = ds_cfg.initialize(model, self.ds_config)
+            monitors.adapt_monitors(self.engine)
         seed_everything(args.seed + 1_000_003 * self.rank)  # the same init everywhere, per-rank dropout streams
         self.settings = ds_cfg.optim_settings(self.engine)
         self.dtype = DTYPES[self.settings.precision]
@@ -286,19 +310,24 @@ class Trainer:
         for line in recipe.describe(self):
             self.log(line)
         self.log(f"model {n_params / 1e6:.2f}M parameters; {self.world} process(es) on {device_name()}"
-                 + (f"; compiled ({args.compile})" if args.compile != "none" else "")
+                 + (f"; compiled ({args.compile}" + (f", backend {args.compile_backend}"
+                                                     if args.compile_backend != "inductor" else "") + ")"
+                    if args.compile != "none" else "")
                  + ("; activation checkpointing (every encoder layer recomputed in backward)"
                     if args.activation_checkpointing else ""))
         shown = os.path.relpath(self.ds_path) if not self.ds_path.startswith(ds_cfg.PACKAGED_DIR) else \
             f"{os.path.basename(self.ds_path)}, packaged"
-        self.log(f"DeepSpeed ({shown}): {self.settings.describe()}")
+        engine_name = "DeepSpeed" if args.engine == "deepspeed" else "plain PyTorch engine"
+        self.log(f"{engine_name} ({shown}): {self.settings.describe()}")
         for change in self.hardware_changes:
-            self.log(f"CPU try-out of a GPU config: {change}")
+            self.log(f"CPU try-out of a GPU config: {change}" if not change.startswith("engine:") else change)
         flops = recipe.flops_per_sample()
         self.log(f"schedule: {self.epochs} epoch(s) x {self.steps_per_epoch} steps, {self.total_steps} steps in all"
                  + (f"; {flops / 1e9:.2f} GFLOP per sample" if flops else ""))
-        self.flops_probe = FlopsProbe(self.engine, micro_batch_size=self.settings.micro_batch_size,
-                                      flops_per_sample=flops, compile_mode=args.compile, log=self.log)
+        self.flops_probe = (FlopsProbe(self.engine, micro_batch_size=self.settings.micro_batch_size,
+                                       flops_per_sample=flops, compile_mode=args.compile, log=self.log)
+                            if args.engine == "deepspeed" else None)
+        self._start_step_state()
 
     def _schedule(self) -> None:
         args = self.args
@@ -352,7 +381,8 @@ class Trainer:
             return None
         with preserved_rng():
             tag = self.ckpt.save(self.engine, step, self._client_state(step, epoch, sampler_state), self.rank,
-                                 run={"world_size": self.world, "zero_stage": self.settings.zero_stage,
+                                 run={"engine": self.args.engine, "world_size": self.world,
+                                      "zero_stage": self.settings.zero_stage,
                                       "train_batch_size": self.settings.train_batch_size,
                                       "micro_batch_size": self.settings.micro_batch_size,
                                       "total_steps": self.total_steps, "seed": self.args.seed,
@@ -434,25 +464,74 @@ class Trainer:
         self.last_eval_step = step
         return res
 
-    # -- the loop ---------------------------------------------------------------------------------
-    def train(self) -> dict:
-        from tqdm.auto import tqdm
-
-        args, engine, recipe = self.args, self.engine, self.recipe
-        loader = recipe.train_loader
-        step, start_epoch = 0, 0
+    # -- the step -----------------------------------------------------------------------------------
+    def _start_step_state(self) -> None:
+        """What `train_step` keeps across steps: the non-finite counters (device scalars, read at log and
+        save points only) and the logging interval's meter."""
         self.streak = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_since_save = torch.zeros((), dtype=torch.int64, device=self.device)
+        # Without ZeRO and in fp32 DeepSpeed computes no gradient norm: measure it on logging steps.
+        self.own_grad_norm = (self.args.engine == "deepspeed" and ds_cfg.zero_stage_of(self.ds_config) == 0
+                              and self.settings.precision == "fp32")
+        self.last_grad_norm: Optional[float] = None
+        self.meter = IntervalMeter(("total",) + tuple(self.recipe.loss_names), self.device,
+                                   self.settings.train_batch_size, self.recipe.flops_per_sample(), self.world,
+                                   self.peak)
+
+    def train_step(self, micro_batches: Iterator[tuple[Any, int]], measure_grad_norm: bool = False) -> torch.Tensor:
+        """One optimizer step: ``self.accum`` micro-batches from ``micro_batches``, each a (raw batch, seed) pair
+        (the seed: the loader's ``micro_seed()`` for that micro-batch). For each: every RNG of the micro-batch
+        reseeded from its seed, the recipe's forward (``Recipe.micro_step``), the engine's backward and step
+        (the optimizer steps at the last one); the losses and the non-finite counters kept on the device.
+        ``measure_grad_norm``: read the gradient norm before the optimizer step where the engine does not compute
+        one (a host sync: logging steps only). Returns the last micro-batch's loss (a device scalar).
+
+        The training loop calls it once per step; ``bench/`` times it as it is."""
+        engine = self.engine
+        loss = None
+        for i in range(self.accum):
+            try:
+                raw, seed = next(micro_batches)
+            except StopIteration:
+                raise TrainingError(f"the data ran out after {i} of the {self.accum} micro-batches of a step") from None
+            self._reseed(seed)
+            step_begins(self.args.compile)
+            with self.flops_probe.step(engine) if self.flops_probe is not None else contextlib.nullcontext():
+                loss, parts = self.recipe.micro_step(self, raw)
+            engine.backward(loss)
+            if measure_grad_norm and self.own_grad_norm and i == self.accum - 1:
+                self.last_grad_norm = grad_norm(engine.module.parameters())  # before step() clips and zeroes
+            engine.step()
+            finite = torch.isfinite(loss.detach())
+            self.meter.add_micro({"total": loss, **parts}, finite)
+            self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+            self.bad_since_save += (~finite).to(torch.int64)
+        self.meter.steps += 1
+        return loss
+
+    def _micro_batches(self, it: Iterator[Any]) -> Iterator[tuple[Any, int]]:
+        """The loader's micro-batches with their seeds; the time spent waiting for each counts as data wait."""
+        loader = self.recipe.train_loader
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                raw = next(it)
+            except StopIteration:
+                return
+            self.meter.add_data_wait(time.perf_counter() - t_wait)
+            yield raw, loader.micro_seed()
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """The schedule around `train_step`: epochs, logging, evaluation, checkpoints, the non-finite policy."""
+        args, recipe = self.args, self.recipe
+        loader = recipe.train_loader
+        step, start_epoch = 0, 0
         if args.resume:
             step, start_epoch = self.restore()
         eval_every = args.eval_every if args.eval_every is not None else recipe.default_eval_every(self.total_steps)
         stop_at = min(self.total_steps, args.stop_at_step) if args.stop_at_step else self.total_steps
-        # Without ZeRO and in fp32 DeepSpeed computes no gradient norm: measure it on logging steps.
-        own_grad_norm = ds_cfg.zero_stage_of(self.ds_config) == 0 and self.settings.precision == "fp32"
-        self.last_grad_norm: Optional[float] = None
-        names = ("total",) + tuple(recipe.loss_names)
-        self.meter = IntervalMeter(names, self.device, self.settings.train_batch_size, recipe.flops_per_sample(),
-                                   self.world, self.peak)
+        self.meter.reset()
         self.last_eval_step = -1
         self.trained_steps, self.train_seconds = 0, 0.0  # in this process's run (after a resume: since it)
         history: list[dict] = []
@@ -460,69 +539,23 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=step, disable=not self.is_main or args.no_progress,
                         desc=recipe.job_name, dynamic_ncols=True, mininterval=1.0)
         cap = self.steps_per_epoch * self.accum
-        finished = step >= stop_at
         epoch = start_epoch
         try:
             for epoch in range(start_epoch, self.epochs):
-                if finished:
+                if step >= stop_at:
                     break
                 loader.set_epoch(epoch)
                 recipe.epoch_begins(self, epoch)
                 with preserved_rng():  # a loader iterator draws its workers' seed from the global RNG
-                    it = iter(loader)
-                while loader.consumed < cap:
-                    t_wait = time.perf_counter()
-                    try:
-                        raw = next(it)
-                    except StopIteration:
-                        break
-                    self.meter.add_data_wait(time.perf_counter() - t_wait)
-                    self._reseed(loader.micro_seed())
-                    step_begins(args.compile)
-                    with self.flops_probe.step(engine):  # DeepSpeed's FLOPs profiler, at its step
-                        loss, parts = recipe.micro_step(self, raw)
-                    if args.debug_nonfinite_from_step is not None and step + 1 >= args.debug_nonfinite_from_step:
-                        loss = loss * float("nan")
-                    engine.backward(loss)
-                    boundary = loader.consumed % self.accum == 0
-                    if own_grad_norm and boundary and ((step + 1) % args.log_every == 0 or step + 1 == stop_at):
-                        self.last_grad_norm = grad_norm(engine.module.parameters())  # before step() clips/zeroes
-                    engine.step()
-                    finite = torch.isfinite(loss.detach())
-                    self.meter.add_micro({"total": loss, **parts}, finite)
-                    self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
-                    self.bad_since_save += (~finite).to(torch.int64)
-                    if not boundary:
-                        continue
-                    # ---- an optimizer step is complete
+                    micro_batches = self._micro_batches(iter(loader))
+                while loader.consumed < cap and step < stop_at:
+                    logs = (step + 1) % args.log_every == 0 or step + 1 == stop_at
+                    self.train_step(micro_batches, measure_grad_norm=logs)
                     step += 1
-                    self.meter.steps += 1
                     self.bar.update(1)
-                    if self.device.type == "cpu" or step % args.log_every == 0:
-                        self._check_nonfinite(step)
-                    if step % args.log_every == 0 or step == stop_at:
-                        row = self._log_interval(step, epoch)
-                        history.append(row)
-                        self.trained_steps += self.meter.steps
-                        self.train_seconds += row["train_seconds"]
-                        self.meter.reset()
                     end_of_epoch = loader.consumed >= cap
-                    if eval_every and step % eval_every == 0 and step != self.total_steps and not (
-                            end_of_epoch and recipe.eval_at_epoch_end):
-                        evals.append({"step": step, "epoch": epoch, **self.evaluate(step, epoch)})
-                    if end_of_epoch and recipe.eval_at_epoch_end:
-                        evals.append({"step": step, "epoch": epoch + 1, **self.evaluate(step, epoch + 1, True)})
-                    if step == stop_at or (args.save_every and step % args.save_every == 0) or end_of_epoch:
-                        t0 = time.perf_counter()
-                        if end_of_epoch:
-                            self.save(step, epoch + 1, dict(loader.state_dict(), epoch=epoch + 1, position=0))
-                        else:
-                            self.save(step, epoch, loader.state_dict())
-                        self.meter.exclude(time.perf_counter() - t0)
-                    if step >= stop_at:
-                        finished = True
-                        break
-                del it
+                    self._after_step(step, epoch, stop_at, eval_every, end_of_epoch, history, evals)
+                del micro_batches
         finally:
             self.bar.close()
             self.bar = None
@@ -538,6 +571,31 @@ class Trainer:
             self.log(f"stopped at step {step} of {self.total_steps} (--stop_at_step); continue with --resume")
         result["completed"] = step >= self.total_steps
         return result
+
+    def _after_step(self, step: int, epoch: int, stop_at: int, eval_every: int, end_of_epoch: bool,
+                    history: list[dict], evals: list[dict]) -> None:
+        """What the schedule does after an optimizer step: the non-finite check, logging, evaluation, saving."""
+        args, recipe, loader = self.args, self.recipe, self.recipe.train_loader
+        if self.device.type == "cpu" or step % args.log_every == 0:
+            self._check_nonfinite(step)
+        if step % args.log_every == 0 or step == stop_at:
+            row = self._log_interval(step, epoch)
+            history.append(row)
+            self.trained_steps += self.meter.steps
+            self.train_seconds += row["train_seconds"]
+            self.meter.reset()
+        if eval_every and step % eval_every == 0 and step != self.total_steps and not (
+                end_of_epoch and recipe.eval_at_epoch_end):
+            evals.append({"step": step, "epoch": epoch, **self.evaluate(step, epoch)})
+        if end_of_epoch and recipe.eval_at_epoch_end:
+            evals.append({"step": step, "epoch": epoch + 1, **self.evaluate(step, epoch + 1, True)})
+        if step == stop_at or (args.save_every and step % args.save_every == 0) or end_of_epoch:
+            t0 = time.perf_counter()
+            if end_of_epoch:
+                self.save(step, epoch + 1, dict(loader.state_dict(), epoch=epoch + 1, position=0))
+            else:
+                self.save(step, epoch, loader.state_dict())
+            self.meter.exclude(time.perf_counter() - t0)
 
     def _log_interval(self, step: int, epoch: int) -> dict:
         m = self.meter.read()
@@ -578,7 +636,7 @@ class Trainer:
         if self.engine is not None:
             result.update(self.train())
             result["settings"] = vars(self.settings)
-            if self.flops_probe.result is not None:
+            if self.flops_probe is not None and self.flops_probe.result is not None:
                 result["flops_profile"] = self.flops_probe.result
         result = self.recipe.finish(self, result)
         if self.engine is not None:
