@@ -1,461 +1,422 @@
-"""The lxmert-fast benchmark suite.
+"""The lxmert-fast benchmark: end-to-end pre-training against transformers' model, the kernels against
+their PyTorch peers, the data pipeline; one table of targets. See bench/README.md.
 
-    python bench/run.py [--out DIR] [--quick] [--parts peak,e2e,kernels,data] [--batch 256]
-                        [--micro-batch M] [--variants "hf,ours sdpa"] [--ablations auto|on|off]
-    deepspeed --num_gpus N bench/run.py ...      # N devices, with scaling efficiency
+    python -m bench.run [--out DIR] [--quick] [--parts env,tests,e2e,kernels,data] [--variants ours,hf]
+                        [--preset base] [--batch N] [--micro-batch N] [--steps N] [--budget SECONDS]
+    bash bench/gpu_check.sh                  # on a GPU machine: install, caches, this with the GPU plan
 
-Parts (each writes JSON lines into DIR as it goes, so a part cut short keeps what it measured):
-  peak     the device's measured dense matrix rate (bf16 8192^3 on GPU, fp32 2048^3 on CPU), median
-           of several runs: the denominator of every MFU figure      -> peak.jsonl
-  e2e      end-to-end pre-training throughput of LXMERT (base config, 20 tokens, 36 objects, masking
-           per step on the device): transformers' LxmertForPreTraining (the peer; bf16 autocast on
-           GPU, fp32 on CPU), the same under torch.compile, and ours with each attention backend
-           under DeepSpeed (zero2.json: ZeRO-2, bf16 on GPU; cpu.json: no ZeRO, fp32, torch's fused AdamW
-           on CPU); then the ablations of the speed work.
-           Per variant: samples/s, TFLOP/s, MFU, peak memory, ratio to the peer of this run, the
-           20-epoch recipe's wall time on 1 and N devices and the ratio to the 4x Titan Xp rate.
-           Warm-up steps, CUDA-event (GPU) or synchronised perf_counter (CPU) timing, medians -> e2e.jsonl
-  kernels  bench/bench_kernels.py (GPU; on CPU an interpreter smoke test)  -> bench_kernels.jsonl
-  data     bench/bench_data.py on the demo world: conversion, loader, masking -> data.jsonl
-Then: results.json (environment + every row), summary.md, throughput.png and kernel_speedups.png
-(when matplotlib is importable), and a table printed last.
-
-Defaults: on a GPU batch 256 per optimizer step, micro-batch 256 / N per device, 5 warm-up steps,
-median of 20. Without a GPU (a 256-sample step of the base model takes minutes on a few cores):
-steps of 2 micro-batches of 8, 1 warm-up step, median of 3, reported as the recipe's 256-sample
-step composed from the measured micro-steps (--compose-batch 256). On a shared, loaded CPU use
---threads 1 and --interleave (see bench/RESULTS.md). --quick: the tiny preset, batch 4 (micro 2),
-1 + 2 steps, every part at its smallest (CI runs it).
+On a CPU the end-to-end contenders are built in this process and timed in interleaved rounds (base,
+batch 16, fp32 by default). On a GPU, and with --dry on a CPU (the same plumbing at tiny shapes), each
+end-to-end variant runs in its own worker process: the planner starts as many at once as the GPU's free
+memory holds (each variant's estimate, `e2e.Variant.estimate_gb`), they build and compile in the
+background, and each times its steps alone, every other worker stopped (SIGSTOP) meanwhile. The GPU part
+of the test suite (`pytest -m gpu`) runs first, under a time limit; the kernel groups come after the first
+two end-to-end variants. Every planned row ends with a figure or the reason it has none.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from bench import common, e2e, ops, pipeline, report
+
+PARTS = ("env", "tests", "e2e", "kernels", "data")
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-for _p in (str(BENCH), str(REPO), str(REPO / "kernels")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import torch  # noqa: E402
-
-if not torch.cuda.is_available():
-    # Triton decides interpreter vs compiled when @triton.jit functions are defined (DeepSpeed and
-    # transformers import triton too): without a GPU the kernel part needs the interpreter, set first.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import _common  # noqa: E402
-import _report  # noqa: E402
-
-PARTS = ("peak", "e2e", "kernels", "data")
-PART_FILES = {"peak": "peak.jsonl", "e2e": "e2e.jsonl", "kernels": "bench_kernels.jsonl", "data": "data.jsonl"}
+# Seconds each part may take at most on a GPU, and what is kept back for the parts after it.
+CAPS = {"env": 40, "tests": 150, "kernels": 45, "data": 40}
+RESERVE_S = 15  # the report and the packing at the end
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(BENCH / "results"), help="output folder (default bench/results)")
-    p.add_argument("--quick", action="store_true", help="every part at tiny sizes (a smoke test, seconds)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--preset", default=None, choices=["base", "small", "tiny"],
-                   help="model size (default base; tiny with --quick)")
-    p.add_argument("--batch", type=int, default=None, help="global samples per optimizer step (GPU default 256)")
-    p.add_argument("--micro-batch", type=int, default=None, help="per-device micro-batch (default batch / devices)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (median reported)")
-    p.add_argument("--variants", default=None,
-                   help="comma-separated main variants to run (hf, hf+compile, ours eager, ours sdpa, "
-                        "ours triton, ours flash_attn); default all")
-    p.add_argument("--ablations", default="auto", choices=["auto", "on", "off", "only"],
-                   help="the speed-work ablations (auto: on with a GPU or --quick; only: just them, added to the "
-                        "e2e rows already in DIR, against their best backend)")
-    p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend (default inductor; eager, i.e. dynamo only, with --quick on CPU)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="measure the variants round-robin this many times (each round rebuilds them); the "
-                        "median pools every round's steps: spreads slow drifts in a shared machine's load")
-    p.add_argument("--interleave", action="store_true",
-                   help="build the variants side by side and time them one step each in turn (robust ratios on "
-                        "a loaded machine; needs the memory of all of them; no per-variant peak memory)")
-    p.add_argument("--compose-batch", type=int, default=None,
-                   help="also report a step of this batch (e.g. the recipe's 256) composed from the measured "
-                        "micro-steps (n-1 forward+backward ones + the boundary one with the optimizer): for CPUs, "
-                        "where timing full 256-sample steps repeatedly takes too long. Needs --batch >= 2 micro-batches")
-    p.add_argument("--variant-timeout", type=float, default=None, help="seconds per e2e variant (failed row after)")
-    p.add_argument("--project-devices", type=int, default=None,
-                   help="N for the recipe wall-time projection (default: the devices of this run, or 8)")
-    p.add_argument("--kernel-batches", default=None,
-                   help="kernel part, GPU: comma-separated batch sizes (default 32,128,512; 32 with --quick)")
-    p.add_argument("--kernel-no-compile", action="store_true",
-                   help="kernel part: leave out the torch.compile peers (each shape costs a compilation)")
-    p.add_argument("--data-workers", type=int, default=None, help="loader / converter workers of the data part")
-    p.add_argument("--no-scaling-reference", action="store_true",
-                   help="with N > 1 devices: skip the 1-device run that scaling efficiency needs")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 with --quick on CPU, where a shared, loaded "
-                        "CPU makes multi-threaded tiny ops erratic)")
-    p.add_argument("--report-only", action="store_true", help="rebuild results.json / summary / plots from DIR")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(BENCH / "results"), help="where rows.jsonl, results.json, summary.md go")
+    p.add_argument("--parts", default=None, help=f"a subset of {','.join(PARTS)} (default: all; tests on a GPU only)")
+    p.add_argument("--variants", default=None, help="end-to-end variants by name (default: the plan of the device)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a smoke test of the harness")
+    p.add_argument("--dry", action="store_true", help="the GPU plan's plumbing on a CPU at tiny shapes")
+    p.add_argument("--preset", default=None, choices=("base", "tiny"))
+    p.add_argument("--batch", type=int, default=None, help="samples per optimizer step (GPU 256, CPU 16)")
+    p.add_argument("--micro-batch", type=int, default=None, help="per micro-batch (default: the whole batch)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (the first compiles)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--kernel-batches", default=None, help="kernel part batches (GPU 64,256)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (GPU plan)")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="GB the planner may fill (default: the GPU's free memory; a dry run: 40)")
+    p.add_argument("--plan-only", action="store_true", help="print the GPU plan (which variants at once) and stop")
+    p.add_argument("--simulate-oom", default=None, metavar="VARIANT:PHASE",
+                   help="dry runs: that variant runs out of memory while building|warming up|timing")
+    p.add_argument("--world", default=None, help="where the bench world is built (default: DIR/.world)")
+    p.add_argument("--work", default=None, help="scratch: runs, worker logs and signals (default: DIR/.work)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one end-to-end variant (the GPU plan)
+    p.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def resolve_defaults(a, world: int) -> None:
-    cuda = torch.cuda.is_available()
-    if a.preset is None:
-        a.preset = "tiny" if a.quick else "base"
-    cpu_full = not cuda and not a.quick
-    if a.batch is None:
-        # CPU: 2 micro-batches of 8 per measured step, reported as the recipe's 256 (composed)
-        a.batch = 4 * world if a.quick else (256 if cuda else 16 * world)
-        if cpu_full and a.compose_batch is None and a.micro_batch is None:
-            a.compose_batch = 256
-    if a.micro_batch is None:
-        a.micro_batch = max(1, (a.batch // world) // (1 if (cuda and not a.quick) else 2))
-    if a.warmup is None:
-        a.warmup = 1 if (a.quick or not cuda) else 5
-    if a.steps is None:
-        a.steps = 2 if a.quick else (20 if cuda else 3)
-    if a.compile_backend is None:
-        a.compile_backend = "eager" if (a.quick and not cuda) else "inductor"
-    if a.threads is None and a.quick and not cuda:
-        a.threads = 1
-    if a.project_devices is None:
-        a.project_devices = world if world > 1 else 8
+def settings(a, cuda: bool) -> e2e.Settings:
+    small = a.quick or a.dry
+    preset = a.preset or ("tiny" if small else "base")
+    batch = a.batch or (8 if small else (256 if cuda else 16))
+    out = Path(a.out).resolve()
+    return e2e.Settings(preset=preset, batch=batch, micro_batch=a.micro_batch,
+                        steps=a.steps or (2 if small else (10 if cuda else 5)), warmup=a.warmup or (1 if small else 3),
+                        compile_backend="eager" if not cuda else "inductor",
+                        engine="deepspeed" if common.import_error("deepspeed") is None else "torch",
+                        threads=a.threads or (1 if small and not cuda else None),
+                        world=Path(a.world).resolve() if a.world else out / ".world",
+                        work=Path(a.work).resolve() if a.work else out / ".work")
 
 
-def log0(rank: int):
-    def log(*args):
-        if rank == 0:
-            print(*args, flush=True)
-    return log
+def variants(a, gpu_plan: bool) -> list[e2e.Variant]:
+    plan = list(e2e.GPU_VARIANTS if gpu_plan else e2e.CPU_VARIANTS)
+    if a.variants:
+        known = {v.key: v for v in e2e.GPU_VARIANTS + e2e.CPU_VARIANTS}
+        wanted = [w.strip() for w in a.variants.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(known)}")
+        plan = [known[w] for w in wanted]
+    return plan
+
+
+def slug(key: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in key)
 
 
 # ---------------------------------------------------------------------------------------------- parts
-def run_peak(out: Path, env: dict, quick: bool, rank: int) -> dict:
-    row = {**env, **_common.measured_matmul_peak(quick)}
-    if rank == 0:
-        (out / PART_FILES["peak"]).unlink(missing_ok=True)
-        _common.append_row(out / PART_FILES["peak"], row)
-    return row
+def compile_cache_row() -> dict:
+    """The compile-cache probe: one tiny inductor compile, a hit when the restored cache holds it."""
+    from torch._dynamo.utils import counters
+
+    t0 = time.perf_counter()
+    x = torch.randn(64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.compile(lambda t: torch.sin(t) * 2 + 1, backend="inductor")(x)
+    hit, miss = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    return {"part": "env", "key": "env:compile_cache", "status": f"inductor's graph cache: {hit} hit(s), {miss} miss(es)",
+            "seconds": time.perf_counter() - t0, "fxgraph_cache_hit": hit, "fxgraph_cache_miss": miss,
+            "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(torch's default)")}
 
 
-def run_e2e(a, out: Path, env: dict, peak: dict | None, world: int, rank: int, single: dict[str, float],
-            notes: list[str], log) -> list[dict]:
-    import _e2e
-
-    cuda = torch.cuda.is_available()
-    s = _e2e.Settings(preset=a.preset, batch=a.batch, micro_batch=a.micro_batch, warmup=a.warmup, steps=a.steps,
-                      device="cuda" if cuda else "cpu", world_size=world, rank=rank,
-                      variant_timeout=a.variant_timeout, quick=a.quick, compile_mode=a.compile_mode,
-                      compile_backend=a.compile_backend, compose_batch=a.compose_batch)
-    if cuda:
-        s.device = f"cuda:{torch.cuda.current_device()}"
-    path = out / PART_FILES["e2e"]
-    only = a.ablations == "only"
-    # --ablations only: add to the rows already in DIR (their peer and best backend), keep them
-    earlier = [r for r in _common.read_rows(path) if r.get("group") == "main"] if only else []
-    if rank == 0:
-        path.unlink(missing_ok=True)
-        for r in earlier:
-            _common.append_row(path, r)
-    peak_tflops = peak["peak_tflops"] if peak else None
-    variants = _e2e.main_variants()
-    if getattr(a, "deepspeed_error", None):
-        variants = [_e2e.without_deepspeed(v) if v.kind == "ours" else v for v in variants]
-    if a.variants:
-        wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
-        known = {v.name: v for v in variants}
-        for b in _e2e.BACKENDS:  # ablations can be asked for by name too ("ours sdpa | torch.compile")
-            known.update({v.name: replace(v, group="main") for v in _e2e.ablation_variants(b) if v.name not in known})
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise SystemExit(f"--variants: unknown {unknown}; known: {list(known)}")
-        variants = [known[w] for w in wanted]
-    ablate = a.ablations in ("on", "only") or (a.ablations == "auto" and (cuda or a.quick))
-    rows: list[dict] = list(earlier)
-
-    def record(row: dict) -> None:
-        """Add a finished variant's row: scaling against the single-device run, ratios, the JSONL file."""
-        ref = single.get(row["variant"])
-        if ref and row.get("status") == "ok":
-            row["single_device_samples_per_s"] = ref
-            row["scaling_efficiency"] = row["samples_per_s"] / (world * ref)
-        rows.append(row)
-        _e2e.add_ratios(rows)
-        if rank == 0:
-            _common.append_row(path, row)
-
-    def measure_all(vs) -> None:
-        """Each variant's row is written as soon as it is done, so a part killed by a timeout keeps every
-        finished variant. Interleaved: the variants alternate step by step; else round-robin over `vs`,
-        each variant's rounds merged."""
-        if a.interleave:
-            for row in _e2e.measure_interleaved(vs, s, peak_tflops, log):
-                row = {**env, **row}
-                record(row)
-                log(f"[e2e] {row['variant']}: " + (f"{row['samples_per_s']:.4g} samples/s (median step "
-                                                   f"{row['step_s']:.4g} s)" if row["status"] == "ok"
-                                                   else row["status"]))
-            return
-        per: dict[str, list[dict]] = {v.name: [] for v in vs}
-        for rnd in range(a.rounds):
-            last_round = rnd == a.rounds - 1
-            for v in vs:
-                done = per[v.name]
-                if not (done and done[-1].get("status") != "ok"):  # failed / unavailable: once is enough
-                    log(f"[e2e] {v.name} ..." + (f" (round {rnd + 1}/{a.rounds})" if a.rounds > 1 else ""))
-                    t0 = time.perf_counter()
-                    row = {**env, **_e2e.measure(v, s, peak_tflops, log)}
-                    row["wall_s"] = round(time.perf_counter() - t0, 1)
-                    done.append(row)
-                    if row["status"] == "ok":
-                        log(f"[e2e] {v.name}: {row['samples_per_s']:.4g} samples/s (median step "
-                            f"{row['step_s']:.4g} s; {row['wall_s']} s with build and warm-up)")
-                    else:
-                        log(f"[e2e] {v.name}: {row['status']}")
-                if last_round:
-                    record(_e2e.merge_rounds(done))
-
-    if not only:
-        # the most important first (a part cut short by its timeout keeps them): the peer, ours, then
-        # the compiled peer, whose compilation takes the longest; rows are written in the usual order below
-        first = [v for v in variants if not v.compile] + [v for v in variants if v.compile]
-        measure_all(first)
-    if ablate:
-        best = _e2e.best_backend(rows, cuda)
-        log(f"[e2e] ablations against ours {best}")
-        abl = _e2e.ablation_variants(best)
-        if a.quick:
-            abl = [v for v in abl if not v.compile]
-            notes.append("--quick leaves out the 'torch.compile of ours' ablation (recompiles for every new count "
-                         "of masked tokens: tens of seconds even at the tiny size)")
-        measure_all(abl)
-    _e2e.add_ratios(rows)
-    order = {v.name: i for i, v in enumerate(_e2e.main_variants())}
-    rows.sort(key=lambda r: (r.get("group") != "main", order.get(r["variant"], len(order))))
-    if rank == 0:  # rewrite with the final ratios
-        path.unlink(missing_ok=True)
-        for r in rows:
-            _common.append_row(path, r)
-    if not cuda:
-        notes.append(f"CPU run: batch {a.batch} per optimizer step (the recipe's 256 would take minutes per step "
-                     f"here); fp32; triton / flash_attn variants are unavailable without CUDA.")
-    if a.compose_batch:
-        notes.append(f"steps of {a.compose_batch} samples composed from measured micro-steps (micro-batch "
-                     f"{a.micro_batch}; measured steps of {a.batch}): n-1 forward+backward micro-steps + the boundary "
-                     f"one with the optimizer step, medians; the measured batch-{a.batch} figures are in measured_*")
-    if a.quick:
-        notes.append(f"--quick: preset {a.preset}, batch {a.batch}; a smoke test, not a measurement"
-                     + ("; torch.compile variants use the 'eager' backend (dynamo only)" if a.compile_backend == "eager"
-                        else ""))
-    return rows
+def tests_row(dry: bool, limit: float, log_path: Path) -> dict:
+    """The GPU part of the suite (`pytest -m gpu`) under ``limit`` seconds; a dry run lists its selection."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    if dry:
+        cmd.append("--collect-only")
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            rc = subprocess.run(cmd, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    summary = lines[-1] if lines else "(no output)"
+    row = {"part": "tests", "key": "tests:gpu", "command": " ".join(cmd[1:]), "seconds": time.perf_counter() - t0,
+           "summary": summary, "log": log_path.name}
+    if dry:
+        selected = [ln for ln in lines if "::" in ln]
+        return dict(row, status=f"plan: {len(selected)} tests selected (a dry run collects, runs nothing)",
+                    plan=selected)
+    if rc is None:
+        return dict(row, status=f"no figure (timeout): the GPU tests passed their limit of {limit:.0f} s")
+    if rc == 5:
+        return dict(row, status="no figure (error): no test carries the gpu marker")
+    return dict(row, status="ok" if rc == 0 else f"no figure (error): pytest exited {rc}: {summary}")
 
 
-def scaling_reference(a, out: Path, log) -> dict[str, float]:
-    """N > 1 devices: the same ours variants on one device (a child process on rank 0's device,
-    same micro-batch, so the same work per device per micro-step); {variant: samples/s}."""
-    import _e2e
-
-    names = [v.name for v in _e2e.main_variants() if v.kind == "ours"]
-    if a.variants:
-        names = [n for n in names if n in a.variants.split(",")]
-    ref_out = out / "single_device"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "CROSS_RANK",
-                        "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if torch.cuda.is_available():
-        env["CUDA_VISIBLE_DEVICES"] = vis.split(",")[0] if vis else "0"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--parts", "e2e", "--out", str(ref_out),
-           "--variants", ",".join(names), "--ablations", "off", "--preset", a.preset, "--batch", str(a.batch),
-           "--micro-batch", str(a.micro_batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
-           "--compile-backend", a.compile_backend, "--project-devices", "1", "--rounds", str(a.rounds)]
-    if a.interleave:
-        cmd.append("--interleave")
-    if a.compose_batch:
-        cmd += ["--compose-batch", str(a.compose_batch)]
-    if a.threads:
-        cmd += ["--threads", str(a.threads)]
-    if a.variant_timeout:
-        cmd += ["--variant-timeout", str(a.variant_timeout)]
-    log(f"[e2e] scaling reference on one device: {' '.join(cmd)}")
-    try:
-        subprocess.run(cmd, env=env, check=False, timeout=(a.variant_timeout or 1800) * (len(names) + 1),
-                       stdout=subprocess.DEVNULL if a.quick else None)
-    except subprocess.TimeoutExpired:
-        log("[e2e] scaling reference timed out")
-    return {r["variant"]: r.get("samples_per_s") for r in _common.read_rows(ref_out / PART_FILES["e2e"])
-            if r.get("status") == "ok"}
+# ---------------------------------------------------------------------------------------------- CPU
+def cpu_run(a, out: Path, rows_path: Path, parts: list[str], s: e2e.Settings) -> None:
+    """Everything in this process: the end-to-end contenders interleaved, then kernels and data."""
+    peak = None
+    if "env" in parts:
+        row = {"part": "env", "key": "env:peak", "status": "ok", **common.matmul_peak_tflops(a.quick)}
+        common.append_row(rows_path, row)
+        peak = row["peak_tflops"]
+    if "e2e" in parts:
+        for row in e2e.measure_together(variants(a, False), s, peak):
+            common.append_row(rows_path, row)
+    if "kernels" in parts:
+        ops.main([str(rows_path), "2", "dry"])  # the interpreter: a smoke test of the part
+    if "data" in parts:
+        small = a.quick or a.dry
+        for row in pipeline.run(s.world, 64 if small else 2000, 16 if small else 256, 1 if small else 2,
+                            5 if small else 40):
+            common.append_row(rows_path, row)
 
 
-# ---------------------------------------------------------------------------------------------- report
-def collect(out: Path) -> list[dict]:
-    rows = []
-    for part in PARTS:
-        for r in _common.read_rows(out / PART_FILES[part]):
-            r.setdefault("part", part)
-            rows.append(r)
-    return rows
+# ---------------------------------------------------------------------------------------------- the GPU plan
+class Worker:
+    def __init__(self, v: e2e.Variant, est: float, proc: subprocess.Popen, log):
+        self.v, self.est, self.proc, self.log, self.t0 = v, est, proc, log, time.monotonic()
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
-def report(a, out: Path, env: dict, notes: list[str]) -> list[dict]:
-    rows = collect(out)
-    if a.report_only:
-        # the environment the rows were measured in (the first e2e / peak row's), not this process's
-        first = next((r for r in rows if r.get("part") in ("e2e", "peak")), None)
-        if first:
-            env = {**env, **{k: first[k] for k in env if k in first and k not in ("loadavg_1m_end",)}}
-        if not a.project_devices_given:
-            a.project_devices = max([r.get("devices", 1) for r in rows if r.get("part") == "e2e"] + [1])
-            a.project_devices = a.project_devices if a.project_devices > 1 else 8
-    # notes of the runs that wrote the rows (each part may run in its own process), then this one's
-    notes_file = out / "notes.txt"
-    earlier = notes_file.read_text(encoding="utf-8").splitlines() if notes_file.is_file() else []
-    if not a.report_only and notes:
-        with open(notes_file, "a", encoding="utf-8") as fh:
-            fh.write("".join(n + "\n" for n in notes))
-    notes[:] = list(dict.fromkeys([n for n in earlier + notes if n.strip()]))
-    _report.add_projections(rows, a.project_devices)
-    notes.extend(_report.sanity_notes(rows))
-    pngs, why = _report.plots(out, rows, env)
-    if why:
-        notes.append(why)
-    load = env.get("loadavg_1m"), env.get("loadavg_1m_end")
-    if env.get("device_kind") == "cpu" and any(x is not None and x > 0.75 * (env.get("cpu_cores") or 1)
-                                               for x in load):
-        notes.append(f"load average {load[0]} at start, {load[1]} at end on {env.get('cpu_cores')} cores: other "
-                     f"processes share this CPU, so the timings are noisy (ratios from the same run are firmer).")
-    settings = {k: v for k, v in vars(a).items() if k not in ("local_rank", "project_devices_given", "deepspeed_error")}
-    _report.write_results_json(out / "results.json", env, rows, notes, settings)
-    _report.write_markdown(out / "summary.md", env, rows, notes, a.project_devices)
-    for n in notes:
-        print(f"note: {n}")
-    print(f"\nrows: {out / 'results.json'}; summary: {out / 'summary.md'}"
-          + (f"; plots: {', '.join(pngs)}" if pngs else ""))
-    ks = _report.kernel_summary(rows)
-    if ks:
-        kind = next((r.get("measurement") for r in rows if r.get("part") == "kernels"), "")
-        print(f"\nkernels ({kind}): ours vs the fastest peer")
-        print(_report.format_table(("op", "mode", "shape", "dtype", "dropout", "ours ms", "fastest peer", "peer ms",
-                                    "speed-up"), ks))
-    ds = _report.data_summary(rows)
-    if ds:
-        print("\ndata pipeline")
-        print(_report.format_table(("what", "figure", "details"), ds))
-        head = _report.loader_headroom(rows)
-        if head:
-            print(head)
-    tg = _report.targets(rows, env)
-    e2e = _report.e2e_table_rows(rows, a.project_devices)
-    if e2e:
-        s = next(r for r in rows if r.get("part") == "e2e")
-        peak = next((r for r in rows if r.get("part") == "peak"), None)
-        print(f"\nend-to-end pre-training, {s.get('preset')} {s.get('precision')}, batch {s.get('batch')} "
-              f"(micro {s.get('micro_batch')}), {env.get('hardware')} x {env.get('num_devices')}, commit "
-              f"{str(env.get('commit'))[:12]}" + (f"; peak {peak['peak_tflops']:.4g} TFLOP/s measured" if peak else ""))
-        if tg:
-            print("targets: " + "; ".join(f"{t}: {m} ({v})" for t, m, v in tg))
-        print(f"baseline {BASELINE()}; recipe days for N = {a.project_devices}: {_report.e2e_basis(rows)}")
-        print(_report.format_table(_report.e2e_cols(rows), e2e))
-    else:
-        print("\nend-to-end pre-training: no rows in " + str(out / PART_FILES["e2e"])
-              + ("" if "e2e" not in a.parts else " (the part failed or was cut short: see its log)"))
-    return rows
+def plan_params(preset: str) -> int:
+    """Parameters of the model a variant holds on the GPU (base: the recipe's, 9500 answers, 30522 words)."""
+    from lxmert_fast import LxmertConfig, LxmertForPreTraining
+
+    config = LxmertConfig.preset(preset, vocab_size=e2e.BASE_VOCAB, num_qa_labels=e2e.BASE_ANSWERS)
+    with torch.device("meta"):
+        return sum(p.numel() for p in LxmertForPreTraining(config).parameters())
 
 
-def BASELINE() -> str:  # noqa: N802
-    return (f"{_common.BASELINE_NAME} = {_common.BASELINE_SAMPLES_PER_S} samples/s, "
-            f"{_common.RECIPE_SAMPLES / _common.BASELINE_SAMPLES_PER_S / 86400:.1f} days for the recipe")
+def plan(vs: list[e2e.Variant], usable_gb: float, params: int, batch: int) -> dict:
+    """Admission in priority order while the resident estimates fit ``usable_gb`` (one always runs): the
+    most workers resident at once, each variant's estimate."""
+    est = {v.key: round(v.estimate_gb(params, batch), 1) for v in vs}
+    resident, most = [], 0
+    for v in vs:  # every worker holds its memory until it is timed, in the same order
+        while resident and sum(est[k] for k in resident) + est[v.key] > usable_gb:
+            resident.pop(0)
+        resident.append(v.key)
+        most = max(most, len(resident))
+    return {"usable_gb": round(usable_gb, 1), "estimates_gb": est, "most_at_once": most}
 
 
-# ---------------------------------------------------------------------------------------------- main
+class Coordinator:
+    def __init__(self, a, out: Path, rows_path: Path, parts: list[str], s: e2e.Settings, env: dict):
+        self.a, self.out, self.rows_path, self.parts, self.s = a, out, rows_path, parts, s
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + (a.budget or 10**9)
+        self.work = s.work
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.logs = self.work / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.vs = variants(a, True)
+        self.pending = list(self.vs)
+        self.workers: dict[str, Worker] = {}
+        self.done: set[str] = set()
+        self.peak = None
+        self.most_resident = 0
+        free = a.gpu_memory or (40.0 if a.dry else env.get("gpu_free_gb", 0.0))
+        self.usable = 0.9 * free - (2.0 if "tests" in parts else 0.0)
+        self.params = plan_params("base")  # a dry run plans for the GPU's shapes too
+        self.plan_batch = a.batch if (a.batch and not a.dry) else 256
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def left(self, reserve: float = RESERVE_S) -> float:
+        return self.deadline - time.monotonic() - reserve
+
+    def row(self, row: dict) -> None:
+        common.append_row(self.rows_path, row)
+
+    # -- workers
+    def admit(self) -> None:
+        """Start pending workers in priority order while their estimates fit beside the resident ones."""
+        while self.pending:
+            v = self.pending[0]
+            est = v.estimate_gb(self.params, self.plan_batch)
+            resident = sum(w.est for w in self.workers.values())
+            if self.workers and resident + est > self.usable:
+                return
+            self.pending.pop(0)
+            log = open(self.logs / f"e2e.{slug(v.key)}.log", "wb")
+            argv = [sys.executable, "-m", "bench.run", "--worker", v.key] + self.worker_args()
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=common.REPO,
+                                    start_new_session=True, preexec_fn=lambda: os.nice(5))
+            self.workers[v.key] = Worker(v, est, proc, log)
+            self.most_resident = max(self.most_resident, len(self.workers))
+            self.say(f"e2e worker started: {v.key} (estimate {est:.1f} GB; {len(self.workers)} resident)")
+
+    def worker_args(self) -> list[str]:
+        a = self.a
+        args = ["--out", str(self.out), "--world", str(self.s.world), "--work", str(self.s.work)]
+        for flag, value in (("--preset", a.preset), ("--batch", a.batch), ("--micro-batch", a.micro_batch),
+                            ("--steps", a.steps), ("--warmup", a.warmup), ("--threads", a.threads),
+                            ("--simulate-oom", a.simulate_oom), ("--peak-tflops", self.peak)):
+            if value is not None:
+                args += [flag, str(value)]
+        return args + (["--dry"] if a.dry else []) + (["--quick"] if a.quick else [])
+
+    def reap(self) -> None:
+        for key, w in list(self.workers.items()):
+            if w.proc.poll() is not None:
+                w.log.close()
+                del self.workers[key]
+                self.done.add(key)
+                if not any(r.get("key") == f"e2e:{key}" for r in common.read_rows(self.rows_path)):
+                    tail = (self.logs / f"e2e.{slug(key)}.log").read_text(errors="replace").strip().splitlines()[-1:]
+                    self.row({**e2e.base_row(w.v, self.s), "status": f"no figure (error): the worker exited "
+                                                                     f"{w.proc.returncode}: {' '.join(tail)[:200]}"})
+
+    def ready(self, key: str) -> bool:
+        return (self.work / f"{slug(key)}.ready").exists()
+
+    def time_one(self, key: str) -> None:
+        """Let worker ``key`` time its steps alone: every other worker stopped until it exits."""
+        others = [w for k, w in self.workers.items() if k != key]
+        for w in others:
+            w.signal(signal.SIGSTOP)
+        (self.work / f"{slug(key)}.go").touch()
+        self.say(f"timing {key} ({len(others)} other worker(s) stopped)")
+        try:
+            self.workers[key].proc.wait(timeout=max(1.0, self.left()))
+        except subprocess.TimeoutExpired:
+            pass
+        for w in others:
+            w.signal(signal.SIGCONT)
+        self.reap()
+
+    def serve(self, keys: list[str], until: float) -> None:
+        """Time the workers of ``keys`` in priority order as each is ready, starting pending ones as memory
+        frees, until all of them are done or ``until``."""
+        while time.monotonic() < until:
+            self.reap()
+            self.admit()
+            todo = [k for k in keys if k not in self.done]
+            if not todo:
+                return
+            ready = [k for k in todo if k in self.workers and self.ready(k)]
+            if ready:
+                self.time_one(ready[0])
+            else:
+                time.sleep(0.05)
+
+    def stop_all(self, why: str) -> None:
+        for key, w in list(self.workers.items()):
+            phase_file = self.work / f"{slug(key)}.phase"
+            phase = phase_file.read_text().strip() if phase_file.exists() else "starting"
+            w.signal(signal.SIGCONT)
+            w.signal(signal.SIGKILL)
+            w.proc.wait()
+            w.log.close()
+            del self.workers[key]
+            self.row({**e2e.base_row(w.v, self.s), "status": f"no figure (timeout): {why} while it was {phase}, "
+                                                             f"{time.monotonic() - w.t0:.0f} s after its start"})
+        for v in self.pending:
+            self.row({**e2e.base_row(v, self.s), "status": f"no figure (timeout): {why} before it could start "
+                                                           f"(memory plan: {self.usable:.0f} GB usable)"})
+        self.pending.clear()
+
+    # -- the run
+    def run(self) -> None:
+        small = self.a.quick or self.a.dry
+        if "env" in self.parts:  # the peak first, on an idle device
+            row = {"part": "env", "key": "env:peak", "status": "ok", **common.matmul_peak_tflops(small)}
+            self.row(row)
+            self.peak = row["peak_tflops"]
+        if "e2e" in self.parts:
+            e2e.ensure_world(self.s.world, self.s.preset)  # once, before the workers share it
+            p = plan(self.vs, self.usable, self.params, self.plan_batch)
+            self.row({"part": "plan", "key": "plan:e2e", "status": f"at most {p['most_at_once']} variants at once in "
+                      f"{p['usable_gb']} GB", "gpu_memory_gb": self.a.gpu_memory, "order": [v.key for v in self.vs],
+                      **p})
+            self.say(f"plan: {p}")
+            self.admit()
+        if "env" in self.parts:
+            self.row(compile_cache_row())
+        if "tests" in self.parts:
+            limit = min(CAPS["tests"], self.left())
+            self.say(f"tests: pytest -m gpu (limit {limit:.0f} s)")
+            self.row(tests_row(self.a.dry, limit, self.out / "gpu_tests.log"))
+        if "e2e" in self.parts:
+            self.serve([k for k in e2e.HEAD_OF_LINE if any(v.key == k for v in self.vs)], self.deadline - RESERVE_S
+                       - (CAPS["kernels"] if "kernels" in self.parts else 0))
+        if "kernels" in self.parts:
+            for w in self.workers.values():
+                w.signal(signal.SIGSTOP)
+            self.say("kernels (end-to-end workers stopped)")
+            cmd = [sys.executable, "-m", "bench.ops", str(self.rows_path),
+                   self.a.kernel_batches or ("2" if self.a.dry else "64,256"), "dry" if self.a.dry else "gpu"]
+            try:
+                subprocess.run(cmd, cwd=common.REPO, timeout=max(1.0, min(CAPS["kernels"], self.left())))
+            except subprocess.TimeoutExpired:
+                self.row({"part": "kernels", "key": "kernels:timeout", "status": "no figure (timeout): the kernel "
+                                                                                 "part passed its limit"})
+            for w in self.workers.values():
+                w.signal(signal.SIGCONT)
+        if "e2e" in self.parts:
+            self.serve([v.key for v in self.vs], self.deadline - RESERVE_S)
+            self.stop_all("the run's budget was spent")
+            self.row({"part": "plan", "key": "plan:observed", "status": f"{self.most_resident} variants were "
+                      f"resident at once at most", "most_resident": self.most_resident})
+        if "data" in self.parts:
+            if self.left() < CAPS["data"]:
+                self.row({"part": "data", "key": "data:budget", "status": "no figure (timeout): the budget was spent"})
+            else:
+                small = self.a.dry or self.a.quick
+                for row in pipeline.run(self.s.world, 64 if small else 200, 16 if small else 256, 1 if small else 4,
+                                    5 if small else 20):
+                    self.row(row)
+        with tarfile.open(self.out / "logs.tgz", "w:gz") as tar:
+            tar.add(self.logs, arcname="logs")
+
+
+def worker_main(a) -> int:
+    """One end-to-end variant in this process (started by the coordinator)."""
+    s = settings(a, torch.cuda.is_available())
+    v = next(v for v in e2e.GPU_VARIANTS if v.key == a.worker)
+    base = slug(v.key)
+
+    def on_phase(phase: str) -> None:
+        (s.work / f"{base}.phase").write_text(phase)
+        if a.simulate_oom == f"{v.key}:{phase}":
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by --simulate-oom {a.simulate_oom})")
+
+    def wait_turn(_phase: str) -> None:
+        (s.work / f"{base}.ready").touch()
+        while not (s.work / f"{base}.go").exists():
+            time.sleep(0.02)
+
+    row = e2e.measure_alone(v, s, a.peak_tflops, wait_turn, on_phase=on_phase)
+    common.append_row(Path(a.out) / "rows.jsonl", row)
+    return 0
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    parts = [p.strip() for p in a.parts.split(",") if p.strip()]
-    bad = set(parts) - set(PARTS)
-    if bad:
-        raise SystemExit(f"--parts: unknown {sorted(bad)}; known: {list(PARTS)}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    a.project_devices_given = a.project_devices is not None
-    resolve_defaults(a, world)
+    cuda = torch.cuda.is_available()
+    if a.dry and cuda:
+        raise SystemExit("python -m bench.run --dry is the GPU plan on a CPU: hide the GPU (CUDA_VISIBLE_DEVICES=)")
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: the kernels run in Triton's interpreter
+    if a.worker:
+        return worker_main(a)
+    gpu_plan = cuda or a.dry
+    parts = [p.strip() for p in (a.parts or ",".join(PARTS)).split(",") if p.strip()]
+    if not gpu_plan and "tests" in parts:
+        parts.remove("tests")  # the GPU part of the suite needs a GPU (or a dry run's plan)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; known: {','.join(PARTS)}")
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    log = log0(rank)
-    notes: list[str] = []
-    if not a.report_only and "e2e" in parts and a.ablations != "only" and rank == 0:
-        (out / "notes.txt").unlink(missing_ok=True)  # a fresh measurement: the notes of older runs go
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    t_start = time.perf_counter()
-
-    single: dict[str, float] = {}
-    a.deepspeed_error = None
-    if not a.report_only and "e2e" in parts:
-        import _e2e
-
-        # DeepSpeed only for the variants that use it: without it (the GPU machine without the carried
-        # wheels) the peer and ours still run, ours in the peer's plain loop with torch's fused AdamW
-        a.deepspeed_error = _e2e.deepspeed_import_error()
-        if a.deepspeed_error is None:
-            from lxmert_fast.train.process import start_process
-
-            if world > 1 and rank == 0 and not a.no_scaling_reference:
-                single = scaling_reference(a, out, log)  # a child process, before this one joins the group
-            proc = start_process()
-            rank, world = proc.rank, proc.world
-            log = log0(rank)
-        elif world > 1:
-            raise SystemExit(f"bench/run.py: {world} processes need DeepSpeed, which does not import here "
-                             f"({a.deepspeed_error})")
-        else:
-            notes.append(f"deepspeed does not import ({a.deepspeed_error}): the 'ours' variants ran without it, in the "
-                         f"peer's plain loop with torch's fused AdamW (their note says so); DeepSpeed-only ablations "
-                         f"have 'unavailable' rows")
-    if a.threads:
-        torch.set_num_threads(a.threads)  # after DeepSpeed's initialisation, which may set its own
-    env = _common.environment(world)
-    if not a.report_only:
-        log(f"lxmert-fast benchmark: {env['hardware']} x {world}, torch {env['torch']}, commit {env['commit'][:12]}, "
-            f"load {env['loadavg_1m']}; parts {','.join(parts)}; out {out}")
-        peak = None
-        if "peak" in parts or "e2e" in parts:
-            peak = run_peak(out, env, a.quick, rank)
-            log(f"[peak] {peak['what']}: {peak['peak_tflops']:.4g} TFLOP/s")
-        if "e2e" in parts:
-            run_e2e(a, out, env, peak, world, rank, single, notes, log)
-        if rank != 0:
-            return 0
-        if "kernels" in parts:
-            log("[kernels] ...")
-            try:
-                from _parts import run_kernels
-
-                batches = [int(b) for b in a.kernel_batches.split(",")] if a.kernel_batches else None
-                run_kernels(out, a.quick, env, log, batches=batches, use_compile=not a.kernel_no_compile)
-            except Exception as err:  # noqa: BLE001
-                notes.append(f"kernels part failed: {_common.short_error(err)}")
-                log(f"[kernels] failed: {_common.short_error(err)}")
-        if "data" in parts:
-            log("[data] ...")
-            try:
-                from _parts import run_data
-
-                run_data(out, a.quick, env, a.data_workers, log=log)
-            except Exception as err:  # noqa: BLE001
-                notes.append(f"data part failed: {_common.short_error(err)}")
-                log(f"[data] failed: {_common.short_error(err)}")
-    env["loadavg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    env["suite_wall_s"] = round(time.perf_counter() - t_start, 1)
-    report(a, out, env, notes)
+    s = settings(a, cuda)
+    if a.plan_only:
+        usable = 0.9 * (a.gpu_memory or 80.0) - 2.0
+        print(json.dumps(plan(variants(a, True), usable, plan_params("base"), a.batch or 256)))
+        return 0
+    rows_path = out / "rows.jsonl"
+    rows_path.unlink(missing_ok=True)
+    env = common.environment()
+    common.append_row(rows_path, {"part": "env", "key": "env:record", "status": "ok", "environment": env})
+    print(f"lxmert-fast benchmark: {env['hardware']}, torch {env['torch']}, commit {env['commit'][:12]}; parts "
+          f"{','.join(parts)}; {'GPU plan' + (' (dry run)' if a.dry else '') if gpu_plan else 'CPU'}; out {out}",
+          flush=True)
+    if s.engine == "torch":
+        print(f"deepspeed does not import ({env['deepspeed_error']}): our recipe runs with --engine torch", flush=True)
+    if gpu_plan:
+        Coordinator(a, out, rows_path, parts, s, env).run()
+    else:
+        cpu_run(a, out, rows_path, parts, s)
+    print(report.write(out, env, common.read_rows(rows_path)), flush=True)
     return 0
 
 

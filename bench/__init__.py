@@ -1,0 +1,1 @@
+"""The lxmert-fast benchmark harness (`python -m bench.run`; see bench/README.md)."""
