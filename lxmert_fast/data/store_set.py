@@ -195,6 +195,13 @@ class StoreSet:
         src = store.sources[int(store.array("src_file")[local])]["path"]
         return src, int(store.array("src_line")[local])
 
+    def without_labels(self, kind: str) -> list[FeatureStore]:
+        """The stores that carry no ``kind`` labels (``objects`` / ``attributes``): converted from a
+        layout whose files have none (their ids and confidences are zeros)."""
+        if kind not in ("objects", "attributes"):
+            raise ValueError(f"kind must be 'objects' or 'attributes', got {kind!r}")
+        return [s for s in self.stores if not s.labels.get(kind, True)]
+
     # -- img_id index ---------------------------------------------------------------------------
     def _build_index(self) -> None:
         index: dict[str, int] = {}
