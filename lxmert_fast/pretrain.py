@@ -185,13 +185,12 @@ def _store_dir(data_root: str, cache_dir: Optional[str]) -> str:
 
 def build_data(args, trainer: Trainer) -> DataSetup:
     from lxmert_fast.data.pretrain_data import build_pretrain_dataset, split_names
+    from lxmert_fast.data.tasks import TaskDataError, parse_feature_overrides
 
     data_root, is_demo = trainer.data_root(args.data_root, cache_dir=args.cache_dir, demo_images=args.demo_images,
                                            demo_objects=args.demo_objects)
     train_splits, valid_splits = split_names(args.train), split_names(args.valid or "")
     vocab = args.vocab or os.path.join(data_root, "vocab.txt")
-    from lxmert_fast.data.tasks import TaskDataError, parse_feature_overrides
-
     try:
         features = parse_feature_overrides(args.features)
     except TaskDataError as err:

@@ -1,4 +1,5 @@
-"""Memory-mapped feature store: one conversion of the ``*_obj36.tsv`` files, shared by workers.
+"""Memory-mapped feature store: one conversion of the ``*_obj36.tsv`` files (or of a feature
+source of another layout, :mod:`lxmert_fast.data.layouts`), shared by workers.
 
 Layout of a store directory (every array is a ``.npy`` file, row i = image i)::
 
@@ -7,7 +8,8 @@ Layout of a store directory (every array is a ``.npy`` file, row i = image i)::
     obj_ids.npy    (N, K) int32      obj_conf.npy  (N, K) float32
     attr_ids.npy   (N, K) int32      attr_conf.npy (N, K) float32
     img_h.npy, img_w.npy, num_boxes.npy  (N,) int32   (num_boxes < K only with --num-boxes)
-    src_file.npy   (N,) int16, src_line.npy (N,) int64: where each row came from
+    src_file.npy   (N,) int16, src_line.npy (N,) int64: where each row came from (the other
+                   layouts: src_line is the record's index in its source)
     img_ids.npy    (N,) fixed-width unicode
     skipped_rows.tsv (only with --skip-bad and skipped rows)
     manifest.json  written last: format, version, shapes, dtypes, counts, sha256 of every file

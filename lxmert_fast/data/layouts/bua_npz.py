@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 import zipfile
 
-import numpy as np
-
 from ..formats import DataFormatError
 from ..store import list_files
 from .base import LayoutError, LayoutReader, RawRecord, scalar_int

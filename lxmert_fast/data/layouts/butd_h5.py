@@ -85,7 +85,7 @@ class ButdH5Reader(LayoutReader):
             if name not in f:
                 raise LayoutError(self.path, f"{self.title}: no dataset '{name}'", name)
         self.adaptive = "pos_boxes" in f
-        feats, bb = f["image_features"], f["image_bb"]
+        feats = f["image_features"]
         self.spatial = f["spatial_features"] if "spatial_features" in f else None
         if self.adaptive:
             self.pos = np.asarray(f["pos_boxes"][()])
