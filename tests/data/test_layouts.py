@@ -229,6 +229,7 @@ def test_malformed_records_name_file_key_and_field(records, tmp_path):
     # --skip-bad: the other records are converted, the bad one is listed with its key
     man = convert_source(cases[0][0], str(tmp_path / "skipped"), skip_bad=True, progress=False, log=None)
     assert man["num_images"] == 1 and man["skipped_rows"] == 1
+    assert man["labels"] == ALL_LABELS  # read off the first good record, not the bad first one
     with open(tmp_path / "skipped" / "skipped_rows.tsv") as f:
         header, row = f.read().splitlines()
     assert header.split("\t") == ["file", "line", "field", "message", "key"]

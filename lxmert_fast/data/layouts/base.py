@@ -148,7 +148,7 @@ class LayoutReader:
         self.feat_dim = feat_dim
         self.num_obj_classes = num_obj_classes
         self.num_attr_classes = num_attr_classes
-        self.labels = dict(NO_LABELS)  # set by the subclass once it has looked at its files
+        self._labels: Optional[dict] = None
 
     # -- to implement --------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -180,6 +180,22 @@ class LayoutReader:
         return len(self.keys())
 
     # -- shared --------------------------------------------------------------------------------
+    @property
+    def labels(self) -> dict:
+        """Which labels the source carries (``{"objects": bool, "attributes": bool}``): those of its
+        first readable record; every record must then carry them."""
+        if self._labels is None:
+            self._labels = dict(NO_LABELS)
+            for i, key in enumerate(self.keys()):
+                try:
+                    rec = self.read(i, key)
+                except DataFormatError:  # reported when the records are converted
+                    continue
+                self._labels = {"objects": rec.obj_ids_n is not None and rec.obj_conf_n is not None,
+                                "attributes": rec.attr_ids_n is not None and rec.attr_conf_n is not None}
+                break
+        return self._labels
+
     def error(self, key: str, field_name: str, message: str) -> DataFormatError:
         return DataFormatError(self.file_of(key), None, field_name, message, key)
 

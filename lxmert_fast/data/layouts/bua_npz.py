@@ -45,10 +45,6 @@ class BuaNpzReader(LayoutReader):
             raise LayoutError(self.path, f"{self.title}: no .npz file in the folder")
         self._keys = [os.path.basename(f)[: -len(".npz")] for f in self._files]
         self._file_of = dict(zip(self._keys, self._files))
-        info = self._members(0, self._keys[0]).get("info")
-        if info is not None:
-            self.labels = {"objects": all(k in info for k in ("objects_id", "objects_conf")),
-                           "attributes": all(k in info for k in ("attrs_id", "attrs_conf"))}
 
     def keys(self):
         return self._keys

@@ -38,10 +38,6 @@ class _MmfRecords(LayoutReader):
     field_names = {"boxes": "bbox", "img_h": "image_height", "img_w": "image_width",
                    "objects_id": "objects", "objects_conf": "cls_prob"}
 
-    def _set_labels(self, info: dict) -> None:
-        self.labels = {"objects": info.get("objects") is not None and info.get("cls_prob") is not None,
-                       "attributes": False}
-
     def _record(self, key: str, feats, info) -> RawRecord:
         if not isinstance(info, dict):
             raise self.error(key, "info", f"expected a dict, got {type(info).__name__}")
@@ -60,11 +56,8 @@ class _MmfRecords(LayoutReader):
                 raise self.error(key, "num_boxes", f"{nb}, expected 1 .. {n} (the rows of the features)")
             n = nb
         ids = conf = None
-        if self.labels["objects"]:
-            objects, prob = info.get("objects"), info.get("cls_prob")
-            if objects is None or prob is None:
-                raise self.error(key, "objects" if objects is None else "cls_prob",
-                                 "missing (the first record carries object labels; every record must)")
+        objects, prob = info.get("objects"), info.get("cls_prob")
+        if objects is not None and prob is not None:  # else no labels (see LayoutReader.labels)
             objects, prob = np.asarray(objects), np.asarray(prob)
             if objects.shape != (len(feats),) or not np.issubdtype(objects.dtype, np.integer):
                 raise self.error(key, "objects", f"expected integers of shape ({len(feats)},), got "
@@ -106,7 +99,6 @@ class MmfNpyReader(_MmfRecords):
             raise LayoutError(self.path, f"{self.title}: no .npy file in the folder")
         self._keys = [os.path.basename(f)[: -len(".npy")] for f in self._files]
         self._file_of = dict(zip(self._keys, self._files))
-        self._set_labels(self._load(0, self._keys[0])[1])
 
     def keys(self):
         return self._keys
@@ -168,7 +160,6 @@ class MmfLmdbReader(_MmfRecords):
         if not self._raw_keys:
             raise LayoutError(self.path, f"{self.title}: no record")
         self._keys = [k.decode("utf-8", "replace") for k in self._raw_keys]
-        self._set_labels(self._item(0, self._keys[0]))
 
     def keys(self):
         return self._keys

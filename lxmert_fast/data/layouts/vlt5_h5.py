@@ -36,9 +36,6 @@ class VlT5H5Reader(LayoutReader):
         self._keys = list(self._f.keys())
         if not self._keys:
             raise LayoutError(self.path, f"{self.title}: the file holds no group", "(file)")
-        first = self._f[self._keys[0]]
-        if isinstance(first, h5py.Group):
-            self.labels = {kind: all(n in first for n in names) for kind, names in LABEL_DATASETS.items()}
         self._group_type = h5py.Group
 
     def keys(self):
