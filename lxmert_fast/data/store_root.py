@@ -133,7 +133,8 @@ def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad
     keywords of :func:`~lxmert_fast.data.convert.convert_tsvs` for a conversion (``num_boxes``,
     ``feat_dim``, ...); a store found is used as it was converted. ``features_format``: the source's
     layout (``auto``: detected, see :mod:`lxmert_fast.data.layouts`); ``features_map``: a JSON file
-    mapping the other layouts' image ids to the text files' ids (part of the store's identity).
+    mapping the other layouts' image ids to the text files' ids (part of their stores' identity; a
+    TSV source does not read it).
 
     Raises :class:`FileNotFoundError` for a missing file, :class:`StoreError` when ``store-<name>``
     holds a store of other content (naming both files) or, without ``convert``, when there is no
@@ -142,9 +143,8 @@ def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad
     if not os.path.exists(tsv_path):
         raise FileNotFoundError(f"feature file {tsv_path} not found")
     layout = resolve_layout(tsv_path, features_format)
+    # a job's map serves its sources of other layouts; a TSV's img_ids are the text files' ids already
     fmap = FeaturesMap.load(features_map) if layout != "tsv" else None
-    if layout == "tsv" and features_map is not None:
-        layout_fingerprint(tsv_path, layout, FeaturesMap.load(features_map))  # raises: no map for a TSV
     fp = layout_fingerprint(tsv_path, layout, fmap)
     store = find_store(tsv_path, store_root, fp32=fp32, fingerprint=fp, layout=layout)
     out = store_dir_for(tsv_path, store_root, fp32, layout)

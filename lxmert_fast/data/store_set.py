@@ -215,10 +215,13 @@ class StoreSet:
                     continue
                 path, line = self.source_of(off + r)
                 ppath, pline = self.source_of(prev)
+                if store.layout != "tsv":  # src_line is a record index there: name the record by its image id
+                    line = None
                 dups.append(DataFormatError(path, line, "img_id",
                                             f"img_id {img_id!r} also has features in {ppath}:{pline} "
                                             f"(stores {self.stores[int(self.locate([prev])[0][0])].path} and "
-                                            f"{store.path}): one image, two feature rows"))
+                                            f"{store.path}): one image, two feature rows",
+                                            None if line is not None else img_id))
         self._index, self._duplicates = index, dups
 
     def duplicates(self) -> list[DataFormatError]:

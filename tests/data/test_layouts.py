@@ -330,8 +330,12 @@ def test_store_root_keeps_one_store_per_source_of_any_layout(records, tmp_path):
     fmap.write_text(json.dumps({"format": "%d"}))
     with pytest.raises(StoreError, match="another features map"):
         ensure_store(src, root, features_map=str(fmap), log=None)
+    # a job's map serves its other layouts' sources: its TSV sources keep their store
+    tsv = _tsv(str(tmp_path / "x_obj36.tsv"), records[:1])
+    assert ensure_store(tsv, root, features_map=str(fmap), log=None).path == ensure_store(tsv, root, log=None).path
+    # the converter, given one TSV and a map, says the map does not apply
     with pytest.raises(LayoutError, match="--features_map applies to the other layouts"):
-        ensure_store(_tsv(str(tmp_path / "x_obj36.tsv"), records[:1]), root, features_map=str(fmap), log=None)
+        convert_source(tsv, str(tmp_path / "tsv_with_map"), features_map=FeaturesMap.load(str(fmap)), log=None)
 
 
 def test_convert_cli_takes_a_folder_of_another_layout(records, tmp_path):
@@ -357,3 +361,15 @@ def test_reader_rows_report_every_bad_record_when_skipping(records, tmp_path):
         got = [(key, row is None) for _, key, row in reader.rows(log)]
     assert got == [(r.img_id, r.img_id == records[1].img_id) for r in records[:3]]
     assert log.errors[0].field == "(file)" and "not a readable .npz archive" in log.errors[0].message
+
+
+def test_an_image_with_features_in_a_tsv_and_in_another_layout_is_named_by_its_id(records, tmp_path):
+    from lxmert_fast.data.store_set import StoreSet
+
+    root = str(tmp_path / "stores")
+    tsv = ensure_store(_tsv(str(tmp_path / "a_obj36.tsv"), records[:3]), root, log=None)
+    src = W.write_butd_h5(str(tmp_path / "train36.hdf5"), records[2:4])
+    other = ensure_store(src, root, log=None)
+    with pytest.raises(DataFormatError, match="one image, two feature rows") as e:
+        StoreSet([tsv, other]).index()
+    assert (e.value.path, e.value.line, e.value.key, e.value.field) == (src, None, records[2].img_id, "img_id")
