@@ -5,8 +5,8 @@
 Builds ``--images`` synthetic records (36 boxes, 2048-d ReLU-like features: about half zeros, as
 detector features are; labels, boxes, image sizes), writes them as the original TSV and as every
 other layout the way its tool writes them (tests/data/layout_writers.py), then converts each into
-a feature store (float16, checksums on, as the jobs do), ``--repeats`` times, and reports the
-median: MB/s of the source's bytes on disk, images/s, and the ratio of images/s to the TSV
+a feature store (float16, checksums on, as the jobs do), ``--repeats`` rounds over all layouts in
+turn, and reports each one's median: MB/s of the source's bytes on disk, images/s, and the ratio of images/s to the TSV
 converter's in one process (``workers=1``; the TSV's parallel default is reported beside it).
 Writing the sources is not timed. Needs h5py and lmdb (``pip install -e ".[formats]"``).
 """
@@ -85,18 +85,16 @@ def warm_page_cache(path: str) -> None:
                 pass
 
 
-def time_case(case: str, layout: str, path: str, out: str, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        if layout == "tsv":
-            convert_tsvs([path], out, workers=1 if "1 process" in case else None, progress=False, log=None)
-        else:
-            convert_source(path, out, layout=layout, progress=False, log=None)
-        times.append(time.perf_counter() - t0)
+def time_once(case: str, layout: str, path: str, out: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    return times
+    t0 = time.perf_counter()
+    if layout == "tsv":
+        convert_tsvs([path], out, workers=1 if "1 process" in case else None, progress=False, log=None)
+    else:
+        convert_source(path, out, layout=layout, progress=False, log=None)
+    dt = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return dt
 
 
 def environment() -> dict:
@@ -131,11 +129,17 @@ def main(argv=None) -> int:
         rows = make_records(args.images)
         os.makedirs(os.path.join(work, "src"), exist_ok=True)
         sources = write_sources(os.path.join(work, "src"), rows)
+        for layout, path in sources.values():
+            warm_page_cache(path)
+        # round robin: repeat r of every case before repeat r + 1 of any, so that a change of the
+        # machine's load during the run falls on every case alike
+        times: dict[str, list[float]] = {case: [] for case in sources}
+        for _ in range(args.repeats):
+            for case, (layout, path) in sources.items():
+                times[case].append(time_once(case, layout, path, os.path.join(work, "store")))
         results = []
         for case, (layout, path) in sources.items():
-            warm_page_cache(path)
-            times = time_case(case, layout, path, os.path.join(work, "store"), args.repeats)
-            sec = statistics.median(times)
+            sec = statistics.median(times[case])
             nbytes = source_bytes(path, layout)
             results.append({"bench": "feature_layouts", "case": case, "layout": layout, "images": args.images,
                             "source_mb": nbytes / 1e6, "seconds": sec, "mb_per_s": nbytes / 1e6 / sec,
