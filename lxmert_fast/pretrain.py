@@ -185,6 +185,7 @@ def _store_dir(data_root: str, cache_dir: Optional[str]) -> str:
 
 def build_data(args, trainer: Trainer) -> DataSetup:
     from lxmert_fast.data.pretrain_data import build_pretrain_dataset, split_names
+    from lxmert_fast.data.store_set import label_loss_problems
     from lxmert_fast.data.tasks import TaskDataError, parse_feature_overrides
 
     data_root, is_demo = trainer.data_root(args.data_root, cache_dir=args.cache_dir, demo_images=args.demo_images,
@@ -212,27 +213,12 @@ def build_data(args, trainer: Trainer) -> DataSetup:
         return train, valid
 
     train, valid = trainer.node_first(build)
-    if "obj" in tasks:
-        check_label_losses(selected_visual_losses(args), [train.store] + ([valid.store] if valid else []))
+    lacking = label_loss_problems(selected_visual_losses(args) if "obj" in tasks else (),
+                                  [train.store] + ([valid.store] if valid else []))
+    if lacking:
+        raise UsageError(lacking)
     return DataSetup(train, valid, train.index, data_root, is_demo, vocab)
 
-
-def check_label_losses(losses, store_sets) -> None:
-    """The obj / attr losses need the detector's labels: a store converted from a layout without
-    them (bottom-up-attention-vqa's HDF5, MMF's attributes) is a usage error naming what it lacks."""
-    problems = []
-    for loss, kind in (("obj", "objects"), ("attr", "attributes")):
-        if loss not in losses:
-            continue
-        for sset in store_sets:
-            for st in sset.without_labels(kind):
-                src = ", ".join(s["path"] for s in st.sources)
-                problems.append(f"--visual_losses {loss} needs the detector's {kind[:-1]} labels, but {src} "
-                                f"({st.manifest.get('layout_title', st.layout)}) carries no {kind[:-1]} ids or "
-                                f"confidences (store {st.path})")
-    if problems:
-        keep = ",".join(x for x in losses if x not in ("obj", "attr")) or "feat"
-        raise UsageError("; ".join(dict.fromkeys(problems)) + f"; pre-train these features with --visual_losses {keep}")
 
 
 # ---------------------------------------------------------------------------------------------- model

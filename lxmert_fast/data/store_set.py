@@ -247,3 +247,25 @@ class StoreSet:
             return self.index()[img_id]
         except KeyError:
             raise KeyError(f"img_id {img_id!r} is not in the feature stores {self.paths}") from None
+
+
+def label_loss_problems(losses, store_sets) -> str:
+    """What stops the ``obj`` / ``attr`` losses of ``losses`` on ``store_sets`` ('' when nothing):
+    they need the detector's labels, which a store converted from a layout without them (a
+    bottom-up-attention-vqa HDF5, MMF's features for attributes) does not carry. The message names
+    the source files, their layout, what they lack and the losses that remain possible."""
+    problems, refused = [], set()
+    for loss, kind in (("obj", "objects"), ("attr", "attributes")):
+        if loss not in losses:
+            continue
+        for sset in store_sets:
+            for st in StoreSet.of(sset).without_labels(kind):
+                refused.add(loss)
+                src = ", ".join(s["path"] for s in st.sources)
+                problems.append(f"--visual_losses {loss} needs the detector's {kind[:-1]} labels, but {src} "
+                                f"({st.manifest.get('layout_title', st.layout)}) carries no {kind[:-1]} ids or "
+                                f"confidences (store {st.path})")
+    if not problems:
+        return ""
+    keep = ",".join(x for x in losses if x not in refused) or "feat"
+    return "; ".join(dict.fromkeys(problems)) + f"; pre-train these features with --visual_losses {keep}"

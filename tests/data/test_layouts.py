@@ -373,3 +373,17 @@ def test_an_image_with_features_in_a_tsv_and_in_another_layout_is_named_by_its_i
     with pytest.raises(DataFormatError, match="one image, two feature rows") as e:
         StoreSet([tsv, other]).index()
     assert (e.value.path, e.value.line, e.value.key, e.value.field) == (src, None, records[2].img_id, "img_id")
+
+
+def test_the_label_losses_name_what_the_files_lack(records, tmp_path):
+    from lxmert_fast.data.store_set import StoreSet, label_loss_problems
+
+    root = str(tmp_path / "stores")
+    mmf = ensure_store(W.write_mmf_npy(str(tmp_path / "mmf"), records[:2]), root, log=None)
+    tsv = ensure_store(_tsv(str(tmp_path / "b_obj36.tsv"), records[2:4]), root, log=None)
+    both = StoreSet([tsv, mmf])
+    assert label_loss_problems(("obj", "feat"), [both]) == ""
+    msg = label_loss_problems(("obj", "attr", "feat"), [both])
+    assert msg.startswith(f"--visual_losses attr needs the detector's attribute labels, but {mmf.sources[0]['path']} "
+                          f"(MMF / ViLBERT per-image .npy (+ _info.npy)) carries no attribute ids or confidences")
+    assert msg.endswith("pre-train these features with --visual_losses obj,feat")
