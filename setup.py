@@ -18,8 +18,11 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
-        # wandb and comet_ml: the W&B and Comet monitors' offline runs in tests/test_monitors.py
-        "dev": ["pytest", "tensorboard", "matplotlib", "wandb", "comet_ml"],
+        # h5py and lmdb: region features in the other tools' layouts (docs/data.md)
+        "formats": ["h5py", "lmdb"],
+        # wandb and comet_ml: the W&B and Comet monitors' offline runs in tests/test_monitors.py;
+        # h5py and lmdb: every feature layout is tested (tests/data/test_layouts.py)
+        "dev": ["pytest", "tensorboard", "matplotlib", "wandb", "comet_ml", "h5py", "lmdb"],
     },
     entry_points={"console_scripts": []},
 )

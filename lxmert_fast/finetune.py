@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from lxmert_fast.config import LxmertConfig  # noqa: E402
 from lxmert_fast.data import tasks as tasks_data  # noqa: E402
+from lxmert_fast.data.layouts import FORMAT_CHOICES as FEATURE_FORMATS  # noqa: E402
 from lxmert_fast import task_checkpoints  # noqa: E402
 from lxmert_fast.model import task_heads  # noqa: E402
 from lxmert_fast.train.checkpoint import preserved_rng  # noqa: E402
@@ -64,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test", default=None,
                    help="splits to predict (comma list); scored too when labelled. Without --train: no training")
     d.add_argument("--features", default=None,
-                   help="feature files for splits the defaults do not know: SPLIT=PATH[,SPLIT=PATH]")
+                   help="feature files for splits the defaults do not know: SPLIT=PATH[,SPLIT=PATH] (a TSV or a "
+                        "source of another layout: docs/data.md)")
+    d.add_argument("--features_format", default="auto", choices=FEATURE_FORMATS,
+                   help="the feature files' layout (auto: detected from the files)")
+    d.add_argument("--features_map", default=None,
+                   help="JSON map from a non-TSV layout's image ids to the text files' ids (docs/data.md)")
     d.add_argument("--vocab", default=None, help="vocab.txt or tokenizer dir (default <data_root>/vocab.txt)")
     d.add_argument("--store_dir", default=None,
                    help="the store root: one converted store per feature file, found again by its content "
@@ -158,7 +164,8 @@ class FinetuneRecipe(Recipe):
         def build():  # rank 0 converts the feature files first; the others then open the stores
             mk = lambda splits, label: tasks_data.build_task_dataset(  # noqa: E731
                 spec, self.data_root, splits, tokenizer=self.tokenizer, answers=self.answers, store_root=store_root,
-                require_label=label, feature_overrides=overrides, skip_bad=args.skip_bad, log=log)
+                require_label=label, feature_overrides=overrides, skip_bad=args.skip_bad, log=log,
+                features_format=args.features_format, features_map=args.features_map)
             return (mk(self.train_splits, True) if self.train_splits else None,
                     mk(self.valid_splits, True) if self.valid_splits else None,
                     {s: mk([s], False) for s in self.test_splits})

@@ -42,6 +42,7 @@ __all__ = ["build_parser", "build_model_config", "PretrainRecipe", "UsageError",
 # ---------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
     from lxmert_fast.data.demo import add_demo_objects_argument
+    from lxmert_fast.data.layouts import FORMAT_CHOICES
 
     p = argparse.ArgumentParser(
         description="LXMERT pre-training with DeepSpeed (demo world by default; --data_root for the real data).",
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "none = the demo world")
     d.add_argument("--train", default="mscoco_train,mscoco_nominival,vgnococo", help="training splits")
     d.add_argument("--valid", default="mscoco_minival", help="held-out split ('' = no validation)")
+    d.add_argument("--features", default=None,
+                   help="feature sources in place of the release's TSV files: SPLIT=PATH[,SPLIT=PATH] (a TSV or another "
+                        "layout: docs/data.md; relative paths are under --data_root)")
+    d.add_argument("--features_format", default="auto", choices=FORMAT_CHOICES,
+                   help="the feature files' layout (auto: detected from the files)")
+    d.add_argument("--features_map", default=None,
+                   help="JSON map from a non-TSV layout's image ids to the text files' ids (docs/data.md)")
     d.add_argument("--vocab", default=None, help="vocab.txt or tokenizer dir (default <data_root>/vocab.txt)")
     d.add_argument("--qa_sets", "--qaSets", default=None, help="restrict the QA answer table to these sets (vqa,gqa,visual7w)")
     d.add_argument("--cache_dir", default=default_cache_dir(),
@@ -144,14 +152,16 @@ class DataSetup:
         self.data_root, self.is_demo, self.vocab = data_root, is_demo, vocab
 
 
-def _check_data_paths(data_root: str, train: list[str], valid: list[str], vocab: str) -> None:
+def _check_data_paths(data_root: str, train: list[str], valid: list[str], vocab: str,
+                      features: Optional[dict] = None) -> None:
     from lxmert_fast.data.pretrain_data import SPLIT_FEATURE_FILES
 
     missing = []
+    features = features or {}
     for split in train + valid:
         if split not in SPLIT_FEATURE_FILES:
             raise UsageError(f"unknown pre-training split {split!r}: expected one of {sorted(SPLIT_FEATURE_FILES)}")
-        for rel in (os.path.join("lxmert", f"{split}.json"), SPLIT_FEATURE_FILES[split]):
+        for rel in (os.path.join("lxmert", f"{split}.json"), features.get(split, SPLIT_FEATURE_FILES[split])):
             if not os.path.exists(os.path.join(data_root, rel)) and rel not in missing:
                 missing.append(rel)
     if not os.path.exists(os.path.join(data_root, "lxmert", "all_ans.json")):
@@ -175,17 +185,24 @@ def _store_dir(data_root: str, cache_dir: Optional[str]) -> str:
 
 def build_data(args, trainer: Trainer) -> DataSetup:
     from lxmert_fast.data.pretrain_data import build_pretrain_dataset, split_names
+    from lxmert_fast.data.store_set import label_loss_problems
+    from lxmert_fast.data.tasks import TaskDataError, parse_feature_overrides
 
     data_root, is_demo = trainer.data_root(args.data_root, cache_dir=args.cache_dir, demo_images=args.demo_images,
                                            demo_objects=args.demo_objects)
     train_splits, valid_splits = split_names(args.train), split_names(args.valid or "")
     vocab = args.vocab or os.path.join(data_root, "vocab.txt")
-    _check_data_paths(data_root, train_splits, valid_splits, vocab)
+    try:
+        features = parse_feature_overrides(args.features)
+    except TaskDataError as err:
+        raise UsageError(str(err)) from None
+    _check_data_paths(data_root, train_splits, valid_splits, vocab, features)
     store_dir = _store_dir(data_root, args.cache_dir if args.store_in_cache else None)
     tasks = selected_tasks(args)
     log = trainer.log if trainer.is_main else None
     common = dict(store_dir=store_dir, vocab=vocab, skip_bad=args.skip_bad, qa_sets=args.qa_sets,
-                  task_matched="matched" in tasks, task_qa="qa" in tasks, seed=args.seed)
+                  task_matched="matched" in tasks, task_qa="qa" in tasks, seed=args.seed, features=features,
+                  features_format=args.features_format, features_map=args.features_map)
 
     def build():  # rank 0 converts and tokenises (cached, atomic); the others then open the caches
         # one store per feature file under one store root: the held-out split (minival, in val2014)
@@ -196,7 +213,12 @@ def build_data(args, trainer: Trainer) -> DataSetup:
         return train, valid
 
     train, valid = trainer.node_first(build)
+    lacking = label_loss_problems(selected_visual_losses(args) if "obj" in tasks else (),
+                                  [train.store] + ([valid.store] if valid else []))
+    if lacking:
+        raise UsageError(lacking)
     return DataSetup(train, valid, train.index, data_root, is_demo, vocab)
+
 
 
 # ---------------------------------------------------------------------------------------------- model

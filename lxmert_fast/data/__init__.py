@@ -8,6 +8,8 @@ Modules (imported on use, so ``python -m lxmert_fast.data.convert`` stays light)
   by its source fingerprint (:func:`ensure_store`), shared by pre-training and the tasks
 * :mod:`~lxmert_fast.data.store_set`   several stores read as one (:class:`StoreSet`)
 * :mod:`~lxmert_fast.data.convert`   ``python -m lxmert_fast.data.convert TSV ... --out DIR``
+* :mod:`~lxmert_fast.data.layouts`   the other tools' feature layouts (bottom-up-attention.pytorch
+  ``.npz``, VL-T5 and bottom-up-attention-vqa HDF5, MMF / ViLBERT ``.npy`` and LMDB) into the same store
 * :mod:`~lxmert_fast.data.tokenization`  WordPiece tokenisation, once, into int32 arrays
 * :mod:`~lxmert_fast.data.answers`   the QA answer table (``all_ans.json``)
 * :mod:`~lxmert_fast.data.pretrain_data`  items, negatives, QA labels, sampler, loader

@@ -1,4 +1,5 @@
-"""Convert ``*_obj36.tsv`` files into a memory-mapped feature store.
+"""Convert ``*_obj36.tsv`` files (or feature sources of the other layouts: see
+:mod:`lxmert_fast.data.layouts` and docs/data.md) into a memory-mapped feature store.
 
 Usage::
 
@@ -9,6 +10,9 @@ Usage::
     # one store per file under a store root, as pre-training and fine-tuning keep them
     # (files already converted there, found by their content fingerprint, are left as they are)
     python -m lxmert_fast.data.convert data/mscoco_imgfeat/*_obj36.tsv --store-root data/lxmert_fast
+
+    # another layout, detected from the files (or named with --features-format)
+    python -m lxmert_fast.data.convert data/butd/train36.hdf5 --store-root data/lxmert_fast
 
 How it works (bounded memory, parallel, crash safe):
 
@@ -256,6 +260,27 @@ def remove_stale_partials(out_dir: str, log=print) -> list[str]:
     return removed
 
 
+def place_store(tmp: str, out_dir: str, overwrite: bool, log=print) -> None:
+    """Rename a finished store directory ``tmp`` into place at ``out_dir``: the only moment a store
+    appears there (an existing one is replaced with ``overwrite``; a store another process finished
+    first is kept)."""
+    old = None
+    if os.path.exists(out_dir) and overwrite:
+        old = f"{out_dir}.old-{os.getpid()}"
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not os.path.exists(os.path.join(out_dir, MANIFEST)):
+            raise
+        # another process converted the same store concurrently and finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        log and log(f"{out_dir} was completed by another process; keeping it")
+    fsync_dir(os.path.dirname(out_dir))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
                  skip_bad: bool = False, workers: int | None = None,
                  num_boxes: int | None = None, feat_dim: int = DEFAULT_FEAT_DIM,
@@ -393,7 +418,7 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
                         for p, c in zip(tsv_paths, counts)],
             "skipped_rows": len(bad),
             "num_obj_classes": num_obj_classes, "num_attr_classes": num_attr_classes,
-            "fixed_num_boxes": fixed,
+            "fixed_num_boxes": fixed, "layout": "tsv", "labels": {"objects": True, "attributes": True},
         }
         if len(bad):
             bad.write_tsv(os.path.join(tmp, "skipped_rows.tsv"))
@@ -401,22 +426,7 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
         manifest = finalize_store(tmp, writer, num_images=n_valid, num_boxes=num_boxes,
                                   feat_dim=feat_dim, feat_dtype=feat_dtype, img_ids=img_ids,
                                   extra=extra, checksum=checksum)
-        # into place: the only moment a store appears at out_dir
-        old = None
-        if os.path.exists(out_dir) and overwrite:
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not os.path.exists(os.path.join(out_dir, MANIFEST)):
-                raise
-            # another process converted the same store concurrently and finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            log and log(f"{out_dir} was completed by another process; keeping it")
-        fsync_dir(parent)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        place_store(tmp, out_dir, overwrite, log)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -441,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "naming its file, line and field (exit code 2) unless --skip-bad.",
         epilog="Example: python -m lxmert_fast.data.convert data/mscoco_imgfeat/*_obj36.tsv "
                "data/vg_gqa_imgfeat/vg_gqa_obj36.tsv --out data/store")
-    p.add_argument("tsv", nargs="+", help="input *_obj36.tsv files")
+    p.add_argument("tsv", nargs="+", help="input *_obj36.tsv files, or feature sources of another layout (a folder "
+                   "of .npz or .npy files, an HDF5 file, an LMDB: see docs/data.md)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="store directory to create (every input file goes into this one store)")
     where.add_argument("--store-root", help="store root (as the jobs use: default <data_root>/lxmert_fast): each "
@@ -462,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="object ids must be below this (default 1600)")
     p.add_argument("--num-attr-classes", type=int, default=DEFAULT_NUM_ATTR_CLASSES,
                    help="attribute ids must be below this (default 400)")
+    p.add_argument("--features-format", "--features_format", default="auto",
+                   help="the inputs' layout: auto (detected from the files), tsv, bua_npz (bottom-up-attention.pytorch), "
+                        "vlt5_h5 (VL-T5), butd_h5 (bottom-up-attention-vqa / ban-vqa), mmf_npy (MMF / ViLBERT), "
+                        "mmf_lmdb (MMF's LMDB)")
+    p.add_argument("--features-map", "--features_map", default=None,
+                   help="JSON file mapping the image ids of a non-TSV layout to the text files' ids "
+                        "({\"format\": ..., \"ids\": {...}, \"image_sizes\": {...}}; docs/data.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-checksum", action="store_true", help="skip the sha256 of the outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -480,12 +498,26 @@ def main(argv=None, on_segment: Callable[[int], None] | None = None) -> int:
             for tsv in args.tsv:
                 st = ensure_store(tsv, args.store_root, fp32=args.fp32, skip_bad=args.skip_bad,
                                   workers=args.workers, convert_options=options,
+                                  features_format=args.features_format, features_map=args.features_map,
                                   log=print if not args.no_progress else None)
-                print(f"{tsv} -> {st.path} ({st.num_images} images)")
+                print(f"{tsv} -> {st.path} ({st.num_images} images, {st.layout})")
             return 0
-        convert_tsvs(args.tsv, args.out, fp32=args.fp32, skip_bad=args.skip_bad,
-                     workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
-                     on_segment=on_segment, **options)
+        # the other layouts' converter reuses this module's row writing (hence imported here)
+        from .layouts import FeaturesMap, resolve_layout
+        from .layouts.convert import convert_source
+
+        layouts = [resolve_layout(p, args.features_format) for p in args.tsv]
+        if set(layouts) == {"tsv"} and args.features_map is None:
+            convert_tsvs(args.tsv, args.out, fp32=args.fp32, skip_bad=args.skip_bad,
+                         workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
+                         on_segment=on_segment, **options)
+        elif len(args.tsv) == 1:
+            convert_source(args.tsv[0], args.out, layout=layouts[0], features_map=FeaturesMap.load(args.features_map),
+                           fp32=args.fp32, skip_bad=args.skip_bad, workers=args.workers, overwrite=args.overwrite,
+                           progress=not args.no_progress, **options)
+        else:
+            raise ValueError("--out takes several inputs only when all are TSV files; give one source of another "
+                             "layout at a time, or use --store-root (one store per source)")
     except DataFormatError as e:
         print(f"error: {e}\n(no store written; use --skip-bad to skip and report bad rows)",
               file=sys.stderr)

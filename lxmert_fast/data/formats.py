@@ -46,22 +46,28 @@ class DataFormatError(ValueError):
     """A bad input row. ``str()`` names the file, the line (1-based) and the field.
 
     For JSON inputs ``line`` is the line on which the offending record starts and ``field`` is a
-    path inside the record such as ``[12].labelf.vqa[3]``.
+    path inside the record such as ``[12].labelf.vqa[3]``. Records of the other feature layouts
+    (:mod:`lxmert_fast.data.layouts`) have no line: ``key`` names the record (an HDF5 group, an
+    LMDB key, a file's image id) and ``line`` is None.
     """
 
-    def __init__(self, path: str, line: int | None, field: str, message: str):
+    def __init__(self, path: str, line: int | None, field: str, message: str, key: str | None = None):
         self.path = str(path)
         self.line = line
         self.field = field
         self.message = message
+        self.key = key
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        line = "?" if self.line is None else str(self.line)
-        return f"{self.path}:{line}: field '{self.field}': {self.message}"
+        if self.key is not None:
+            where = f"{self.path}: key {self.key!r}" if self.line is None else f"{self.path}:{self.line}: key {self.key!r}"
+        else:
+            where = f"{self.path}:{'?' if self.line is None else self.line}"
+        return f"{where}: field '{self.field}': {self.message}"
 
     def __reduce__(self):  # picklable across multiprocessing
-        return (DataFormatError, (self.path, self.line, self.field, self.message))
+        return (DataFormatError, (self.path, self.line, self.field, self.message, self.key))
 
 
 @dataclass
@@ -100,12 +106,14 @@ class BadRowLog:
         return "\n".join(lines)
 
     def write_tsv(self, path: str) -> None:
-        """Write every skipped row as ``file<TAB>line<TAB>field<TAB>message``."""
+        """Write every skipped row as ``file<TAB>line<TAB>field<TAB>message<TAB>key`` (``key``: the
+        record of a layout without lines, empty for TSV rows)."""
         with open(path, "w", encoding="utf-8") as f:
-            f.write("file\tline\tfield\tmessage\n")
+            f.write("file\tline\tfield\tmessage\tkey\n")
             for e in self.errors:
                 msg = e.message.replace("\t", " ").replace("\n", " ")
-                f.write(f"{e.path}\t{e.line}\t{e.field}\t{msg}\n")
+                key = "" if e.key is None else str(e.key).replace("\t", " ").replace("\n", " ")
+                f.write(f"{e.path}\t{e.line}\t{e.field}\t{msg}\t{key}\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,19 +198,76 @@ def _split_fields(line_b: bytes) -> list:
         start = tab + 1
 
 
-def check_features(feats_nd: np.ndarray, path: str, line: int, check_fp16: bool = False) -> None:
+def check_features(feats_nd: np.ndarray, path: str, line: int | None, check_fp16: bool = False, *,
+                   key: str | None = None, field: str = "features") -> None:
     """Non-finite features, or (``check_fp16``) values outside the float16 range, raise
     :class:`DataFormatError` (vectorised float32 reductions: a few microseconds per row)."""
     if feats_nd.size == 0:
         return
     if not np.isfinite(feats_nd).all():
         i, j = _first_bad(~np.isfinite(feats_nd))
-        raise DataFormatError(path, line, "features",
-                              f"object {i}, dim {j}: non-finite value {float(feats_nd[i, j])!r}")
+        raise DataFormatError(path, line, field,
+                              f"object {i}, dim {j}: non-finite value {float(feats_nd[i, j])!r}", key)
     if check_fp16 and (feats_nd.max() > FP16_MAX or feats_nd.min() < -FP16_MAX):
         amax = float(np.abs(feats_nd).max())
-        raise DataFormatError(path, line, "features",
-                              f"|value| {amax:g} exceeds the float16 range; convert with --fp32")
+        raise DataFormatError(path, line, field,
+                              f"|value| {amax:g} exceeds the float16 range; convert with --fp32", key)
+
+
+# The TSV's field names; a layout whose files name a field otherwise passes its own names to
+# :func:`check_obj_row`, so that an error names the field as the files do.
+TSV_FIELD_NAMES = {"objects_id": "objects_id", "objects_conf": "objects_conf", "attrs_id": "attrs_id",
+                   "attrs_conf": "attrs_conf", "boxes": "boxes", "features": "features"}
+
+
+def check_obj_row(row: "ObjRow", path: str, line: int | None, *, key: str | None = None,
+                  num_obj_classes: int = DEFAULT_NUM_OBJ_CLASSES,
+                  num_attr_classes: int = DEFAULT_NUM_ATTR_CLASSES, check_fp16: bool = False,
+                  check_feats: bool = True, objects: bool = True, attributes: bool = True,
+                  names: dict | None = None) -> None:
+    """The checks every feature record passes, whatever its layout: ids inside the detector's
+    class range, confidences in [0, 1], finite boxes inside the image with x1 <= x2 and y1 <= y2,
+    finite features (and, ``check_fp16``, inside the float16 range). ``objects`` / ``attributes``:
+    whether the record carries those labels (a layout without them is not checked for them).
+    Raises :class:`DataFormatError` naming the file, the line or key, and the field (``names``:
+    the layout's names of the TSV's fields).
+    """
+    nm = TSV_FIELD_NAMES if names is None else {**TSV_FIELD_NAMES, **names}
+    checks = []
+    if objects:
+        checks.append(("objects_id", "objects_conf", row.obj_ids_n, row.obj_conf_n, num_obj_classes))
+    if attributes:
+        checks.append(("attrs_id", "attrs_conf", row.attr_ids_n, row.attr_conf_n, num_attr_classes))
+    for id_field, conf_field, ids, conf, limit in checks:
+        bad = (ids < 0) | (ids >= limit)
+        if bad.any():
+            (i,) = _first_bad(bad)
+            raise DataFormatError(path, line, nm[id_field],
+                                  f"object {i}: id {int(ids[i])} outside [0, {limit})", key)
+        bad = ~np.isfinite(conf) | (conf < 0) | (conf > 1 + 1e-4)
+        if bad.any():
+            (i,) = _first_bad(bad)
+            raise DataFormatError(path, line, nm[conf_field],
+                                  f"object {i}: confidence {float(conf[i])!r} not in [0, 1]", key)
+    boxes, img_w, img_h = row.boxes_n4, row.img_w, row.img_h
+    if not np.isfinite(boxes).all():
+        i, j = _first_bad(~np.isfinite(boxes))
+        raise DataFormatError(path, line, nm["boxes"], f"object {i}: non-finite coordinate {j}", key)
+    lim = np.array([img_w, img_h, img_w, img_h], np.float32)
+    tol = BOX_TOLERANCE * lim
+    outside = (boxes < -tol) | (boxes > lim + tol)
+    if outside.any():
+        i, j = _first_bad(outside)
+        raise DataFormatError(
+            path, line, nm["boxes"],
+            f"object {i}: box {boxes[i].tolist()} outside the {img_w}x{img_h} (w x h) image", key)
+    flipped = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if flipped.any():
+        (i,) = _first_bad(flipped)
+        raise DataFormatError(path, line, nm["boxes"],
+                              f"object {i}: box {boxes[i].tolist()} has x2 < x1 or y2 < y1", key)
+    if check_feats:
+        check_features(row.feats_nd, path, line, check_fp16, key=key, field=nm["features"])
 
 
 def parse_tsv_line(line_b: bytes, path: str, line: int, *, feat_dim: int = DEFAULT_FEAT_DIM,
@@ -240,38 +305,10 @@ def parse_tsv_line(line_b: bytes, path: str, line: int, *, feat_dim: int = DEFAU
     feats = _array(parts[9], path, line, "features", np.float32, n * feat_dim,
                    f"num_boxes x {feat_dim}").reshape(n, feat_dim)
 
-    for field, ids, limit in (("objects_id", obj_ids, num_obj_classes),
-                              ("attrs_id", attr_ids, num_attr_classes)):
-        bad = (ids < 0) | (ids >= limit)
-        if bad.any():
-            (i,) = _first_bad(bad)
-            raise DataFormatError(path, line, field,
-                                  f"object {i}: id {int(ids[i])} outside [0, {limit})")
-    for field, conf in (("objects_conf", obj_conf), ("attrs_conf", attr_conf)):
-        bad = ~np.isfinite(conf) | (conf < 0) | (conf > 1 + 1e-4)
-        if bad.any():
-            (i,) = _first_bad(bad)
-            raise DataFormatError(path, line, field,
-                                  f"object {i}: confidence {float(conf[i])!r} not in [0, 1]")
-    if not np.isfinite(boxes).all():
-        i, j = _first_bad(~np.isfinite(boxes))
-        raise DataFormatError(path, line, "boxes", f"object {i}: non-finite coordinate {j}")
-    lim = np.array([img_w, img_h, img_w, img_h], np.float32)
-    tol = BOX_TOLERANCE * lim
-    outside = (boxes < -tol) | (boxes > lim + tol)
-    if outside.any():
-        i, j = _first_bad(outside)
-        raise DataFormatError(
-            path, line, "boxes",
-            f"object {i}: box {boxes[i].tolist()} outside the {img_w}x{img_h} (w x h) image")
-    flipped = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if flipped.any():
-        (i,) = _first_bad(flipped)
-        raise DataFormatError(path, line, "boxes",
-                              f"object {i}: box {boxes[i].tolist()} has x2 < x1 or y2 < y1")
-    if check_feats:
-        check_features(feats, path, line, check_fp16)
-    return ObjRow(img_id, img_h, img_w, n, obj_ids, obj_conf, attr_ids, attr_conf, boxes, feats)
+    row = ObjRow(img_id, img_h, img_w, n, obj_ids, obj_conf, attr_ids, attr_conf, boxes, feats)
+    check_obj_row(row, path, line, num_obj_classes=num_obj_classes, num_attr_classes=num_attr_classes,
+                  check_fp16=check_fp16, check_feats=check_feats)
+    return row
 
 
 def normalise_boxes(boxes_n4: np.ndarray, img_h: int, img_w: int) -> np.ndarray:

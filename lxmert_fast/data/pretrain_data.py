@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import NamedTuple
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -655,13 +655,19 @@ def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, *, rank: int
 # one call from a data root to a dataset
 # ---------------------------------------------------------------------------------------------
 
-def feature_files_for(data_root: str, splits) -> list[str]:
-    """The TSV files holding the images of ``splits`` (deduplicated, in order)."""
+def feature_files_for(data_root: str, splits, overrides: Optional[Mapping[str, str]] = None) -> list[str]:
+    """The feature files (or sources of another layout) holding the images of ``splits``
+    (deduplicated, in order); ``overrides``: {split: path} in place of the release's file names
+    (a relative path is under ``data_root``)."""
     out = []
     for s in split_names(splits):
-        if s not in SPLIT_FEATURE_FILES:
+        if overrides and s in overrides:
+            rel = overrides[s]
+        elif s in SPLIT_FEATURE_FILES:
+            rel = SPLIT_FEATURE_FILES[s]
+        else:
             raise ValueError(f"unknown pre-training split {s!r}; known: {sorted(SPLIT_FEATURE_FILES)}")
-        p = os.path.join(data_root, SPLIT_FEATURE_FILES[s])
+        p = rel if os.path.isabs(rel) else os.path.join(data_root, rel)
         if p not in out:
             out.append(p)
     return out
@@ -671,7 +677,9 @@ def build_pretrain_dataset(data_root: str, splits=DEFAULT_SPLITS, *, store_dir: 
                            vocab: str | None = None, skip_bad: bool = False, qa_sets=None,
                            task_matched: bool = True, task_qa: bool = True, seed: int = 0,
                            fp32: bool = False, convert_workers: int | None = None,
-                           masking: MaskingConfig | None = None, log=print) -> PretrainDataset:
+                           masking: MaskingConfig | None = None, features: Optional[Mapping[str, str]] = None,
+                           features_format: str = "auto", features_map: Optional[str] = None,
+                           log=print) -> PretrainDataset:
     """Data root (original layout) -> :class:`PretrainDataset`, converting and tokenising once.
 
     ``store_dir`` is the store root (default ``<data_root>/lxmert_fast``, as fine-tuning's
@@ -680,11 +688,14 @@ def build_pretrain_dataset(data_root: str, splits=DEFAULT_SPLITS, *, store_dir: 
     shared with the other splits and with the fine-tuning tasks; the stores are read as one
     :class:`StoreSet`, and the sentence index goes to ``<store_dir>/sentences/<key>``. ``vocab``
     defaults to ``<data_root>/vocab.txt`` (the demo world writes one; for the real data give
-    bert-base-uncased's vocab.txt). Every cache is built atomically and reused.
+    bert-base-uncased's vocab.txt). Every cache is built atomically and reused. ``features``:
+    {split: feature source} in place of the release's TSV files, of any layout
+    (``features_format``, ``features_map``: see :mod:`lxmert_fast.data.layouts`).
     """
-    tsvs = feature_files_for(data_root, splits)
+    tsvs = feature_files_for(data_root, splits, features)
     root = os.path.abspath(store_dir or os.path.join(data_root, "lxmert_fast"))
-    stores = StoreSet([ensure_store(t, root, fp32=fp32, skip_bad=skip_bad, workers=convert_workers, log=log)
+    stores = StoreSet([ensure_store(t, root, fp32=fp32, skip_bad=skip_bad, workers=convert_workers, log=log,
+                                    features_format=features_format, features_map=features_map)
                        for t in tsvs], root=root)
     vocab = vocab or os.path.join(data_root, "vocab.txt")
     index = build_pretrain_index(data_root, splits, stores, vocab, qa_sets=qa_sets,

@@ -1,4 +1,5 @@
-"""Memory-mapped feature store: one conversion of the ``*_obj36.tsv`` files, shared by workers.
+"""Memory-mapped feature store: one conversion of the ``*_obj36.tsv`` files (or of a feature
+source of another layout, :mod:`lxmert_fast.data.layouts`), shared by workers.
 
 Layout of a store directory (every array is a ``.npy`` file, row i = image i)::
 
@@ -7,7 +8,8 @@ Layout of a store directory (every array is a ``.npy`` file, row i = image i)::
     obj_ids.npy    (N, K) int32      obj_conf.npy  (N, K) float32
     attr_ids.npy   (N, K) int32      attr_conf.npy (N, K) float32
     img_h.npy, img_w.npy, num_boxes.npy  (N,) int32   (num_boxes < K only with --num-boxes)
-    src_file.npy   (N,) int16, src_line.npy (N,) int64: where each row came from
+    src_file.npy   (N,) int16, src_line.npy (N,) int64: where each row came from (the other
+                   layouts: src_line is the record's index in its source)
     img_ids.npy    (N,) fixed-width unicode
     skipped_rows.tsv (only with --skip-bad and skipped rows)
     manifest.json  written last: format, version, shapes, dtypes, counts, sha256 of every file
@@ -29,7 +31,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -107,7 +109,18 @@ def source_fingerprint(path: str, chunk: int = 1 << 20) -> str:
     Cheap (2 MiB read) and independent of the path and mtime, so a store still matches its data
     after the data folder is moved or copied, and no longer matches a re-generated or replaced
     file (whose feature rows differ from the first line on).
+
+    A directory (a layout of one file per image): sha256 of every file's relative name and size,
+    in name order, and the fingerprints of the first and the last file.
     """
+    if os.path.isdir(path):
+        files = list_files(path)
+        h = hashlib.sha256(b"dir")
+        for rel in files:
+            h.update(f"{rel}\0{os.path.getsize(os.path.join(path, rel))}\n".encode())
+        for rel in files[:1] + files[-1:]:
+            h.update(source_fingerprint(os.path.join(path, rel), chunk).encode())
+        return h.hexdigest()
     size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -116,6 +129,25 @@ def source_fingerprint(path: str, chunk: int = 1 << 20) -> str:
             f.seek(max(chunk, size - chunk))
             h.update(f.read(chunk))
     return h.hexdigest()
+
+
+def list_files(directory: str) -> list[str]:
+    """Every file under ``directory`` (relative paths with '/', sorted; hidden files left out)."""
+    out = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(root, directory)
+        for name in files:
+            if not name.startswith("."):
+                out.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+    return sorted(out)
+
+
+def source_size(path: str) -> int:
+    """Bytes of a source: a file's size, or the sum over the files of a directory."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, rel)) for rel in list_files(path))
+    return os.path.getsize(path)
 
 
 def fsync_dir(path: str) -> None:
@@ -272,14 +304,28 @@ class FeatureStore:
     @property
     def sources(self) -> list[dict]:
         """What the store was converted from: ``[{"path", "bytes", "lines", "fingerprint"}]``
-        (``fingerprint``: :func:`source_fingerprint`; absent in stores of early versions)."""
+        (``fingerprint``: :func:`source_fingerprint`, or for the other layouts their own, see
+        :mod:`lxmert_fast.data.layouts`; absent in stores of early versions; ``records`` instead of
+        ``lines`` for the other layouts)."""
         return self.manifest.get("sources") or []
 
-    def check_sources(self, tsv_paths: Iterable[str]) -> None:
+    @property
+    def layout(self) -> str:
+        """The layout the store was converted from (``tsv`` for stores of earlier versions)."""
+        return self.manifest.get("layout", "tsv")
+
+    @property
+    def labels(self) -> dict[str, bool]:
+        """Which detector labels the store carries: ``{"objects": bool, "attributes": bool}``
+        (a layout without them stores zero ids and zero confidences; TSV stores carry both)."""
+        return dict(self.manifest.get("labels") or {"objects": True, "attributes": True})
+
+    def check_sources(self, tsv_paths: Iterable[str], fingerprints: Optional[Iterable[str]] = None) -> None:
         """Raise :class:`StoreError` unless every file of ``tsv_paths`` is one this store was
         converted from: matched by content fingerprint, whatever the file's name or place now (a
         renamed, moved or copied file is still its source); for stores written before fingerprints
-        were recorded, by absolute path and size.
+        were recorded, by absolute path and size. ``fingerprints``: the sources' fingerprints when the
+        caller has them (the other layouts' include their id maps; default :func:`source_fingerprint`).
 
         Stores are found again by name or fingerprint (:mod:`lxmert_fast.data.store_root`), so
         without this check a store converted from other data (a re-generated demo world, another
@@ -288,9 +334,11 @@ class FeatureStore:
         """
         sources = self.sources
         built_from = ", ".join(s["path"] for s in sources) or "(no sources recorded)"
-        for p in tsv_paths:
-            size = os.path.getsize(p)
-            fp = source_fingerprint(p) if any("fingerprint" in s for s in sources) else None
+        tsv_paths = list(tsv_paths)
+        fps = list(fingerprints) if fingerprints is not None else [None] * len(tsv_paths)
+        for p, given_fp in zip(tsv_paths, fps):
+            size = source_size(p)
+            fp = ((given_fp or source_fingerprint(p)) if any("fingerprint" in s for s in sources) else None)
             if any(s.get("fingerprint") == fp if "fingerprint" in s
                    else (s.get("bytes") == size and os.path.abspath(p) == s["path"])
                    for s in sources):

@@ -24,6 +24,10 @@ when ``store-<name>`` holds a store converted from other content and no store of
 exists, that is an error naming both files (delete the store or give another store root), never
 a read with the wrong images and never a silent second conversion of tens of GB.
 
+A feature source of another layout (:mod:`lxmert_fast.data.layouts`: a folder of ``.npz`` or ``.npy``
+files, an HDF5 file, an LMDB) gets its store the same way, named ``store-<name>-<layout>`` and found
+again by its layout's fingerprint (the files' content, an HDF5 file's id map, the features map).
+
 Stores that several files were converted into (the combined pre-training store of earlier
 versions, ``store-train2014+val2014+vg_gqa``) are never used for one file: their rows are not one
 file's rows. A conversion logs that such a store can be deleted.
@@ -35,22 +39,26 @@ import json
 import os
 from typing import Callable, Optional
 
-from .store import MANIFEST, STORE_FORMAT, FeatureStore, StoreError, source_fingerprint
+from . import convert as convert_mod
+from .layouts import FeaturesMap, layout_fingerprint, resolve_layout
+from .layouts.convert import convert_source
+from .store import MANIFEST, STORE_FORMAT, FeatureStore, StoreError, source_size
 
 SENTENCES_DIR = "sentences"
 
 
-def store_name(tsv_path: str, fp32: bool = False) -> str:
-    """``store-<name>[-fp32]`` with ``<name>`` the file name without ``_obj36.tsv`` (or its
-    extension): ``train2014_obj36.tsv`` -> ``store-train2014``."""
-    name = os.path.basename(tsv_path)
+def store_name(tsv_path: str, fp32: bool = False, layout: str = "tsv") -> str:
+    """``store-<name>[-<layout>][-fp32]`` with ``<name>`` the file name without ``_obj36.tsv`` (or its
+    extension): ``train2014_obj36.tsv`` -> ``store-train2014``; a source of another layout adds the
+    layout's name: ``train36.hdf5`` -> ``store-train36-butd_h5``."""
+    name = os.path.basename(os.path.normpath(tsv_path))
     name = name[: -len("_obj36.tsv")] if name.endswith("_obj36.tsv") else os.path.splitext(name)[0]
-    return f"store-{name}{'-fp32' if fp32 else ''}"
+    return f"store-{name}{'' if layout == 'tsv' else '-' + layout}{'-fp32' if fp32 else ''}"
 
 
-def store_dir_for(tsv_path: str, store_root: str, fp32: bool = False) -> str:
+def store_dir_for(tsv_path: str, store_root: str, fp32: bool = False, layout: str = "tsv") -> str:
     """The directory a new store of ``tsv_path`` gets under ``store_root``."""
-    return os.path.join(store_root, store_name(tsv_path, fp32))
+    return os.path.join(store_root, store_name(tsv_path, fp32, layout))
 
 
 def _read_manifest(path: str) -> Optional[dict]:
@@ -72,7 +80,7 @@ def _is_store_of(manifest: dict, tsv_path: str, fingerprint: str) -> bool:
     src = sources[0]
     if "fingerprint" in src:
         return src["fingerprint"] == fingerprint
-    return src.get("path") == os.path.abspath(tsv_path) and src.get("bytes") == os.path.getsize(tsv_path)
+    return src.get("path") == os.path.abspath(tsv_path) and src.get("bytes") == source_size(tsv_path)
 
 
 def _candidates(store_root: str) -> list[str]:
@@ -87,16 +95,17 @@ def _candidates(store_root: str) -> list[str]:
 
 
 def find_store(tsv_path: str, store_root: str, *, fp32: bool = False,
-               fingerprint: Optional[str] = None) -> Optional[FeatureStore]:
+               fingerprint: Optional[str] = None, layout: str = "tsv") -> Optional[FeatureStore]:
     """The complete store under ``store_root`` converted from the content of ``tsv_path`` alone,
     with features in the asked dtype, or None.
 
     Looks at ``store-<name>`` first, then at every other single-file store of the root (one
-    manifest read each): the match is by source fingerprint, not by name.
+    manifest read each): the match is by source fingerprint (``fingerprint``: the layout's, see
+    :func:`~lxmert_fast.data.layouts.layout_fingerprint`), not by name.
     """
-    fingerprint = fingerprint or source_fingerprint(tsv_path)
+    fingerprint = fingerprint or layout_fingerprint(tsv_path, layout)
     dtype = "float32" if fp32 else "float16"
-    preferred = store_dir_for(tsv_path, store_root, fp32)
+    preferred = store_dir_for(tsv_path, store_root, fp32, layout)
     for path in [preferred] + [c for c in _candidates(store_root) if c != preferred]:
         m = _read_manifest(path)
         if m is not None and m.get("feat_dtype") == dtype and _is_store_of(m, tsv_path, fingerprint):
@@ -115,25 +124,30 @@ def _combined_stores(store_root: str) -> list[str]:
 
 def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad: bool = False,
                  workers: Optional[int] = None, convert: bool = True,
-                 convert_options: Optional[dict] = None,
+                 convert_options: Optional[dict] = None, features_format: str = "auto",
+                 features_map: Optional[str] = None,
                  log: Optional[Callable[[str], None]] = print) -> FeatureStore:
-    """The store of one feature file under ``store_root``: found by its source fingerprint, or
+    """The store of one feature source under ``store_root``: found by its source fingerprint, or
     (``convert``) converted on first use into ``store-<name>`` (atomically: written aside and
     renamed into place; concurrent builders keep the first complete one). ``convert_options``: more
     keywords of :func:`~lxmert_fast.data.convert.convert_tsvs` for a conversion (``num_boxes``,
-    ``feat_dim``, ...); a store found is used as it was converted.
+    ``feat_dim``, ...); a store found is used as it was converted. ``features_format``: the source's
+    layout (``auto``: detected, see :mod:`lxmert_fast.data.layouts`); ``features_map``: a JSON file
+    mapping the other layouts' image ids to the text files' ids (part of their stores' identity; a
+    TSV source does not read it).
 
     Raises :class:`FileNotFoundError` for a missing file, :class:`StoreError` when ``store-<name>``
     holds a store of other content (naming both files) or, without ``convert``, when there is no
     store of this file yet.
     """
-    from .convert import convert_tsvs
-
-    if not os.path.isfile(tsv_path):
+    if not os.path.exists(tsv_path):
         raise FileNotFoundError(f"feature file {tsv_path} not found")
-    fp = source_fingerprint(tsv_path)
-    store = find_store(tsv_path, store_root, fp32=fp32, fingerprint=fp)
-    out = store_dir_for(tsv_path, store_root, fp32)
+    layout = resolve_layout(tsv_path, features_format)
+    # a job's map serves its sources of other layouts; a TSV's img_ids are the text files' ids already
+    fmap = FeaturesMap.load(features_map) if layout != "tsv" else None
+    fp = layout_fingerprint(tsv_path, layout, fmap)
+    store = find_store(tsv_path, store_root, fp32=fp32, fingerprint=fp, layout=layout)
+    out = store_dir_for(tsv_path, store_root, fp32, layout)
     if store is not None:
         if store.path != os.path.abspath(out) and log:
             src = store.sources[0]["path"]
@@ -151,9 +165,9 @@ def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad
                               for src in other.sources) or "(no sources recorded)"
             raise StoreError(
                 f"{out}: this store was converted from {built}, not from the content {tsv_path} has now "
-                f"({os.path.getsize(tsv_path)} bytes, fingerprint {fp[:12]}: re-generated or replaced?), and no "
-                f"store of that content is under {store_root}; delete {out} to convert {tsv_path} again, or give "
-                f"another store root")
+                f"({source_size(tsv_path)} bytes, fingerprint {fp[:12]}: re-generated or replaced, or another "
+                f"features map?), and no store of that content is under {store_root}; delete {out} to convert "
+                f"{tsv_path} again, or give another store root")
         if not convert:
             raise StoreError(f"{store_root}: no converted store of {tsv_path} (expected {out}); convert it "
                              f"first (python -m lxmert_fast.data.convert --store-root {store_root} {tsv_path})")
@@ -161,8 +175,12 @@ def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad
             for old in _combined_stores(store_root):
                 log(f"{old}: a store of several feature files from an earlier version; it is no longer "
                     f"read (one store per file now): delete it to free its space")
-        convert_tsvs([tsv_path], out, fp32=fp32, skip_bad=skip_bad, workers=workers,
-                     overwrite=os.path.exists(out), progress=bool(log), log=log, **(convert_options or {}))
+        options = dict(fp32=fp32, skip_bad=skip_bad, workers=workers, overwrite=os.path.exists(out),
+                       progress=bool(log), log=log, **(convert_options or {}))
+        if layout == "tsv":  # the TSV's parallel converter (looked up on call: tests count its calls)
+            convert_mod.convert_tsvs([tsv_path], out, **options)
+        else:
+            convert_source(tsv_path, out, layout=layout, features_map=fmap, fingerprint=fp, **options)
         store = FeatureStore.open(out)
-    store.check_sources([tsv_path])  # on every reuse, and after a concurrent builder won the race
+    store.check_sources([tsv_path], fingerprints=[fp])  # on every reuse, and after a concurrent builder won
     return store

@@ -195,6 +195,13 @@ class StoreSet:
         src = store.sources[int(store.array("src_file")[local])]["path"]
         return src, int(store.array("src_line")[local])
 
+    def without_labels(self, kind: str) -> list[FeatureStore]:
+        """The stores that carry no ``kind`` labels (``objects`` / ``attributes``): converted from a
+        layout whose files have none (their ids and confidences are zeros)."""
+        if kind not in ("objects", "attributes"):
+            raise ValueError(f"kind must be 'objects' or 'attributes', got {kind!r}")
+        return [s for s in self.stores if not s.labels.get(kind, True)]
+
     # -- img_id index ---------------------------------------------------------------------------
     def _build_index(self) -> None:
         index: dict[str, int] = {}
@@ -208,10 +215,13 @@ class StoreSet:
                     continue
                 path, line = self.source_of(off + r)
                 ppath, pline = self.source_of(prev)
+                if store.layout != "tsv":  # src_line is a record index there: name the record by its image id
+                    line = None
                 dups.append(DataFormatError(path, line, "img_id",
                                             f"img_id {img_id!r} also has features in {ppath}:{pline} "
                                             f"(stores {self.stores[int(self.locate([prev])[0][0])].path} and "
-                                            f"{store.path}): one image, two feature rows"))
+                                            f"{store.path}): one image, two feature rows",
+                                            None if line is not None else img_id))
         self._index, self._duplicates = index, dups
 
     def duplicates(self) -> list[DataFormatError]:
@@ -237,3 +247,25 @@ class StoreSet:
             return self.index()[img_id]
         except KeyError:
             raise KeyError(f"img_id {img_id!r} is not in the feature stores {self.paths}") from None
+
+
+def label_loss_problems(losses, store_sets) -> str:
+    """What stops the ``obj`` / ``attr`` losses of ``losses`` on ``store_sets`` ('' when nothing):
+    they need the detector's labels, which a store converted from a layout without them (a
+    bottom-up-attention-vqa HDF5, MMF's features for attributes) does not carry. The message names
+    the source files, their layout, what they lack and the losses that remain possible."""
+    problems, refused = [], set()
+    for loss, kind in (("obj", "objects"), ("attr", "attributes")):
+        if loss not in losses:
+            continue
+        for sset in store_sets:
+            for st in StoreSet.of(sset).without_labels(kind):
+                refused.add(loss)
+                src = ", ".join(s["path"] for s in st.sources)
+                problems.append(f"--visual_losses {loss} needs the detector's {kind[:-1]} labels, but {src} "
+                                f"({st.manifest.get('layout_title', st.layout)}) carries no {kind[:-1]} ids or "
+                                f"confidences (store {st.path})")
+    if not problems:
+        return ""
+    keep = ",".join(x for x in losses if x not in refused) or "feat"
+    return "; ".join(dict.fromkeys(problems)) + f"; pre-train these features with --visual_losses {keep}"

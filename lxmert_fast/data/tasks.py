@@ -418,9 +418,11 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
                        store_root: str, require_label: bool = False,
                        feature_overrides: Optional[Mapping[str, str]] = None, skip_bad: bool = False,
                        fp32: bool = False, max_len: int = MAX_LEN, convert: bool = True,
+                       features_format: str = "auto", features_map: Optional[str] = None,
                        log: Optional[Callable[[str], None]] = print) -> TaskDataset:
     """Read ``splits``, find (``convert``: or build) the stores of their feature files under
-    ``store_root`` (:func:`~lxmert_fast.data.store_root.ensure_store`), tokenise."""
+    ``store_root`` (:func:`~lxmert_fast.data.store_root.ensure_store`), tokenise. The feature files
+    may be of any layout (``features_format``, ``features_map``: :mod:`lxmert_fast.data.layouts`)."""
     from .tokenization import tokenize_sentences
 
     skip = BadRowLog(skip_bad)
@@ -430,9 +432,10 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
         raise TaskDataError(f"{spec.name} {','.join(ex.splits)}: no examples")
     stores = {}
     for tsv in sorted({f for files in ex.feature_files for f in files}):
-        if not os.path.isfile(tsv):
+        if not os.path.exists(tsv):
             raise TaskDataError(f"feature file {tsv} not found")
-        stores[tsv] = ensure_store(tsv, store_root, fp32=fp32, skip_bad=skip_bad, convert=convert, log=log)
+        stores[tsv] = ensure_store(tsv, store_root, fp32=fp32, skip_bad=skip_bad, convert=convert, log=log,
+                                   features_format=features_format, features_map=features_map)
     tokens, lengths = tokenize_sentences(tokenizer, ex.sents, max_len)
     ds = TaskDataset(spec, ex, stores, tokens, lengths, answers, skip=skip)
     if len(skip) and log:
