@@ -179,8 +179,9 @@ def render(env: dict, rows: list[dict], markdown: bool) -> str:
         parts += ["\n## data pipeline" if markdown else "\ndata pipeline",
                   fmt(("what", "figure", "details"), [[r["what"], f"{r['mb_per_s']:.1f} MB/s" if "mb_per_s" in r else
                                                        f"{r['samples_per_s']:,.0f} samples/s",
-                                                       ", ".join(f"{k} {r[k]}" for k in ("batch", "workers", "device",
-                                                                                         "images") if k in r)]
+                                                       ", ".join(f"{k} {r[k]:.2f}" if isinstance(r[k], float) else
+                                                                 f"{k} {r[k]}" for k in ("x_tsv", "batch", "workers",
+                                                                                         "device", "images") if k in r)]
                                                       for r in data])]
     kb = kernel_body(rows)
     if kb:

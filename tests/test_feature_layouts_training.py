@@ -13,7 +13,7 @@ import json
 import os
 
 from lxmert_fast.data.formats import read_tsv
-from tests.data.layout_writers import write_butd_h5
+from lxmert_fast.data.layouts.writers import write_butd_h5
 from tests.test_finetune_helpers import _tmpdir, demo_world, finetune_run, one_thread
 
 

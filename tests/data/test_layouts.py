@@ -2,7 +2,7 @@
 the same records (field by field, features to the bit); bad records are errors naming the file, the
 key and the field; pickles never run code; the store root finds a layout's store again.
 
-Every file here is written the way the named tool writes it (tests/data/layout_writers.py), from the
+Every file here is written the way the named tool writes it (lxmert_fast/data/layouts/writers.py), from the
 demo world's TSV records.
 """
 
@@ -25,7 +25,7 @@ from lxmert_fast.data.layouts.safe_pickle import safe_loads
 from lxmert_fast.data.store import FeatureStore, StoreError
 from lxmert_fast.data.store_root import ensure_store
 
-from . import layout_writers as W
+from lxmert_fast.data.layouts import writers as W
 
 ROW_FIELDS = ("features", "boxes", "img_h", "img_w", "num_boxes")
 LABEL_FIELDS = {"objects": ("obj_ids", "obj_conf"), "attributes": ("attr_ids", "attr_conf")}

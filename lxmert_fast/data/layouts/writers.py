@@ -1,5 +1,5 @@
-"""Write feature records the way each tool writes them (small files for the layout tests and the
-conversion benchmark). Each writer takes :class:`~lxmert_fast.data.formats.ObjRow` records (the
+"""Write feature records the way each tool writes them: sample files in every supported layout (the layout
+tests, the conversion benchmark, or a file to try a reader on). Each writer takes :class:`~lxmert_fast.data.formats.ObjRow` records (the
 TSV reader's) and lays them out as the named tool's script does, field names, dtypes, shapes and
 side files included.
 """
