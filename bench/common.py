@@ -152,7 +152,38 @@ def matmul_peak_tflops(quick: bool = False) -> dict:
     a = torch.randn(n, n, device="cuda" if cuda else "cpu", dtype=dtype)
     b = torch.randn_like(a)
     ms = time_kernel(lambda: torch.mm(a, b), 3 if quick else 10)
+    del a, b
+    if cuda:
+        torch.cuda.empty_cache()  # the coordinator keeps running beside the workers: its cache freed
     return {"what": f"matmul {n}^3 {str(dtype)[6:]}", "peak_tflops": round(2 * n**3 / (ms * 1e-3) / 1e12, 3)}
+
+
+# ops that only make a new view of a tensor: no kernel on a GPU
+VIEW_OPS = frozenset({"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::as_strided", "aten::transpose",
+                      "aten::t", "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select",
+                      "aten::slice", "aten::split", "aten::split_with_sizes", "aten::unbind", "aten::detach",
+                      "aten::alias", "aten::narrow", "aten::chunk", "aten::lift_fresh", "aten::expand_as",
+                      "aten::view_as", "aten::flatten", "aten::contiguous", "aten::_reshape_alias",
+                      "aten::unflatten", "aten::movedim", "aten::swapaxes"})
+
+
+def dispatcher_calls(fn: Callable[[], object]) -> int:
+    """The non-view aten calls at the top of the dispatcher while ``fn()`` runs (torch's profiler; the calls
+    an op makes itself are not counted): the host work a GPU step pays per launch. A compiled graph's
+    generated kernels are not aten calls; the aten ops its code calls (matrix products ...) are."""
+    from torch.profiler import ProfilerActivity, profile  # the profiler: only when counting
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name, e.thread) for e in prof.events()
+                   if e.name.startswith("aten::"))
+    count, open_until = 0, {}
+    for start, end, name, thread in spans:
+        if start < open_until.get(thread, -1):
+            continue  # inside an earlier top-level call on this thread
+        open_until[thread] = end
+        count += name not in VIEW_OPS
+    return count
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -31,7 +31,8 @@ import torch
 import transformers
 from torch._dynamo.utils import counters
 
-from bench.common import PeakMemory, is_out_of_memory, median, short_error, synchronize, time_calls
+from bench.common import (PeakMemory, dispatcher_calls, is_out_of_memory, median, short_error, synchronize,
+                          time_calls)
 from lxmert_fast import pretrain
 from lxmert_fast.data.demo import ensure_demo_data
 from lxmert_fast.data.masking import draw_selection, mask_pretrain_batch
@@ -325,7 +326,8 @@ def measure_together(variants: list[Variant], s: Settings, peak_tflops: Optional
     for key, lv in live.items():
         finish_row(rows[key], times[key], lv.loss, peak_tflops)
         rows[key].update(memory.fields(), timing="interleaved rounds, one process",
-                         peak_mem_kind="one process for all variants (not separable)")
+                         peak_mem_kind="one process for all variants (not separable)",
+                         dispatcher_calls_per_step=dispatcher_calls(lv.step))
     return [rows[v.key] for v in variants]
 
 
@@ -359,6 +361,8 @@ def measure_alone(v: Variant, s: Settings, peak_tflops: Optional[float], wait_tu
         finish_row(row, times, live.loss, peak_tflops)
         row.update(memory.fields(), timing="CUDA events" if s.cuda else "perf_counter", compile=v.compile,
                    **(compile_counters() if v.compile != "none" else {}))
+        phase = "counting dispatcher calls"  # one more step, after the timed ones
+        row["dispatcher_calls_per_step"] = dispatcher_calls(live.step)
     except Exception as err:  # noqa: BLE001  (a measured outcome: the row says what and where)
         kind = ("out of memory" if is_out_of_memory(err) else
                 "unavailable" if isinstance(err, UsageError) else "error")  # refused here, with the reason

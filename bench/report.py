@@ -121,8 +121,8 @@ def md_table(header, body) -> str:
                      + ["| " + " | ".join(str(c).replace("|", "/") for c in b) + " |" for b in body])
 
 
-E2E_HEADER = ("variant", "status", "samples/s", "step ms", "TFLOP/s", "MFU", "peak GB", "x hf", "x hf compiled",
-              "recipe days")
+E2E_HEADER = ("variant", "status", "samples/s", "step ms", "TFLOP/s", "MFU", "peak GB", "calls/step", "x hf",
+              "x hf compiled", "recipe days")
 
 
 def e2e_body(rows: list[dict]) -> list[list[str]]:
@@ -135,7 +135,7 @@ def e2e_body(rows: list[dict]) -> list[list[str]]:
             continue
         body.append([r["variant"], "ok", f"{r['samples_per_s']:,.1f}", f"{1e3 * r['step_s']:.1f}",
                      _f(r.get("tflops"), "{:.3g}"), _f(r.get("mfu"), "{:.1%}"), _f(r.get("peak_mem_gb"), "{:.1f}"),
-                     _f(r.get("x_hf"), "{:.2f}x"), _f(r.get("x_hf_compiled"), "{:.2f}x"),
+                     _f(r.get("dispatcher_calls_per_step"), "{:,}"), _f(r.get("x_hf"), "{:.2f}x"), _f(r.get("x_hf_compiled"), "{:.2f}x"),
                      f"{RECIPE_SAMPLES / r['samples_per_s'] / 86400:,.2f}"])
     return body
 
