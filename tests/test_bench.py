@@ -58,7 +58,7 @@ def test_the_benchmark_times_the_recipes_own_step(tmp_path, monkeypatch, tmp_pat
     e2e = _e2e(rows)
     assert e2e["ours"]["status"] == "ok" and e2e["hf"]["status"] == "ok", e2e
     assert e2e["ours"]["loss"] == 7.0 and e2e["hf"]["loss"] != 7.0
-    assert calls == ["pretrain"] * 3  # 1 warm-up step + 2 timed, all through Trainer.train_step
+    assert calls == ["pretrain"] * 4  # 1 warm-up + 2 timed + 1 counted, all through Trainer.train_step
     assert e2e["ours"]["setup"].startswith("pretrain.py --data_root <bench world>")
     assert "transformers.LxmertForPreTraining" in e2e["hf"]["setup"]
     assert e2e["ours"]["samples_per_s"] > 0 and e2e["ours"]["peak_mem_gb"] > 0
