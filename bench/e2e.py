@@ -152,6 +152,8 @@ def bench_config(v: Variant, s: Settings, out: Path) -> Path:
     cfg["train_batch_size"] = batch
     cfg["train_micro_batch_size_per_gpu"] = batch if v.batch else (s.micro_batch or batch)
     cfg["gradient_accumulation_steps"] = "auto"
+    # torch's fused AdamW: DeepSpeed's FusedAdam would JIT-build a CUDA extension (minutes) on a fresh machine
+    cfg["optimizer"]["params"].update(torch_adam=True, fused=True)
     for section in ("tensorboard", "csv_monitor", "wandb", "comet"):
         if section in cfg:
             cfg[section]["enabled"] = False
@@ -169,7 +171,7 @@ def pretrain_argv(v: Variant, s: Settings, out: Path, engine: Optional[str] = No
     config = bench_config(v, s, out)
     paths = {"--data_root": (str(root), "<bench world>"), "--vocab": (str(vocab), "<padded vocab>"),
              "--deepspeed_config": (str(config), f"<{v.config or ('zero2.json' if s.cuda else 'cpu.json')}, "
-                                                 f"batch {v.batch or s.batch}>"),
+                                                 f"batch {v.batch or s.batch}, torch's fused AdamW>"),
              "--output_dir": (str(out / "run"), "<scratch>")}
     shown = ["--valid", "''", "--model", s.preset, "--attention_backend", v.backend,
              "--kernels", v.kernels or ("triton" if s.cuda else "torch"), "--compile", v.compile,

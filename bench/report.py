@@ -146,7 +146,7 @@ KERNEL_HEADER = ("op", "batch", "mode", "dropout", "ours ms", "fastest peer", "p
 def kernel_body(rows: list[dict]) -> list[list[str]]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r.get("part") == "kernels":
+        if r.get("part") == "kernels" and "op" in r:  # (a part-level row, e.g. its timeout, is a note)
             groups.setdefault((r["op"], r["batch"], r["mode"], r["dropout"]), []).append(r)
     body = []
     for key, rs in groups.items():
@@ -171,7 +171,9 @@ def render(env: dict, rows: list[dict], markdown: bool) -> str:
         parts.append(f"measured peak ({peak['what']}): {peak['peak_tflops']:.4g} TFLOP/s (the MFU denominator)")
     parts.append(f"baseline: {BASELINE}, {BASELINE_SAMPLES_PER_S} samples/s; recipe = {RECIPE_SAMPLES / 1e6:.1f}M "
                  f"samples (20 epochs)")
-    notes = [r for r in rows if r.get("part") in ("plan", "tests", "env", "note") and r.get("status") != "ok"]
+    notes = [r for r in rows if r.get("status") != "ok" and (r.get("part") in ("plan", "tests", "env", "note")
+                                                             or r.get("part") in ("kernels", "data") and "op" not in r
+                                                             and "what" not in r)]
     for r in notes:
         parts.append(f"{r.get('key')}: {r.get('status')}" + (f" ({r['detail']})" if r.get("detail") else ""))
     data = [r for r in rows if r.get("part") == "data"]

@@ -31,8 +31,10 @@ from bench import common, e2e, ops, pipeline, report
 
 PARTS = ("env", "tests", "e2e", "kernels", "data")
 BENCH = Path(__file__).resolve().parent
-# Seconds each part may take at most on a GPU, and what is kept back for the parts after it.
+# Seconds each part may take at most on a GPU (a dry run: Triton's interpreter on a CPU, looser), and what is
+# kept back at the end.
 CAPS = {"env": 40, "tests": 150, "kernels": 45, "data": 40}
+DRY_CAPS = {"env": 120, "tests": 300, "kernels": 400, "data": 120}
 RESERVE_S = 15  # the report and the packing at the end
 
 
@@ -193,6 +195,7 @@ class Coordinator:
         self.a, self.out, self.rows_path, self.parts, self.s = a, out, rows_path, parts, s
         self.t0 = time.monotonic()
         self.deadline = self.t0 + (a.budget or 10**9)
+        self.caps = DRY_CAPS if a.dry else CAPS
         self.work = s.work
         self.work.mkdir(parents=True, exist_ok=True)
         self.logs = self.work / "logs"
@@ -324,12 +327,12 @@ class Coordinator:
         if "env" in self.parts:
             self.row(compile_cache_row())
         if "tests" in self.parts:
-            limit = min(CAPS["tests"], self.left())
+            limit = min(self.caps["tests"], self.left())
             self.say(f"tests: pytest -m gpu (limit {limit:.0f} s)")
             self.row(tests_row(self.a.dry, limit, self.out / "gpu_tests.log"))
         if "e2e" in self.parts:
             self.serve([k for k in e2e.HEAD_OF_LINE if any(v.key == k for v in self.vs)], self.deadline - RESERVE_S
-                       - (CAPS["kernels"] if "kernels" in self.parts else 0))
+                       - (self.caps["kernels"] if "kernels" in self.parts else 0))
         if "kernels" in self.parts:
             for w in self.workers.values():
                 w.signal(signal.SIGSTOP)
@@ -337,7 +340,7 @@ class Coordinator:
             cmd = [sys.executable, "-m", "bench.ops", str(self.rows_path),
                    self.a.kernel_batches or ("2" if self.a.dry else "64,256"), "dry" if self.a.dry else "gpu"]
             try:
-                subprocess.run(cmd, cwd=common.REPO, timeout=max(1.0, min(CAPS["kernels"], self.left())))
+                subprocess.run(cmd, cwd=common.REPO, timeout=max(1.0, min(self.caps["kernels"], self.left())))
             except subprocess.TimeoutExpired:
                 self.row({"part": "kernels", "key": "kernels:timeout", "status": "no figure (timeout): the kernel "
                                                                                  "part passed its limit"})
@@ -349,7 +352,7 @@ class Coordinator:
             self.row({"part": "plan", "key": "plan:observed", "status": f"{self.most_resident} variants were "
                       f"resident at once at most", "most_resident": self.most_resident})
         if "data" in self.parts:
-            if self.left() < CAPS["data"]:
+            if self.left() < self.caps["data"]:
                 self.row({"part": "data", "key": "data:budget", "status": "no figure (timeout): the budget was spent"})
             else:
                 small = self.a.dry or self.a.quick
