@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -173,18 +174,18 @@ def pretrain_argv(v: Variant, s: Settings, out: Path, engine: Optional[str] = No
              "--deepspeed_config": (str(config), f"<{v.config or ('zero2.json' if s.cuda else 'cpu.json')}, "
                                                  f"batch {v.batch or s.batch}, torch's fused AdamW>"),
              "--output_dir": (str(out / "run"), "<scratch>")}
-    shown = ["--valid", "''", "--model", s.preset, "--attention_backend", v.backend,
+    shown = ["--valid", "", "--model", s.preset, "--attention_backend", v.backend,
              "--kernels", v.kernels or ("triton" if s.cuda else "torch"), "--compile", v.compile,
              "--compile_backend", s.compile_backend, "--engine", engine or s.engine]
     if v.activation_checkpointing:
         shown.append("--activation_checkpointing")
     if s.threads:
         shown += ["--cpu_threads", str(s.threads)]
-    argv = [a for flag, (path, _) in paths.items() for a in (flag, path)] + [a if a != "''" else "" for a in shown]
-    argv += ["--train", WORLD_SPLITS]
-    argv += ["--max_steps", "100000", "--eval_every", "0", "--save_every", "0", "--no_export", "--grounding_eval",
-             "no", "--no_progress", "--num_workers", "0", "--overwrite", "--seed", "0"]
-    display = " ".join([a for flag, (_, name) in paths.items() for a in (flag, name)] + shown)
+    argv = [a for flag, (path, _) in paths.items() for a in (flag, path)] + shown
+    argv += ["--train", WORLD_SPLITS, "--max_steps", "100000", "--eval_every", "0", "--save_every", "0",
+             "--no_export", "--grounding_eval", "no", "--no_progress", "--num_workers", "0", "--overwrite",
+             "--seed", "0"]
+    display = " ".join(a for flag, (_, name) in paths.items() for a in (flag, name)) + " " + shlex.join(shown)
     return argv, "pretrain.py " + display
 
 
