@@ -1,9 +1,11 @@
-"""On a GPU: the base model with the `triton` backend and fused kernels against `eager`, in bf16 and fp16,
-forward losses and every gradient (skipped without CUDA: the interpreter cannot run the base model in
-reasonable time). Part of the `gpu` selection: `python -m pytest -m gpu`. fp32 is checked at the model level
-by tests/test_triton_backend.py (a tiny model; compiled on CUDA too) and at the base shapes by the kernel
-tests (20 x 36 and 64 x 64 tiles, D=64, in fp32): a base model in fp32 here would add compilations, not code
-paths.
+"""On a GPU: the base model with the `triton` backend and fused kernels against `eager` in bf16 (LXMERT's
+training dtype), forward losses and every gradient (skipped without CUDA: the interpreter cannot run the base
+model in reasonable time). Part of the `gpu` selection: `python -m pytest -m gpu`.
+
+One dtype: another would add compilations (a GPU run's main cost: 16 kernel specialisations per dtype here),
+not code paths. fp32 is checked at the model level by tests/test_triton_backend.py (a tiny model, compiled on
+CUDA too), and by the kernel tests at D=64: fp32 at 20 x 36, 64 x 64 and the 20 + 36 cross pair, fp16 at
+64 x 64 and a 7 + 33 cross pair.
 
 Reference: eager in fp32 with TF32 off. The triton model's relative error (norm of the difference / norm of
 the reference) is at most 2x that of PyTorch doing the same in that dtype, plus a small floor, for the loss,
@@ -67,9 +69,9 @@ def _finite(losses, grads, what):
         assert torch.isfinite(v).all(), f"{what}: grad {k} not finite"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_triton_error_at_most_twice_pytorchs(setup, dtype):
-    """PyTorch's own run in that dtype is the yardstick: eager in bf16 / fp16 weights and activations."""
+def test_triton_error_at_most_twice_pytorchs_in_bf16(setup):
+    """PyTorch's own run in bf16 is the yardstick: eager with bf16 weights and activations."""
+    dtype = torch.bfloat16
     eager, fast, inputs, labels, (ref_l, ref_g) = setup
     eager_lp = LxmertForPreTraining(CONFIG.replace(attention_backend="eager")).to("cuda").train()
     eager_lp.load_state_dict(eager.state_dict())
@@ -84,7 +86,7 @@ def test_triton_error_at_most_twice_pytorchs(setup, dtype):
         del eager_lp
         torch.cuda.empty_cache()
     _finite(f_l, f_g, f"triton {dtype}")
-    floor = {torch.bfloat16: 1e-3, torch.float16: 2e-4}[dtype]
+    floor = 1e-3
     bad = []
     for k in ref_l:
         ef, ee = _rel(f_l[k], ref_l[k]), _rel(e_l[k], ref_l[k])
@@ -96,4 +98,4 @@ def test_triton_error_at_most_twice_pytorchs(setup, dtype):
         ef, ee = _rel(f_g[n], ref_g[n]), _rel(e_g[n], ref_g[n])
         if ef > 2 * ee + floor:
             bad.append(f"grad {n}: triton {ef:.2e} vs eager {ee:.2e}")
-    assert not bad, f"{dtype}: {len(bad)} values beyond 2x PyTorch's error: " + "; ".join(bad[:10])
+    assert not bad, f"bf16: {len(bad)} values beyond 2x PyTorch's error: " + "; ".join(bad[:10])

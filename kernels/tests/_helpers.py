@@ -41,8 +41,8 @@ def check(name, ours, ref, torch_lowp=None, fp32_tol=1e-4):
 
 def dtype_params(cases, case_id):
     """pytest params of ``cases``, each a tuple whose last item is the dtypes it runs in: the first on
-    CPU (the interpreter computes in fp32 whatever the dtype), each of them on a GPU, where a dtype is
-    a compilation of its own. ``case_id(*case_without_dtypes)`` names a case."""
+    CPU (the interpreter is slow, and computes attention in fp32 whatever the dtype), each of them on a
+    GPU, where a dtype is a compilation of its own. ``case_id(*case_without_dtypes)`` names a case."""
     params = []
     for *case, dtypes in cases:
         for dtype in (dtypes if ON_GPU else dtypes[:1]):
