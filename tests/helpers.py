@@ -73,6 +73,23 @@ def random_labels(config: LxmertConfig, inputs: dict, generator=None) -> dict:
     return dict(labels=labels, obj_labels=obj_labels, matched_label=matched, ans=ans)
 
 
+def kernel_device() -> torch.device:
+    """Where the tests run the Triton kernels (the `triton` backend, the fused ops): CUDA when the machine has
+    it (the kernels are compiled), else the CPU (tests/conftest.py turned Triton's interpreter on)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(obj, device):
+    """Tensors, and dicts / tuples / lists of them (a batch, its labels), moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-5,
                         floor: float = 1e-3) -> None:
     """max |ours - ref| <= rel * max(max |ref|, floor): the reference's scale.

@@ -5,8 +5,8 @@ Specification: with it on, every language, vision and cross layer runs its forwa
 with dropout on (fp32, 1e-6 relative to each tensor's scale): the recomputation replays the same dropout
 masks, those of `F.dropout` and the Triton kernels' (seed tensors drawn on the device inside the layer).
 Covered: the eager and sdpa attention backends; the exact masked-row selection and the static row budget
-(the rows-only last cross layer either way); fine-tuning's QA model; the Triton backend and fused ops in
-the interpreter; inside `torch.compile(fullgraph=True)` one graph, no break, one checkpoint region per
+(the rows-only last cross layer either way); fine-tuning's QA model; the Triton backend and fused ops (on
+CUDA when the machine has it, else in the interpreter); inside `torch.compile(fullgraph=True)` one graph, no break, one checkpoint region per
 layer. The switch reaches every encoder, transformers' names work, and evaluation / no_grad run plainly.
 """
 
@@ -19,7 +19,7 @@ from lxmert_fast import LxmertConfig, LxmertForPreTraining
 from lxmert_fast.model.layers import LxmertLayer, LxmertXLayer
 from lxmert_fast.model.lxmert import LxmertForQuestionAnswering
 from lxmert_fast.model.rows import RowBudget
-from tests.helpers import assert_close_scaled, random_batch, random_labels
+from tests.helpers import assert_close_scaled, kernel_device, random_batch, random_labels, to_device
 
 REL = 1e-6
 CONFIG = LxmertConfig.preset("tiny", hidden_size=48, num_attention_heads=3, intermediate_size=80,
@@ -97,17 +97,20 @@ def test_fine_tuning_model_same_gradients():
     _assert_same(_step(model, inputs, labels, True, seed=5), _step(model, inputs, labels, False, seed=5), "QA model")
 
 
-def test_triton_kernels_replay_their_dropout_seeds_in_the_interpreter():
-    """The Triton attention backend and fused ops (interpreter): their dropout seeds are device tensors drawn in
-    the layer's forward; the recomputation draws them again from the restored RNG state, so the kernels' backward
-    regenerates the same masks. One cross layer (it runs every kernel: cross pair, packed self-attention, the
-    rows-only attention, the dropout LayerNorms, bias-GELU); small shapes: the interpreter is slow."""
+@pytest.mark.gpu
+def test_triton_kernels_replay_their_dropout_seeds():
+    """The Triton attention backend and fused ops (on CUDA, else in the interpreter): their dropout seeds are
+    device tensors drawn in the layer's forward; the recomputation draws them again from the restored RNG state,
+    so the kernels' backward regenerates the same masks. One cross layer (it runs every kernel: cross pair,
+    packed self-attention, the rows-only attention, the dropout LayerNorms, bias-GELU); small shapes: the
+    interpreter is slow."""
+    device = kernel_device()
     config = CONFIG.replace(hidden_size=32, num_attention_heads=2, intermediate_size=48, l_layers=0, x_layers=1,
                             r_layers=0)  # head dim 16
-    model = LxmertForPreTraining(config).train()
+    model = LxmertForPreTraining(config).train().to(device)
     model.set_attention_backend("triton")
     model.set_kernels("triton")
-    inputs, labels = _batch(config, batch=2, tokens=5, objects=4, lengths=(5, 2))
+    inputs, labels = to_device(_batch(config, batch=2, tokens=5, objects=4, lengths=(5, 2)), device)
     budget = RowBudget.for_batch(2, 5, 4, word_rate=0.4, obj_rate=0.3)
     ref = _step(model, inputs, labels, False, seed=9, row_budget=budget)
     got = _step(model, inputs, labels, True, seed=9, row_budget=budget)

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lxmert_fast import LxmertConfig, LxmertForPreTraining
 from lxmert_fast.model.rows import RowBudget, binomial_budget, select_rows
-from tests.helpers import assert_close_scaled, no_dropout, random_batch, random_labels
+from tests.helpers import assert_close_scaled, kernel_device, no_dropout, random_batch, random_labels, to_device
 
 CONFIG = LxmertConfig.preset("tiny", hidden_size=48, num_attention_heads=3, intermediate_size=80,
                              l_layers=2, x_layers=2, r_layers=1, num_qa_labels=5)
@@ -209,22 +209,25 @@ def test_compiled_training_step_has_no_graph_break_no_recompile_and_the_same_res
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
 def test_compiled_step_with_the_triton_kernels_has_no_graph_break():
-    """The Triton attention backend and fused ops (custom ops, interpreter here) inside the compiled step:
-    captured as one graph, with the eager model's loss and gradients (dropout seeds are device tensors drawn
-    inside the step, the same stream in both). One batch: the interpreter runs each kernel program in Python."""
+    """The Triton attention backend and fused ops (custom ops; on CUDA, else in the interpreter) inside the
+    compiled step: captured as one graph, with the eager model's loss and gradients (dropout seeds are device
+    tensors drawn inside the step, the same stream in both). One batch: the interpreter runs each kernel
+    program in Python."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
+    device = kernel_device()
     config = CONFIG.replace(hidden_size=32, num_attention_heads=2, intermediate_size=48, l_layers=1, x_layers=1,
                             r_layers=1)  # head dim 16; one layer each: the interpreter is slow
-    model = LxmertForPreTraining(config).train()
+    model = LxmertForPreTraining(config).train().to(device)
     model.set_attention_backend("triton")
     model.set_kernels("triton")
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    for i, (inputs, labels) in enumerate(_batches(2, config)[:1]):
+    for i, (inputs, labels) in enumerate(to_device(_batches(2, config)[:1], device)):
         torch.manual_seed(2000 + i)
         got = _step(compiled, inputs, labels, params_of=model, row_budget=BUDGET)
         torch.manual_seed(2000 + i)

@@ -1,4 +1,6 @@
-"""The whole model with the `triton` backend and fused kernels matches `eager` (Triton interpreter on CPU)."""
+"""The whole model with the `triton` backend and fused kernels matches `eager`: on CUDA when the machine has it
+(compiled kernels), else on the CPU in Triton's interpreter (tests/conftest.py). The tests that run the kernels
+are the `gpu` marker's."""
 
 from __future__ import annotations
 
@@ -7,20 +9,24 @@ import torch
 
 from lxmert_fast import AttentionBackendError, LxmertConfig, LxmertForPreTraining
 from lxmert_fast.model.attention import AttentionDispatcher
-from tests.helpers import assert_close_scaled, no_dropout, random_batch, random_labels
+from tests.helpers import (assert_close_scaled, kernel_device, no_dropout, random_batch, random_labels,
+                           to_device)
 
 # head_dim 32: a size the kernels serve; one layer of each kind keeps the interpreter quick.
 CONFIG = no_dropout(LxmertConfig.preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=96,
                                         l_layers=1, x_layers=1, r_layers=1))
 
 
+@pytest.mark.gpu
 def test_model_with_triton_attention_and_kernels_matches_eager():
+    device = kernel_device()
     torch.manual_seed(3)
-    eager = LxmertForPreTraining(CONFIG.replace(attention_backend="eager"))
-    fast = LxmertForPreTraining(CONFIG.replace(attention_backend="triton", kernels="triton"))
+    eager = LxmertForPreTraining(CONFIG.replace(attention_backend="eager")).to(device)
+    fast = LxmertForPreTraining(CONFIG.replace(attention_backend="triton", kernels="triton")).to(device)
     fast.load_state_dict(eager.state_dict())
     inputs = random_batch(CONFIG, batch=2, tokens=5, objects=7, lengths=[5, 2])
-    labels = random_labels(CONFIG, inputs)
+    labels = to_device(random_labels(CONFIG, inputs), device)
+    inputs = to_device(inputs, device)
     out_e = eager(**inputs, **labels)
     out_f = fast(**inputs, **labels)
     assert_close_scaled(out_f.loss, out_e.loss, "loss", rel=1e-4)
@@ -48,16 +54,18 @@ def test_flash_attn_backend_reports_why_it_cannot_serve():
         dispatcher.attention(q, q, q, None, 0.0, 0.2)
 
 
+@pytest.mark.gpu
 def test_triton_backend_attention_qkv_matches_the_unbound_views():
     """`attention_qkv` (packed self-attention, one dqkv from the kernels) equals `attention` on
     the views of the same projection, output and gradient, with dropout for a fixed seed."""
     from lxmert_fast.model.triton_backend import TritonAttention
 
+    device = kernel_device()
     backend = TritonAttention()
     gen = torch.Generator().manual_seed(1)
-    qkv = torch.randn(2, 7, 3, 2, 32, generator=gen)
-    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
-    dout = torch.randn(2, 7, 2, 32, generator=gen)
+    qkv = torch.randn(2, 7, 3, 2, 32, generator=gen).to(device)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3], device=device)
+    dout = torch.randn(2, 7, 2, 32, generator=gen).to(device)
     outs, grads = [], []
     for packed in (True, False):
         x = qkv.clone().requires_grad_(True)
@@ -74,13 +82,15 @@ def test_triton_backend_attention_qkv_matches_the_unbound_views():
     assert_close_scaled(grads[0], grads[1], "dqkv", rel=1e-6)
 
 
+@pytest.mark.gpu
 def test_a_model_on_the_triton_backend_and_kernels_deep_copies():
     """copy.deepcopy of a model whose backend and fused ops imported lxmert_kernels (modules do
     not copy): the copy shares them and gives the same outputs."""
     import copy
 
-    model = LxmertForPreTraining(CONFIG.replace(attention_backend="triton", kernels="triton")).eval()
-    inputs = random_batch(CONFIG, batch=2, tokens=5, objects=7, lengths=[5, 2])
+    device = kernel_device()
+    model = LxmertForPreTraining(CONFIG.replace(attention_backend="triton", kernels="triton")).eval().to(device)
+    inputs = to_device(random_batch(CONFIG, batch=2, tokens=5, objects=7, lengths=[5, 2]), device)
     with torch.no_grad():
         before = model(**inputs).prediction_logits
         twin = copy.deepcopy(model)

@@ -77,7 +77,8 @@ def seed_tensor(seed, dropout_p: float, device: torch.device):
       (``torch.randint(..., device=device)``): ``torch.manual_seed`` makes runs reproducible, under
       torch.compile inductor turns the draw into its graph-safe RNG and under CUDA graphs torch's
       Philox state advances inside the graph;
-    * an int in [0, 2**63) is copied to a tensor (tests, reproducing a run);
+    * an int in [0, 2**63) is copied to a tensor (tests, reproducing a run); refused while a CUDA graph is
+      being captured (the copy cannot be recorded): pass None or a tensor there;
     * a tensor must be int64 with shape (1,) on ``device``; it is used as is (never read on the host).
 
     Without dropout no seed is needed and None is returned (no draw: the generator is untouched).
@@ -110,7 +111,21 @@ def as_seed_tensor(seed, device: torch.device) -> torch.Tensor:
         ) from None
     if not 0 <= seed < 2**63:
         raise ValueError(f"lxmert_kernels: seed must be a non-negative int below 2**63, got {seed}")
+    if torch.device(device).type == "cuda" and capturing_cuda_graph():
+        raise ValueError(
+            "lxmert_kernels: an int seed is copied to the device (a host-to-device copy), which CUDA-graph capture "
+            "cannot record; while capturing pass seed=None (drawn on the device) or a 1-element int64 tensor "
+            "made on the device before the capture"
+        )
     return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def capturing_cuda_graph() -> bool:
+    """True while the current CUDA stream records a CUDA graph (eager capture; inside torch.compile the
+    seed conversion is traced into the graph instead, so this is False there)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.cuda.is_current_stream_capturing()
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:

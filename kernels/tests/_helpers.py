@@ -1,22 +1,29 @@
-"""Shared test utilities: device, dtypes, the agreement rule (lxmert_kernels.testing, DESIGN.md)."""
-from __future__ import annotations
+"""Shared test utilities: device, dtypes, the agreement rule (lxmert_kernels.testing, DESIGN.md).
 
-import os
+The device follows the kernels: conftest.py compiled them when the machine has CUDA (ON_GPU, tensors
+on CUDA) and made them interpreted otherwise (tensors on the CPU)."""
+from __future__ import annotations
 
 import pytest
 import torch
 
-from lxmert_kernels import testing
+from lxmert_kernels import _attention_core, testing
 from lxmert_kernels.testing import error_bound, grads_of, leaf, max_err
 
-ON_GPU = os.environ.get("TRITON_INTERPRET") != "1"
+ON_GPU = not _attention_core.INTERPRETED
 DEVICE = "cuda" if ON_GPU else "cpu"
 # oracle precision: fp64 on CPU (cheap), fp32 on GPU
 REF_DTYPE = torch.float32 if ON_GPU else torch.float64
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
-__all__ = ["ON_GPU", "DEVICE", "REF_DTYPE", "F32", "F16", "BF16", "check", "dtype_params", "grads_of", "leaf",
-           "random_padding_mask", "run_with_references"]
+__all__ = ["ON_GPU", "DEVICE", "REF_DTYPE", "F32", "F16", "BF16", "check", "dtype_params", "grads_of", "kernel_class",
+           "leaf", "random_padding_mask", "run_with_references"]
+
+
+def kernel_class():
+    """The class of the kernel objects (JITFunction compiled, InterpretedFunction in the interpreter): its
+    ``run`` is what every launch goes through."""
+    return type(_attention_core._attn_fwd_kernel)
 
 
 def check(name, ours, ref, torch_lowp=None, fp32_tol=1e-4):
@@ -33,11 +40,12 @@ def check(name, ours, ref, torch_lowp=None, fp32_tol=1e-4):
 
 
 def dtype_params(cases, case_id):
-    """pytest params of ``cases``, each a tuple whose last item is the dtype it runs in on CPU: on a
-    GPU every case runs in fp32, fp16 and bf16. ``case_id(*case_without_dtype)`` names a case."""
+    """pytest params of ``cases``, each a tuple whose last item is the dtypes it runs in: the first on
+    CPU (the interpreter is slow, and computes attention in fp32 whatever the dtype), each of them on a
+    GPU, where a dtype is a compilation of its own. ``case_id(*case_without_dtypes)`` names a case."""
     params = []
-    for *case, cpu_dtype in cases:
-        for dtype in ((F32, F16, BF16) if ON_GPU else (cpu_dtype,)):
+    for *case, dtypes in cases:
+        for dtype in (dtypes if ON_GPU else dtypes[:1]):
             params.append(pytest.param(*case, dtype, id=f"{case_id(*case)}-{str(dtype)[6:]}"))
     return params
 

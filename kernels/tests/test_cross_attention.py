@@ -10,15 +10,18 @@ from lxmert_kernels.reference import cross_attention_ref
 
 from _helpers import BF16, DEVICE, F16, F32, REF_DTYPE, check, dtype_params, grads_of, leaf, run_with_references
 
-# (B, n_lang, n_vis, D, mask mode, dtype on CPU); on GPU each case runs in all three dtypes.
+pytestmark = pytest.mark.gpu
+
+# (B, n_lang, n_vis, D, mask mode, dtypes): the first dtype on CPU, each on a GPU (_helpers.dtype_params):
+# each case in its own dtype, LXMERT's 20 + 36 at D=64 also in bf16 on a GPU (test_flash_attention.py says why)
 # "lang_pad": random language lengths (vision unmasked, as in LXMERT);
 # "dir_full": additionally batch row 1 has no language token kept -> vision->lang is fully masked
 CASES = [
-    (3, 20, 36, 64, "dir_full", F32),
-    (2, 7, 33, 32, "lang_pad", F32),
-    (1, 20, 36, 32, "none", F32),
-    (3, 7, 33, 64, "dir_full", F16),
-    (2, 20, 36, 32, "lang_pad", BF16),
+    (3, 20, 36, 64, "dir_full", (F32, BF16)),
+    (2, 7, 33, 32, "lang_pad", (F32,)),
+    (1, 20, 36, 32, "none", (F32,)),
+    (3, 7, 33, 64, "dir_full", (F16,)),
+    (2, 20, 36, 32, "lang_pad", (BF16,)),
 ]
 
 

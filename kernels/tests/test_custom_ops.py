@@ -14,8 +14,11 @@ import torch
 from torch._dynamo.utils import counters
 
 import lxmert_kernels as lk
+from lxmert_kernels import _common
 
-from _helpers import DEVICE, check, leaf
+from _helpers import DEVICE, ON_GPU, check, leaf
+
+pytestmark = pytest.mark.gpu
 
 # the package re-exports functions named like their modules: import the modules themselves
 fa = importlib.import_module("lxmert_kernels.flash_attention")
@@ -110,27 +113,27 @@ def _all_inputs(seed):
     return leaves[:3] + [mask] + leaves[3:], leaves
 
 
-def test_compile_fullgraph_forward_backward_matches_eager(monkeypatch):
+def test_compile_fullgraph_forward_backward_matches_eager():
     """torch.compile(fullgraph=True) of the public API: one graph, no break, no recompile on a
     second call with other data, and (with inductor's RNG falling back to torch's) the same
-    dropout masks, output and gradients as eager for the same torch.manual_seed."""
+    dropout masks, output and gradients as eager for the same torch.manual_seed. (torch's config
+    patches, not pytest's monkeypatch: its undo leaves torch's config modules without the setting.)"""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     compiled = torch.compile(_all_ops, fullgraph=True)
     counters.clear()
-    for step in range(2):
-        args_c, leaves_c = _all_inputs(step)
-        torch.manual_seed(100 + step)
-        out_c = compiled(*args_c)
-        out_c.backward()
-        args_e, leaves_e = _all_inputs(step)
-        torch.manual_seed(100 + step)
-        out_e = _all_ops(*args_e)
-        out_e.backward()
-        check("out", out_c, out_e.detach())
-        for i, (a, e) in enumerate(zip(leaves_c, leaves_e)):
-            check(f"grad {i}", a.grad, e.grad)
+    with torch._inductor.config.patch(fallback_random=True), torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(2):
+            args_c, leaves_c = _all_inputs(step)
+            torch.manual_seed(100 + step)
+            out_c = compiled(*args_c)
+            out_c.backward()
+            args_e, leaves_e = _all_inputs(step)
+            torch.manual_seed(100 + step)
+            out_e = _all_ops(*args_e)
+            out_e.backward()
+            check("out", out_c, out_e.detach())
+            for i, (a, e) in enumerate(zip(leaves_c, leaves_e)):
+                check(f"grad {i}", a.grad, e.grad)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
@@ -187,3 +190,41 @@ def test_seed_contract():
         lk.flash_attention(q, q, q, dropout_p=0.1, seed=-1)
     with pytest.raises(ValueError, match="seed must be"):
         lk.flash_attention(q, q, q, dropout_p=0.1, seed="7")
+
+
+def test_an_int_seed_is_refused_while_a_cuda_graph_is_captured(monkeypatch):
+    """An int seed becomes a host-to-device copy, which CUDA-graph capture cannot record: while the
+    current stream captures, it is refused with the reason (no obscure capture error later); a seed
+    tensor is used as is, and off CUDA there is nothing to capture."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for call in (lambda: _common.as_seed_tensor(5, "cuda"), lambda: _common.seed_tensor(5, 0.1, torch.device("cuda"))):
+        with pytest.raises(ValueError, match="CUDA-graph capture cannot record"):
+            call()
+    seed = _seed(5)
+    assert _common.as_seed_tensor(seed, DEVICE) is seed
+    assert _common.seed_tensor(5, 0.0, torch.device("cuda")) is None  # no dropout, no seed
+    assert _common.as_seed_tensor(5, "cpu").tolist() == [5]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _common.as_seed_tensor(5, "cpu").tolist() == [5]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA (a CUDA graph)")
+def test_dropout_ops_in_a_captured_cuda_graph():
+    """On a GPU: inside torch.cuda.graph an int seed is refused with the reason, and seed=None (drawn
+    on the device) is captured: each replay draws a new seed, so a new mask."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = _rand(gen, 4, 64), 1 + 0.1 * _rand(gen, 64), _rand(gen, 64)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        lk.layer_norm(x, w, b, dropout_p=0.3)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with pytest.raises(ValueError, match="CUDA-graph capture cannot record"):
+            lk.layer_norm(x, w, b, dropout_p=0.3, seed=5)
+        y = lk.layer_norm(x, w, b, dropout_p=0.3)
+    graph.replay()
+    first = y.clone()
+    graph.replay()
+    assert torch.isfinite(first).all() and not torch.equal(first, y)

@@ -9,12 +9,16 @@ from lxmert_kernels.reference import bias_gelu_ref
 
 from _helpers import BF16, DEVICE, F16, F32, REF_DTYPE, check, dtype_params, leaf, run_with_references
 
+pytestmark = pytest.mark.gpu
+
+# (shape of x, dtypes): the first dtype on CPU, each on a GPU (_helpers.dtype_params): each case runs in its
+# own dtype everywhere
 CASES = [
-    ((3, 7, 48), F32),
-    ((37, 100), F32),
-    ((2, 20, 3072), F32),
-    ((3, 7, 100), F16),
-    ((5, 3072), BF16),
+    ((3, 7, 48), (F32,)),
+    ((37, 100), (F32,)),
+    ((2, 20, 3072), (F32,)),
+    ((3, 7, 100), (F16,)),
+    ((5, 3072), (BF16,)),
 ]
 
 

@@ -9,15 +9,18 @@ from lxmert_kernels.reference import layer_norm_ref
 
 from _helpers import BF16, DEVICE, F16, F32, REF_DTYPE, check, dtype_params, grads_of, leaf, run_with_references
 
-# (shape of x, residual?, dtype on CPU); on GPU every case runs in all three dtypes
+pytestmark = pytest.mark.gpu
+
+# (shape of x, residual?, dtypes): the first dtype on CPU, each on a GPU (_helpers.dtype_params): each case
+# runs in its own dtype everywhere
 CASES = [
-    ((3, 7, 48), False, F32),
-    ((37, 100), True, F32),
-    ((2, 5, 768), True, F32),
-    ((3, 7, 100), True, F16),
-    ((9, 48), False, F16),
-    ((2, 5, 768), True, BF16),
-    ((4, 4096), True, F32),
+    ((3, 7, 48), False, (F32,)),
+    ((37, 100), True, (F32,)),
+    ((2, 5, 768), True, (F32,)),
+    ((3, 7, 100), True, (F16,)),
+    ((9, 48), False, (F16,)),
+    ((2, 5, 768), True, (BF16,)),
+    ((4, 4096), True, (F32,)),
 ]
 
 

@@ -1,5 +1,6 @@
 """Kernels v2: the one-tile path (one launch per pass), the multi-launch path it leaves for long
-sequences, the packed self-attention entry, cheap dropout, and the tuning table / cache."""
+sequences, the packed self-attention entry, and the tuning table / cache (the dropout masks:
+test_dropout_masks.py)."""
 from __future__ import annotations
 
 import importlib
@@ -8,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 import lxmert_kernels as lk
 from lxmert_kernels import _attention_core as core
-from lxmert_kernels import _dropout, tuning
+from lxmert_kernels import tuning
 from lxmert_kernels.reference import attention_ref, cross_attention_ref
 
-from _helpers import DEVICE, ON_GPU, REF_DTYPE, check, grads_of, leaf, random_padding_mask
+from _helpers import (DEVICE, ON_GPU, REF_DTYPE, check, grads_of, kernel_class, leaf, random_padding_mask,
+                      run_with_references)
 
 PACKAGE_DIR = Path(lk.__file__).resolve().parent
 
@@ -25,10 +25,7 @@ PACKAGE_DIR = Path(lk.__file__).resolve().parent
 def launches(monkeypatch):
     """Count kernel launches by kernel name (interpreter or compiled)."""
     counts: dict = {}
-    if ON_GPU:
-        from triton.runtime.jit import JITFunction as cls
-    else:
-        from triton.runtime.interpreter import InterpretedFunction as cls
+    cls = kernel_class()
     real_run = cls.run
 
     def run(self, *args, **kwargs):
@@ -51,6 +48,7 @@ def _cross_inputs(B, nl, nv, H, D, seed=0):
     return qkv, dout, mask.to(DEVICE)
 
 
+@pytest.mark.gpu
 def test_cross_pair_is_one_launch_forward_and_one_backward_at_20_36(launches):
     """LXMERT's 20 words + 36 objects: forward one launch, backward one launch (delta, dQ, dK,
     dV inside), both directions together."""
@@ -63,6 +61,7 @@ def test_cross_pair_is_one_launch_forward_and_one_backward_at_20_36(launches):
     assert launches == {"_attn_bwd_one_tile_kernel": 1}
 
 
+@pytest.mark.gpu
 def test_long_sequences_take_the_multi_launch_path(launches):
     """A direction longer than one tile: forward, then delta + dK/dV + dQ (three launches)."""
     B, Lq, Lk, H, D = 1, 150, 9, 1, 16
@@ -81,6 +80,7 @@ def test_long_sequences_take_the_multi_launch_path(launches):
         check(name, a, r)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("nl,nv", [(20, 36), (7, 33)])
 def test_one_tile_and_multi_launch_paths_agree_with_the_same_dropout_mask(nl, nv, monkeypatch):
     """Both paths against the reference with dropout: the mask does not depend on the tiles, so
@@ -99,6 +99,7 @@ def test_one_tile_and_multi_launch_paths_agree_with_the_same_dropout_mask(nl, nv
         check(f"{name} dqkv", g, rg)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("B,L,H,D,masked", [(2, 20, 2, 32, True), (1, 36, 3, 16, False), (2, 13, 1, 64, True)])
 def test_flash_attention_qkv_matches_reference_with_one_gradient(B, L, H, D, masked, launches):
     gen = torch.Generator().manual_seed(L)
@@ -118,6 +119,7 @@ def test_flash_attention_qkv_matches_reference_with_one_gradient(B, L, H, D, mas
     assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("L,masked", [(36, False), (47, True)])
 def test_split_query_forward_and_one_tile_backward_share_the_dropout_mask(L, masked, monkeypatch):
     """At 33-64 tokens the forward runs one program per 32 queries (tuning.forward_query_block)
@@ -126,10 +128,7 @@ def test_split_query_forward_and_one_tile_backward_share_the_dropout_mask(L, mas
     assert tuning.forward_query_block(64, 64) == 32 and tuning.forward_query_block(32, 64) == 32
     assert tuning.forward_query_block(128, 128) == 128  # beyond 64 x 64: unmeasured, unchanged
     grids = {}
-    if ON_GPU:
-        from triton.runtime.jit import JITFunction as cls
-    else:
-        from triton.runtime.interpreter import InterpretedFunction as cls
+    cls = kernel_class()
     real_run = cls.run
 
     def run(self, *args, grid, **kwargs):
@@ -151,6 +150,7 @@ def test_split_query_forward_and_one_tile_backward_share_the_dropout_mask(L, mas
     check("dqkv", g, rg)
 
 
+@pytest.mark.gpu
 def test_opcheck_flash_attention_qkv():
     fa = importlib.import_module("lxmert_kernels.flash_attention")
     gen = torch.Generator().manual_seed(0)
@@ -162,122 +162,6 @@ def test_opcheck_flash_attention_qkv():
     do = torch.randn(2, 7, 2, 16, generator=gen).to(DEVICE)
     torch.library.opcheck(fa.flash_attention_qkv_bwd, (do, qkv.detach(), o.detach(), lse.detach(), mask, seed,
                                                        0.2, 0.25))
-
-
-# ----------------------------------------------------------------------------------------------
-# cheap dropout
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _philox_pair_kernel(SEED, OUT, N: tl.constexpr, ROUNDS: tl.constexpr):
-    i = tl.arange(0, N)
-    seed = tl.load(SEED)
-    c0 = i.to(tl.uint32) * 7 + 3
-    c1 = i.to(tl.uint32) * 13
-    c2 = (i * 0 + 5).to(tl.uint32)
-    c3 = (i * 0 + 1).to(tl.uint32)
-    a = _dropout.philox4x32(seed, c0, c1, c2, c3, ROUNDS)
-    b = tl.philox(seed, c0, c1, c2, c3, ROUNDS)
-    for j in tl.static_range(4):
-        tl.store(OUT + j * N + i, a[j])
-        tl.store(OUT + (4 + j) * N + i, b[j])
-
-
-@pytest.mark.parametrize("rounds", [_dropout.PHILOX_ROUNDS.value, 10])
-def test_philox_is_tritons_philox(rounds):
-    """Our wide-multiply Philox gives the words of tl.philox with the same rounds (seed above
-    2**32 included), for the masks' 7 rounds and tl.philox's default 10."""
-    out = torch.zeros(8, 16, dtype=torch.int32, device=DEVICE)
-    seed = torch.tensor([(7 << 32) + 12345], dtype=torch.int64, device=DEVICE)
-    _philox_pair_kernel[(1,)](seed, out, N=16, ROUNDS=rounds)
-    assert torch.equal(out[:4], out[4:])
-    assert out[:4].unique().numel() > 60
-
-
-@triton.jit
-def _philox_words_kernel(SEED, C_4N, OUT_4N, N: tl.constexpr, ROUNDS: tl.constexpr):
-    i = tl.arange(0, N)
-    seed = tl.load(SEED)
-    c = [tl.load(C_4N + j * N + i).to(tl.uint32) for j in tl.static_range(4)]
-    words = tl.philox(seed, c[0], c[1], c[2], c[3], ROUNDS)
-    for j in tl.static_range(4):
-        tl.store(OUT_4N + j * N + i, words[j])
-
-
-def _attention_keep_from_tl_philox(seed, p, rows, cols, rounds):
-    """The plain-attention keep mask of (batch, head) 0 rebuilt element by element from the
-    documented counter (key // 2, 8 * (query // 16) + query % 8, 0, 0) and word
-    2 * ((query // 8) % 2) + key % 2 of tl.philox with ``rounds`` rounds."""
-    q = torch.arange(rows).repeat_interleave(cols)
-    k = torch.arange(cols).repeat(rows)
-    n = q.numel()
-    counters = torch.stack([k // 2, 8 * (q // 16) + q % 8, torch.zeros_like(q), torch.zeros_like(q)])
-    out = torch.zeros(4, n, dtype=torch.int32, device=DEVICE)
-    _philox_words_kernel[(1,)](seed, counters.to(torch.int32).to(DEVICE).contiguous(), out, N=n, ROUNDS=rounds)
-    word = out.cpu().gather(0, (2 * ((q // 8) % 2) + k % 2)[None]).squeeze(0).long() & 0xFFFFFFFF
-    return (word >= int(p * 2 ** 32)).view(rows, cols)
-
-
-def test_dropout_masks_use_seven_round_philox():
-    """The masks are Philox-4x32-7 (flash-attention 2's dropout generator): the kernels' mask
-    equals the one rebuilt from tl.philox(n_rounds=7) and its documented counters, and differs
-    from the 10-round one."""
-    assert _dropout.PHILOX_ROUNDS.value == 7
-    seed = torch.tensor([(3 << 32) + 99], dtype=torch.int64, device=DEVICE)
-    keep = lk.attention_dropout_mask(seed, 0.5, 1, 1, 32, 16, device=DEVICE)[0, 0].cpu()
-    assert torch.equal(keep, _attention_keep_from_tl_philox(seed, 0.5, 32, 16, 7))
-    assert not torch.equal(keep, _attention_keep_from_tl_philox(seed, 0.5, 32, 16, 10))
-
-
-def test_dropout_keep_fraction_and_independence():
-    """Attention and LayerNorm masks: kept fraction within 4 sigma of 1 - p for several p, and
-    different (batch, head) planes / seeds are not copies of each other."""
-    for p in (0.1, 0.5):
-        keep = lk.attention_dropout_mask(21, p, 2, 2, 24, 64, device=DEVICE)
-        n = keep.numel()
-        assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5, p
-        assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
-        ln_keep = lk.layer_norm_dropout_mask(21, p, (30, 96), device=DEVICE)
-        n = ln_keep.numel()
-        assert abs(ln_keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5, p
-    a = lk.attention_dropout_mask(1, 0.5, 1, 1, 16, 64, device=DEVICE)
-    assert not torch.equal(a, lk.attention_dropout_mask(2, 0.5, 1, 1, 16, 64, device=DEVICE))
-    # the four columns of one LayerNorm Philox call are not copies of each other
-    ln = lk.layer_norm_dropout_mask(1, 0.5, (16, 64), device=DEVICE)
-    for j in (1, 2, 3):
-        assert not torch.equal(ln[..., 0::4], ln[..., j::4])
-
-
-def _agree_like_independent_coins(x, y, p):
-    """x, y bool masks of the same shape agree as often as independent Bernoulli(1 - p) draws:
-    p**2 + (1 - p)**2, within 4 sigma."""
-    expected = p ** 2 + (1 - p) ** 2
-    n = x.numel()
-    rate = (x == y).float().mean().item()
-    return abs(rate - expected) < 4 * (expected * (1 - expected) / n) ** 0.5
-
-
-def test_attention_dropout_words_of_one_philox_call_are_independent():
-    """One Philox call serves queries r, r + 8 (r % 16 < 8) x keys c, c + 1 (c even): each
-    pair of its four elements agrees as independent coins would; the cross pair's two
-    directions draw different streams (at n_lang == n_vis, with the same segment-relative
-    indices); the language direction's block is plain attention's mask."""
-    p = 0.5
-    a = lk.attention_dropout_mask(3, p, 4, 4, 64, 64, device=DEVICE)
-    top = a.view(4, 4, 4, 2, 8, 64)[:, :, :, 0]  # rows r with r % 16 < 8
-    bottom = a.view(4, 4, 4, 2, 8, 64)[:, :, :, 1]  # rows r + 8
-    assert _agree_like_independent_coins(a[..., 0::2], a[..., 1::2], p)
-    assert _agree_like_independent_coins(top, bottom, p)
-    assert _agree_like_independent_coins(top[..., 0::2], bottom[..., 1::2], p)
-    # neighbouring calls (keys c and c + 2, rows r and r + 1) are independent too
-    assert _agree_like_independent_coins(a[..., 0::4], a[..., 2::4], p)
-    assert _agree_like_independent_coins(a[:, :, 0::2], a[:, :, 1::2], p)
-
-    n = 32
-    cross = lk.cross_attention_dropout_mask(3, p, 4, 4, 2 * n, device=DEVICE, n_lang=n)
-    lang_to_vis, vis_to_lang = cross[..., :n, n:], cross[..., n:, :n]
-    assert _agree_like_independent_coins(lang_to_vis, vis_to_lang, p)
-    assert torch.equal(lang_to_vis, lk.attention_dropout_mask(3, p, 4, 4, n, n, device=DEVICE))
-    assert cross[..., :n, :n].all() and cross[..., n:, n:].all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +202,43 @@ def test_autotuner_picks_the_fastest_and_caches_it_across_processes(tmp_path, mo
     # pruned multi-block candidates: no block larger than the bucketed lengths need
     for c in tuning.candidates("fwd", 20, 36, 64):
         assert c["BLOCK_M"] <= 32 and c["BLOCK_N"] <= 64
+
+
+def _check_bf16_attention(B, Lq, Lk, H=2, D=64):
+    """flash_attention in bf16 against the reference, output and every gradient (padding; batch row 1
+    fully masked)."""
+    gen = torch.Generator().manual_seed(Lq)
+    q, k, v = (torch.randn(B, n, H, D, generator=gen).to(DEVICE, torch.bfloat16) for n in (Lq, Lk, Lk))
+    dout = torch.randn(B, Lq, H, D, generator=gen).to(DEVICE)
+    mask = random_padding_mask(B, Lk, gen, fully_masked_rows=(1,) if B > 1 else ()).to(DEVICE)
+    (ours, og), (ref, rg), (low, lg) = run_with_references(
+        lambda a, b, c: lk.flash_attention(a, b, c, mask),
+        lambda a, b, c, compute_dtype: attention_ref(a, b, c, mask, compute_dtype=compute_dtype), [q, k, v], dout)
+    check("out", ours, ref, low)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), og, rg, lg):
+        check(name, g, r, lo)
+
+
+@pytest.mark.autotune
+@pytest.mark.skipif(not ON_GPU, reason="autotuning needs a GPU")
+def test_autotuned_configs_agree(tmp_path, monkeypatch):
+    """The autotuned kernels (pruned candidates, cached in tmp_path) match the reference too, on the
+    one-tile and the multi-launch paths and for the cross pair. It benchmarks every candidate: out of
+    the default run, selected with -m autotune."""
+    monkeypatch.setattr(tuning, "tuner", tuning.Autotuner())
+    tuning.set_autotune(True, cache_dir=str(tmp_path))
+    try:
+        _check_bf16_attention(3, 20, 36)
+        _check_bf16_attention(1, 200, 150)
+        B, nl, nv, H, D = 4, 20, 36, 12, 64
+        qkv = torch.randn(B, nl + nv, 3, H, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        out = lk.bidirectional_cross_attention(qkv, nl)
+        out.float().sum().backward()
+        ref = cross_attention_ref(qkv.detach(), nl, compute_dtype=REF_DTYPE)
+        assert (out.float() - ref.float()).abs().max().item() < 3e-2
+    finally:
+        tuning.set_autotune(False)
+    assert list(tmp_path.glob("autotune-*.json")), "the tuned configs were not cached on disk"
 
 
 def test_autotune_is_a_module_setting_not_an_environment_variable(monkeypatch):

@@ -2,6 +2,7 @@
 
     python kernels/tools/compile_check.py [--arch 90] [--quick]      # compile every variant, ok/FAIL lines
     python kernels/tools/compile_check.py --report [--space]         # one JSON line per variant (sm_90 figures)
+    python kernels/tools/compile_check.py --launches FILE [--tests-only] [--fresh-cache]   # recorded launches
 
 How: the host code of each op runs on ``meta`` tensors at the LXMERT base-config shapes
 (B=64, H=12, D=64, 20 words + 36 objects, hidden 768, FFN 3072; and a 512-token self-attention
@@ -14,6 +15,11 @@ integers equal to 1 become constexpr, ``do_not_specialize`` respected) and compi
 ptxas / cuobjdump bundled with Triton on the result: registers, spill bytes, shared memory,
 SASS instruction count. ``--space`` adds every autotuning candidate (``heuristic: false``).
 
+``--launches FILE`` builds instead the launches a test run recorded (``launch_recorder.py``: one JSON
+line per specialisation), each kernel imported from its module (a test module from its file, so the
+test suite's own kernels are built too; ``--tests-only``: only those), timed one by one;
+``--fresh-cache`` compiles into an empty Triton cache, so that every variant is really compiled.
+
 Needs TRITON_INTERPRET unset and Triton's CUDA backend (ptxas ships in the triton wheel).
 """
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -37,12 +44,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, 
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+import launch_keys  # noqa: E402  (kernels/tools)
 import lxmert_kernels  # noqa: E402,F401
 from lxmert_kernels import _attention_core as core  # noqa: E402
 from lxmert_kernels import _common  # noqa: E402
@@ -83,26 +89,7 @@ def recording():
 
 def specialise(kernel, args, kwargs):
     """(signature, constexprs, attrs, options) as Triton's launcher builds them for this call."""
-    params = kernel.params
-    names = [p.name for p in params]
-    bound = dict(zip(names, args))
-    bound.update({k: v for k, v in kwargs.items() if k in names})
-    signature, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(params):
-        value = bound[p.name] if p.name in bound else p.default
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[(i,)] = value
-            continue
-        ty, key = native_specialize_impl(CUDABackend, value, False, not p.do_not_specialize,
-                                         not p.do_not_specialize_on_alignment)
-        signature[p.name] = ty
-        if ty == "constexpr":
-            constexprs[(i,)] = key
-        elif isinstance(key, str):
-            attrs[(i,)] = CUDABackend.parse_attr(key)
-    options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
-    return signature, constexprs, attrs, options
+    return launch_keys.specialise(kernel.params, args, kwargs)
 
 
 def compile_launch(kernel, args, kwargs, arch):
@@ -239,13 +226,81 @@ def autotune_space(kernel):
     return space(kernel) if space is not None else []
 
 
+def _module_of_row(row, cache):
+    """The module that defines a recorded kernel: imported by name inside lxmert_kernels, else from its file
+    (a test module: its folder goes first on sys.path, for its own imports such as _helpers); ``cache``: the
+    modules imported from files so far, by path."""
+    if row["module"].split(".")[0] == "lxmert_kernels":
+        return importlib.import_module(row["module"])
+    path = row["file"]
+    if path not in cache:
+        sys.path.insert(0, os.path.dirname(path))
+        spec = importlib.util.spec_from_file_location(f"_recorded_{len(cache)}_{row['module']}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cache[path] = module
+    return cache[path]
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (ptxas): a compile's cost, whatever else
+    the machine runs."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def build_recorded(path, arch, tests_only):
+    """Compile every row of a launch_recorder file for ``arch``: ok / FAIL lines, a summary; 1 on a failure."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if tests_only:
+        rows = [r for r in rows if r["module"].split(".")[0] != "lxmert_kernels"]
+    t0 = time.time()
+    failures, modules, cpu_total = [], {}, 0.0
+    for row in rows:
+        name = f"{row['module']}.{row['kernel']}"
+        try:
+            kernel = getattr(_module_of_row(row, modules), row["kernel"])
+            signature, constexprs, attrs, options = launch_keys.build_inputs(kernel, row)
+            before = _cpu_seconds()
+            triton.compile(ASTSource(kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 32), options=options)
+            spent = _cpu_seconds() - before
+            cpu_total += spent
+        except Exception as e:  # noqa: BLE001 - every failure is reported, the run goes on
+            failures.append(name)
+            print(f"FAIL {name} {row['constexprs']} {row['options']} (test {row.get('test')}): "
+                  f"{type(e).__name__}: {str(e)[:2000]}", flush=True)
+            continue
+        print(f"ok   {name} {row['constexprs']} div16={sorted(row['attrs'])} {row['options']} {spent:.2f} cpu-s",
+              flush=True)
+    print(f"{len(rows) - len(failures)} recorded variants compiled for sm_{arch} (triton {triton.__version__}), "
+          f"{len(failures)} failed, {time.time() - t0:.0f}s, {cpu_total:.0f} cpu-s")
+    return 1 if failures else 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="bf16, D=64, dropout on: the production variants only")
     ap.add_argument("--report", action="store_true", help="one JSON line per variant with ptxas/cuobjdump figures")
     ap.add_argument("--space", action="store_true", help="with --report: every autotuning candidate too")
+    ap.add_argument("--launches", metavar="FILE", help="build the launches a test run recorded (launch_recorder.py)")
+    ap.add_argument("--tests-only", action="store_true", help="with --launches: only kernels defined outside "
+                    "lxmert_kernels (the test suite's own)")
+    ap.add_argument("--fresh-cache", action="store_true", help="compile into an empty temporary Triton cache "
+                    "(timings of real compilations)")
     args = ap.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.fresh_cache:
+            os.environ["TRITON_CACHE_DIR"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="compile_check_"))
+        if args.launches:
+            sys.exit(build_recorded(args.launches, args.arch, args.tests_only))
+        sys.exit(build_scenarios(args))
+
+
+def build_scenarios(args):
+    """The ops' launches at the LXMERT base shapes (the default mode): ok / FAIL lines or --report rows."""
     dtypes = ["bf16"] if (args.quick or args.report) else ["bf16", "fp16", "fp32"]
     dims = [64] if (args.quick or args.report) else [32, 64, 128]
     t0 = time.time()
@@ -285,7 +340,7 @@ def main():
                     print(f"ok   {label} {kernel.__name__} {config}  shared={compiled.metadata.shared}")
     print(f"{n} variants compiled for sm_{args.arch} (triton {triton.__version__}), {len(failures)} failed, "
           f"{time.time() - t0:.0f}s", file=sys.stderr if args.report else sys.stdout)
-    sys.exit(1 if failures else 0)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
