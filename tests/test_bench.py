@@ -171,6 +171,7 @@ def test_dry_run_reports_the_gpu_tests_plan_and_the_kernel_groups(dry):
     rows = _rows(dry["full"][0])
     tests = next(r for r in rows if r.get("key") == "tests:gpu")
     assert tests["status"].startswith("plan: ") and tests["command"].startswith("-m pytest -m gpu")
+    assert len(tests["plan"]) >= 50 and any("test_model_gpu" in t for t in tests["plan"])
     kernels = {r["key"] for r in rows if r.get("part") == "kernels"}
     for op in ("cross_pair", "self_attention L20", "self_attention L36", "layer_norm+residual", "bias_gelu"):
         assert f"kernels:{op} B2 fwd+bwd" in kernels, kernels
