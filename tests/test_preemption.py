@@ -96,6 +96,8 @@ def _tags(out: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- signals
 def test_a_signal_in_the_loop_is_recorded_a_repeat_is_the_same_notice_and_a_later_one_ends_the_process(tmp_path):
+    """Outside the loop a signal ends the job at once (StopRequested); a process forked from the job (a loader
+    worker) ignores it; in the loop it is recorded; a repeat within the window is ignored; a later one kills."""
     script = (
         "import os, signal, time\n"
         "from lxmert_fast.train.preemption import StopSignals, StopRequested\n"
@@ -107,6 +109,11 @@ def test_a_signal_in_the_loop_is_recorded_a_repeat_is_the_same_notice_and_a_late
         "        print('outside the loop:', stop, flush=True)\n"
         "s = StopSignals(repeat_window_s=1.0)\n"
         "with s:\n"
+        "    worker = os.fork()\n"  # a data loader worker forked from the job: it ignores the notice
+        "    if worker == 0:\n"
+        "        time.sleep(1.0); os._exit(7)\n"
+        "    time.sleep(0.2); os.kill(worker, signal.SIGTERM)\n"
+        "    print('worker exit', os.waitstatus_to_exitcode(os.waitpid(worker, 0)[1]), flush=True)\n"
         "    s.deferred = True\n"
         "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
         "    print('recorded:', s.name, flush=True)\n"
@@ -116,7 +123,8 @@ def test_a_signal_in_the_loop_is_recorded_a_repeat_is_the_same_notice_and_a_late
         "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(2)\n"
         "    print('still alive', flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.stdout.splitlines() == ["outside the loop: SIGUSR1", "recorded: SIGTERM", "repeat ignored"], proc.stdout
+    assert proc.stdout.splitlines() == ["outside the loop: SIGUSR1", "worker exit 7", "recorded: SIGTERM",
+                                        "repeat ignored"], proc.stdout
     assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
     assert "SIGTERM again: exiting at once" in proc.stderr
 
@@ -404,24 +412,26 @@ def test_fine_tuning_stops_on_a_signal_and_resumes_bitwise(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- one process, from outside
 def test_sigterm_from_outside_saves_the_step_it_arrived_in_and_the_resume_is_bitwise(tmp_path):
-    """A pre-training process (DeepSpeed's engine) gets SIGTERM from outside after logging step 4: it ends the
-    step in progress, writes its checkpoint, exits 75; --resume logs the uninterrupted run's losses, bitwise."""
+    """A pre-training process (DeepSpeed's engine, 2 loader worker processes) and its workers get SIGTERM from
+    outside after it logged step 4 (to the whole process group, as SLURM signals every process of a step): it
+    ends the step in progress (its workers, started with the signal blocked, live on), writes its checkpoint,
+    exits 75; --resume logs the uninterrupted run's losses, bitwise."""
     from tests.test_finetune_helpers import demo_world
 
     common = [sys.executable, "-m", "lxmert_fast.pretrain", "--data_root", demo_world(), "--model", "tiny",
               "--micro_batch_size", "8", "--max_steps", "12", "--log_every", "1", "--eval_every", "0",
-              "--eval_batches", "1", "--no_progress", "--num_workers", "0", "--grounding_eval", "no", "--no_export",
+              "--eval_batches", "1", "--no_progress", "--num_workers", "2", "--grounding_eval", "no", "--no_export",
               "--seed", "2", "--save_every", "0"]
     straight = subprocess.run(common + ["--output_dir", str(tmp_path / "straight")], env=_env(), capture_output=True,
                               text=True, timeout=900, cwd=str(tmp_path))
     assert straight.returncode == 0, straight.stderr[-3000:]
     proc = subprocess.Popen(common + ["--output_dir", str(tmp_path / "run")], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
+                            stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path), start_new_session=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step 4/12"):
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
             sent = time.monotonic()
             break
     lines += proc.stdout.readlines()

@@ -23,6 +23,7 @@ script requeues on it (README, *On a cluster*).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import sys
@@ -53,7 +54,10 @@ class StopSignals:
 
     ``deferred`` (inside the training loop): a signal is recorded in `received` and the loop stops at the
     next step boundary; otherwise the handler raises `StopRequested`. Handlers can only be installed by the
-    main thread: elsewhere `active` stays False and `reason` says why.
+    main thread: elsewhere `active` stays False and `reason` says why. Processes forked from the job while
+    they are installed (data loader workers) ignore these signals: SLURM signals every process of a step
+    and a launcher may signal a rank's whole process tree, and a worker that died of it would fail the step
+    in progress instead of letting it finish.
     """
 
     def __init__(self, rank: int = 0, signals: tuple[int, ...] = STOP_SIGNALS,
@@ -65,6 +69,7 @@ class StopSignals:
         self.active = False
         self.reason = ""
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     @property
     def name(self) -> Optional[str]:
@@ -87,6 +92,10 @@ class StopSignals:
         return False
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            # a process forked from the job's (a data loader worker) inherits this handler: the notice is the
+            # job's to act on; the worker ends with it (a worker killed mid-step would fail the step)
+            return
         now = time.monotonic()
         name = signal.Signals(signum).name
         if self.received is not None:
@@ -101,6 +110,20 @@ class StopSignals:
             raise StopRequested(signum)
         print(f"[rank {self.rank}] {name}: finishing this optimizer step, then every rank saves a checkpoint and "
               f"exits with code {EXIT_PREEMPTED} (a second {name} exits at once)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked(signals: tuple[int, ...] = STOP_SIGNALS):
+    """SIGTERM / SIGUSR1 blocked in this thread meanwhile: processes started inside (data loader workers) keep
+    them blocked (a child inherits the signal mask, through fork and exec), and this process gets any that
+    came meanwhile when the block ends. torch's loader workers otherwise die of a SIGTERM that is not their
+    parent's ("DataLoader worker ... is killed by signal: Terminated", measured with a SIGTERM to the job's
+    process group), failing the step in progress; blocked, they end when the job ends them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StopAgreement:

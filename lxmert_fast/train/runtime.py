@@ -34,7 +34,7 @@ from lxmert_fast.train.compile import (COMPILE_BACKENDS, COMPILE_MODES, CompileM
                                        compile_model, eager_forward, step_begins)
 from lxmert_fast.train import monitors
 from lxmert_fast.train.meter import IntervalMeter
-from lxmert_fast.train.preemption import StopAgreement, StopSignals
+from lxmert_fast.train.preemption import StopAgreement, StopSignals, stop_signals_blocked
 from lxmert_fast.train.profiler import FlopsProbe
 from lxmert_fast.train.process import (ThreadsError, all_gather_object, barrier, cpu_threads,
                                       set_collective_timeout, start_process)
@@ -542,14 +542,20 @@ class Trainer:
         return loss
 
     def _micro_batches(self, it: Iterator[Any]) -> Iterator[tuple[Any, int]]:
-        """The loader's micro-batches with their seeds; the time spent waiting for each counts as data wait."""
+        """The loader's micro-batches with their seeds; the time spent waiting for each counts as data wait.
+        The loader's worker processes start at the first one: they start with SIGTERM / SIGUSR1 blocked
+        (`stop_signals_blocked`), so that a notice sent to every process (SLURM, a launcher's process tree)
+        does not kill a worker under the step it must let finish."""
         loader = self.recipe.train_loader
+        first = True
         while True:
             t_wait = time.perf_counter()
             try:
-                raw = next(it)
+                with stop_signals_blocked() if first else contextlib.nullcontext():
+                    raw = next(it)
             except StopIteration:
                 return
+            first = False
             self.meter.add_data_wait(time.perf_counter() - t_wait)
             yield raw, loader.micro_seed()
 
