@@ -88,22 +88,24 @@ class StepSampler:
                 "micro_batch_size": self.micro_batch_size, "world_size": self.world_size, "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` left off, on this sampler's world size: the global sample position must
-        be at a step boundary (checkpoints are) and the global batch, the items and the seed the same."""
+        """Continue where ``state`` left off, on this sampler's world size and micro-batch size: the global
+        batch, the items and the seed must be the same; a change of world size or micro-batch size continues
+        from a step boundary (checkpoints are at one). With another micro-batch size each step keeps its
+        items, cut into other micro-batches (with other seeds)."""
         if state.get("kind") != "step":
             raise ValueError("sampler state of another kind (written before world-size-invariant sampling): "
                              "cannot resume with it")
-        for k in ("seed", "num_items", "global_batch", "micro_batch_size", "shuffle"):
+        for k in ("seed", "num_items", "global_batch", "shuffle"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"sampler state has {k}={state[k]!r}, this run {getattr(self, k)!r}: cannot resume")
-        if state["world_size"] == self.world_size:
+        if state["world_size"] == self.world_size and state["micro_batch_size"] == self.micro_batch_size:
             position = int(state["position"])
         else:
             step, rest = divmod(int(state["sample"]), self.global_batch)
             if rest or int(state["position"]) % (state["global_batch"] // (state["micro_batch_size"]
                                                                           * state["world_size"])):
-                raise ValueError(f"sampler state at sample {state['sample']} is inside an optimizer step: a world-size "
-                                 f"change can only continue from a step boundary")
+                raise ValueError(f"sampler state at sample {state['sample']} is inside an optimizer step: a change of "
+                                 f"world size or micro-batch size can only continue from a step boundary")
             position = step * self.accumulation
         self.epoch = int(state["epoch"])
         self._start = self.position = position

@@ -133,6 +133,61 @@ def resolve_batch_size(cfg: dict, world_size: int, micro_batch_size: Optional[in
     return total, micro, accum
 
 
+def keep_checkpoint_batch(cfg: dict, world_size: int, micro_batch_size: Optional[int], then: dict,
+                          tag: str) -> tuple[dict, list[str]]:
+    """For a resume from ``tag`` (``then``: its run.json): the config with its "auto" batch entries filled so
+    that the run keeps the checkpoint's total batch and micro-batch, the accumulation making up for another
+    number of processes. (The config, one line per choice worth logging.)
+
+    - ``train_batch_size`` "auto": the checkpoint's (a fixed one must equal it: `plan_resume` says so).
+    - the micro-batch "auto" and no ``--micro_batch_size``: the checkpoint's, so each micro-batch and its
+      random draws are those of the uninterrupted run. A micro-batch given (flag or config) other than the
+      checkpoint's is taken, with a note: each step's samples stay the same, cut into other micro-batches.
+    - ``gradient_accumulation_steps`` "auto": total / (micro-batch x processes).
+    What cannot be kept raises DSConfigError naming the setting to change.
+    """
+    total_then, micro_then = then.get("train_batch_size"), then.get("micro_batch_size")
+    if not isinstance(total_then, int) or not isinstance(micro_then, int):
+        return cfg, []  # an earlier version's run.json: the checkpoint's own world size only (plan_resume)
+    cfg = copy.deepcopy(cfg)
+    notes: list[str] = []
+    if _is_auto(cfg.get("train_batch_size", AUTO)):
+        cfg["train_batch_size"] = total_then
+    total = _positive_int(cfg["train_batch_size"], "train_batch_size")
+    micro_cfg = cfg.get("train_micro_batch_size_per_gpu", AUTO)
+    accum_cfg = cfg.get("gradient_accumulation_steps", AUTO)
+    if total % world_size:
+        raise DSConfigError(f"--resume from {tag}: its total batch {total} does not divide over {world_size} processes: "
+                            f"resume on a number of processes that divides {total}")
+    per_rank = total // world_size
+    if _is_auto(micro_cfg) and micro_batch_size is None:
+        if per_rank % micro_then:
+            choices = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+            raise DSConfigError(
+                f"--resume from {tag} on {world_size} processes: the checkpoint's micro-batch {micro_then} does not "
+                f"divide the {per_rank} samples per process of a step (total batch {total}); give --micro_batch_size "
+                f"one of {choices} (each step keeps its samples, cut into other micro-batches whose random draws "
+                f"differ from an uninterrupted run's)")
+        cfg["train_micro_batch_size_per_gpu"] = micro_then
+    else:
+        micro = micro_batch_size if _is_auto(micro_cfg) else micro_cfg
+        what = "--micro_batch_size" if _is_auto(micro_cfg) else "the DeepSpeed config's train_micro_batch_size_per_gpu"
+        if micro != micro_then:
+            notes.append(f"micro-batch {micro} ({what}) instead of the checkpoint's {micro_then}: each step keeps its "
+                         f"samples, cut into other micro-batches, whose random draws differ from an uninterrupted "
+                         f"run's")
+    micro = cfg.get("train_micro_batch_size_per_gpu") if not _is_auto(cfg.get("train_micro_batch_size_per_gpu", AUTO)) \
+        else micro_batch_size
+    if not _is_auto(accum_cfg) and micro is not None and total != micro * accum_cfg * world_size:
+        need = total / (micro * world_size)
+        raise DSConfigError(
+            f"--resume from {tag} on {world_size} processes: the DeepSpeed config fixes gradient_accumulation_steps at "
+            f"{accum_cfg}, but keeping the total batch {total} with micro-batch {micro} needs "
+            f"{need:g}: set gradient_accumulation_steps to \"auto\" in the config"
+            + ("" if need == int(need) else " and give a --micro_batch_size that divides the samples per process"))
+    return cfg, notes
+
+
 def fill_from_flags(cfg: dict, values: dict[str, tuple[str, Any]], explicit: set[str]) -> dict:
     """Fill "auto" entries from a job's flags: ``values`` maps a flag to (dotted config key, value).
 

@@ -1,8 +1,10 @@
 """A job's `main()`: process-wide settings, then the job, with errors turned into exit codes.
 
 Exit codes: 0 done; 2 a usage or data error found before training (bad flag, config, data file,
-checkpoint); 3 training could not continue (non-finite loss, unusable checkpoint). The message goes
-to stderr once (rank 0).
+checkpoint); 3 training could not continue (non-finite loss, no usable checkpoint, a checkpoint that could
+not be written); 75 stopped by SIGTERM / SIGUSR1 with nothing lost (`lxmert_fast.train.preemption`: a
+checkpoint at the step where the signal arrived; run the same command with ``--resume`` to continue).
+The message goes to stderr once (rank 0).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import warnings
 from typing import Callable, Optional
 
 from lxmert_fast.train.checkpoint import TrainingError
+from lxmert_fast.train.preemption import EXIT_PREEMPTED, StopRequested
 
 
 def quiet_known_warnings() -> None:
@@ -42,23 +45,46 @@ def run_job(run: Callable[[Optional[list[str]]], dict], argv: Optional[list[str]
             more_usage_errors: tuple[type, ...] = ()) -> int:
     quiet_known_warnings()
     try:
-        run(argv)
+        result = run(argv)
+    except StopRequested as stop:  # before or after training: nothing to save, nothing lost
+        report_stop(f"stopped by {stop} outside the training loop (nothing to save; nothing lost): run the same "
+                    f"command again to continue (with --resume if it had written a checkpoint)")
+        return EXIT_PREEMPTED
     except TrainingError as err:
         report(err)
         return 3
     except usage_errors() + more_usage_errors as err:
         report(err)
         return 2
+    stopped = result.get("stopped_by") if isinstance(result, dict) else None
+    if stopped:
+        step, kept = result["step"], result["checkpoint_step"]
+        held = ("it holds every step trained" if kept == step else
+                f"steps {kept + 1}-{step} are not kept (the loss was non-finite since it)" if kept else
+                "no checkpoint was kept (the loss was non-finite): run it again from the start")
+        report_stop(f"stopped by {stopped} after step {step}: checkpoint {result['checkpoint']}; {held}. Continue "
+                    f"with the same command and --resume (exit code {EXIT_PREEMPTED})")
+        return EXIT_PREEMPTED
     return 0
+
+
+def report_stop(msg: str) -> None:
+    """A stop's message, on rank 0's stderr (as `report`, without "error")."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
 
 
 def exit_script(main: Callable[[], int]) -> None:
     """A job script's ``__main__``: run ``main()``, leave the process group after success (every
     rank waits for the others, so none exits while a peer still needs it), exit with its code.
-    After a failure no rank waits: its peers may never arrive."""
+    After a stop on a signal the group is taken down without waiting (a stop the ranks agreed on has
+    passed a barrier already; one outside the loop may have peers that never arrive); after a failure
+    no rank waits: its peers may never arrive."""
     from lxmert_fast.train.process import leave_process_group
 
     code = main()
     if code == 0:
         leave_process_group()
+    elif code == EXIT_PREEMPTED:
+        leave_process_group(wait=False)
     sys.exit(code)

@@ -28,15 +28,16 @@ from tqdm.auto import tqdm
 from lxmert_fast.flops import device_name, peak_tflops_for
 from lxmert_fast.train import ds_config as ds_cfg
 from lxmert_fast.train.checkpoint import (RUN_FILE, UNIVERSAL_SUFFIX, CheckpointManager, TrainingError, check_resumable,
-                                          convert_to_universal, plan_resume, preserved_rng, rng_state,
-                                          seed_everything, set_rng_state)
+                                          convert_to_universal, plan_resume, preserved_rng, read_run_file,
+                                          rng_state, seed_everything, set_rng_state, step_of)
 from lxmert_fast.train.compile import (COMPILE_BACKENDS, COMPILE_MODES, CompileModeError, check_compile_mode,
                                        compile_model, eager_forward, step_begins)
 from lxmert_fast.train import monitors
 from lxmert_fast.train.meter import IntervalMeter
+from lxmert_fast.train.preemption import StopAgreement, StopSignals, stop_signals_blocked
 from lxmert_fast.train.profiler import FlopsProbe
 from lxmert_fast.train.process import (ThreadsError, all_gather_object, barrier, cpu_threads,
-                                      start_process)
+                                      set_collective_timeout, start_process)
 from lxmert_fast.train.torch_engine import ENGINES, TorchEngine, unsupported_reasons
 from lxmert_fast.utils import atomic_write_json
 
@@ -73,6 +74,10 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, save_every: int, log_ev
     r.add_argument("--save_every", type=int, default=save_every,
                    help="steps between checkpoints (also at epoch ends and where the run stops; 0 = only there)")
     r.add_argument("--keep_checkpoints", type=int, default=3)
+    r.add_argument("--dist_timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a collective waits for a peer process before the job fails (the process group's "
+                        "timeout; default: DeepSpeed's, 10 minutes). It must cover the longest wait of a healthy run "
+                        "(a first run's feature conversion, a checkpoint save); docs/training.md")
     r.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU (default: a table by GPU name)")
     r.add_argument("--max_nonfinite_steps", type=int, default=10,
                    help="stop when the loss has been non-finite this many steps in a row")
@@ -180,14 +185,18 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, recipe: Recipe):
         self.args = args
         self.recipe = recipe
+        timeout = getattr(args, "dist_timeout", None)
+        if timeout is not None and not timeout > 0:
+            raise UsageError(f"--dist_timeout must be a positive number of seconds, got {timeout:g}")
         try:
-            self.process = start_process(args.engine)
+            self.process = start_process(args.engine, timeout_s=timeout)
         except ValueError as err:
             raise UsageError(str(err)) from None
         self.rank, self.world, self.device = self.process.rank, self.process.world, self.process.device
         self.is_main = self.process.is_main
         self.bar = None
         self.engine = None
+        self.signals = StopSignals(rank=self.rank)  # installed by run(), for the whole job
         self.log_lines: list[str] = []
         if self.device.type == "cpu":
             try:
@@ -254,10 +263,22 @@ class Trainer:
                 ["the FLOPs profiler is DeepSpeed's (--flops_profile_step)"] if args.flops_profile_step else [])
             if reasons:
                 raise UsageError(f"--engine torch cannot run {os.path.basename(ds_path)}: " + "; ".join(reasons))
+        self.out_dir = os.path.abspath(args.output_dir)
+        self.ckpt = CheckpointManager(os.path.join(self.out_dir, "checkpoints"), keep=args.keep_checkpoints)
+        self.resume_choice = None
+        if args.resume:
+            if not self.ckpt.tags():
+                raise UsageError(f"--resume: no checkpoint in {self.ckpt.directory}")
+            self.resume_choice = self.ckpt.choose_resume_tag_everywhere(self.rank, self.log)
+            then = (read_run_file(self.ckpt.directory, self.resume_choice.tag)
+                    if os.path.isfile(os.path.join(self.ckpt.directory, self.resume_choice.tag, RUN_FILE)) else {})
+            raw, notes = ds_cfg.keep_checkpoint_batch(raw, self.world, args.micro_batch_size, then,
+                                                      self.resume_choice.tag)
+            for note in notes:
+                self.log(f"--resume: {note}")
         _, micro, accum = ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)
         self.accum = accum
         recipe.build_data(self, micro, accum)
-        self.out_dir = os.path.abspath(args.output_dir)
         if recipe.train_loader is None:  # nothing to train: the recipe's finish alone
             seed_everything(args.seed)
             self.model = recipe.build_model(self, raw)
@@ -268,13 +289,12 @@ class Trainer:
             raise UsageError(f"the training set ({micro_per_epoch} micro-batches of {micro} per process) is smaller "
                              f"than one optimizer step ({micro} x {accum} x {self.world} samples)")
         self._schedule()
-        self.ckpt = CheckpointManager(os.path.join(self.out_dir, "checkpoints"), keep=args.keep_checkpoints)
         self._check_output_dir()
         self.resume_plan = None
         if args.resume:  # decided before the engine exists: a universal checkpoint is a config setting
             self.resume_plan = plan_resume(self.ckpt, self.world, ds_cfg.zero_stage_of(raw),
                                            ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)[0],
-                                           engine=args.engine)
+                                           engine=args.engine, tag=self.resume_choice.tag)
             if self.resume_plan.universal:
                 if self.is_main:
                     convert_to_universal(self.ckpt.directory, self.resume_plan.tag, self.log)
@@ -303,6 +323,13 @@ class Trainer:
             with monitors.monitor_environment(self.ds_config, self.out_dir, self.log):
                 self.engine = ds_cfg.initialize(model, self.ds_config)
             monitors.adapt_monitors(self.engine)
+            if args.dist_timeout is not None and self.world > 1:
+                try:
+                    groups = set_collective_timeout(args.dist_timeout)
+                except RuntimeError as err:
+                    raise UsageError(str(err)) from None
+                self.log(f"--dist_timeout: a collective fails after {args.dist_timeout:g} s without its peers "
+                         f"({groups} process groups)")
         seed_everything(args.seed + 1_000_003 * self.rank)  # the same init everywhere, per-rank dropout streams
         self.settings = ds_cfg.optim_settings(self.engine)
         self.dtype = DTYPES[self.settings.precision]
@@ -346,9 +373,7 @@ class Trainer:
     def _check_output_dir(self) -> None:
         args = self.args
         earlier = self.ckpt.latest_tag() is not None or bool(self.ckpt.tags())
-        if args.resume:
-            if self.ckpt.latest_tag() is None:
-                raise UsageError(f"--resume: no checkpoint in {self.ckpt.directory} (no 'latest' file)")
+        if args.resume:  # the tag to continue from was chosen (and verified) in setup
             return
         if earlier and not args.overwrite:
             raise UsageError(f"--output_dir {self.out_dir} holds checkpoints of an earlier run: pass --resume to "
@@ -388,19 +413,26 @@ class Trainer:
                                       "total_steps": self.total_steps, "seed": self.args.seed,
                                       "precision": self.settings.precision})
         self.bad_since_save.zero_()
+        t = self.ckpt.timings
+        self.log(f"checkpoint {tag}: written in {t['write']:.2f} s, flushed and its manifest in {t['manifest']:.2f} s")
         return tag
 
     def restore(self) -> tuple[int, int]:
         plan = self.resume_plan
         tag = plan.tag + (UNIVERSAL_SUFFIX if plan.universal else "")
-        state = self.ckpt.load(self.engine, tag)
+        t0 = time.perf_counter()
+        state = self.ckpt.load(self.engine, tag, legacy=self.resume_choice.legacy)
+        load_s = time.perf_counter() - t0
         check_resumable(state, {"train_batch_size": self.settings.train_batch_size, "total_steps": self.total_steps,
                                 "seed": self.args.seed}, plan.tag)
         same_world = state.get("world_size") == self.world
         if not same_world and not plan.then:  # an earlier version's checkpoint: no run.json, no world change
             raise TrainingError(f"--resume: checkpoint {plan.tag} was written by {state.get('world_size')} processes "
                                 f"(an earlier version, without {RUN_FILE}): resume it with that many")
-        self.recipe.train_loader.load_state_dict(state["sampler"])
+        try:
+            self.recipe.train_loader.load_state_dict(state["sampler"])
+        except ValueError as err:
+            raise TrainingError(f"--resume: checkpoint {plan.tag}'s data position does not fit this run: {err}") from None
         if same_world:
             set_rng_state(state["rng"][self.rank], self._generators())
         # else: the training path reseeds every micro-batch from its own seed (`_reseed`), the same on any world size
@@ -408,7 +440,7 @@ class Trainer:
         if plan.note:
             self.log(f"resuming on another run shape ({plan.note})")
         self.log(f"resumed from {self.ckpt.directory}/{tag}: step {state['step']}, epoch {state['epoch']}, "
-                 f"sample {state['sampler'].get('sample', '?')} of the epoch")
+                 f"sample {state['sampler'].get('sample', '?')} of the epoch (loaded in {load_s:.2f} s)")
         return int(state["step"]), int(state["epoch"])
 
     def _reseed(self, micro_seed: int) -> None:
@@ -510,20 +542,29 @@ class Trainer:
         return loss
 
     def _micro_batches(self, it: Iterator[Any]) -> Iterator[tuple[Any, int]]:
-        """The loader's micro-batches with their seeds; the time spent waiting for each counts as data wait."""
+        """The loader's micro-batches with their seeds; the time spent waiting for each counts as data wait.
+        The loader's worker processes start at the first one: they start with SIGTERM / SIGUSR1 blocked
+        (`stop_signals_blocked`), so that a notice sent to every process (SLURM, a launcher's process tree)
+        does not kill a worker under the step it must let finish."""
         loader = self.recipe.train_loader
+        first = True
         while True:
             t_wait = time.perf_counter()
             try:
-                raw = next(it)
+                with stop_signals_blocked() if first else contextlib.nullcontext():
+                    raw = next(it)
             except StopIteration:
                 return
+            first = False
             self.meter.add_data_wait(time.perf_counter() - t_wait)
             yield raw, loader.micro_seed()
 
     # -- the loop -------------------------------------------------------------------------------------
     def train(self) -> dict:
-        """The schedule around `train_step`: epochs, logging, evaluation, checkpoints, the non-finite policy."""
+        """The schedule around `train_step`: epochs, logging, evaluation, checkpoints, the non-finite policy, and
+        a stop on SIGTERM / SIGUSR1 (`lxmert_fast.train.preemption`): every rank finishes the step in progress,
+        they agree on the step to stop after (`StopAgreement`, between steps, never inside `train_step`), a
+        checkpoint is written there and the result says ``stopped_by``."""
         args, recipe = self.args, self.recipe
         loader = recipe.train_loader
         step, start_epoch = 0, 0
@@ -540,9 +581,13 @@ class Trainer:
                         desc=recipe.job_name, dynamic_ncols=True, mininterval=1.0)
         cap = self.steps_per_epoch * self.accum
         epoch = start_epoch
+        agree = StopAgreement(self.device, self.world)
+        self.last_saved: Optional[str] = None
+        stop = False
+        self.signals.deferred = True  # a signal from here on: stop after the step in progress
         try:
             for epoch in range(start_epoch, self.epochs):
-                if step >= stop_at:
+                if step >= stop_at or stop:
                     break
                 loader.set_epoch(epoch)
                 recipe.epoch_begins(self, epoch)
@@ -554,15 +599,31 @@ class Trainer:
                     step += 1
                     self.bar.update(1)
                     end_of_epoch = loader.consumed >= cap
-                    self._after_step(step, epoch, stop_at, eval_every, end_of_epoch, history, evals)
+                    stop = agree(self.signals.received is not None)
+                    self._after_step(step, epoch, stop_at, eval_every, end_of_epoch, history, evals, stop)
+                    if stop:
+                        break
                 del micro_batches
+            # a signal after the last agreement (in the last step's save, or in flight on a GPU): the checkpoint
+            # of the last step is written; the job stops before its final evaluation and export
+            stop = stop or agree(self.signals.received is not None, wait=True)
         finally:
+            self.signals.deferred = False
             self.bar.close()
             self.bar = None
         trained = self.trained_steps * self.settings.train_batch_size
         result: dict[str, Any] = {"step": step, "log": history, "evaluations": evals, "train_samples": trained,
                                   "train_seconds": self.train_seconds,
                                   "train_samples_per_s": trained / max(self.train_seconds, 1e-9)}
+        if stop:
+            result["stopped_by"] = self.signals.name or "a signal to another rank"
+            kept = self.last_saved or self.ckpt.latest_tag()
+            result["checkpoint"] = os.path.join(self.ckpt.directory, kept) if kept else None
+            result["checkpoint_step"] = step_of(kept) if kept else 0
+            result["completed"] = False
+            self.log(f"stopped by {result['stopped_by']} after step {step} of {self.total_steps}; checkpoint "
+                     f"{result['checkpoint']}")
+            return result
         if step >= self.total_steps:
             if self.last_eval_step != step:
                 evals.append({"step": step, "epoch": self.epochs, **self.evaluate(step, self.epochs, True)})
@@ -573,12 +634,14 @@ class Trainer:
         return result
 
     def _after_step(self, step: int, epoch: int, stop_at: int, eval_every: int, end_of_epoch: bool,
-                    history: list[dict], evals: list[dict]) -> None:
-        """What the schedule does after an optimizer step: the non-finite check, logging, evaluation, saving."""
+                    history: list[dict], evals: list[dict], stop: bool = False) -> None:
+        """What the schedule does after an optimizer step: the non-finite check, logging, evaluation, saving.
+        ``stop`` (a signal): the interval is logged and a checkpoint written here (an evaluation due at this
+        step runs first, so that a resumed run keeps what it decided, e.g. fine-tuning's best model)."""
         args, recipe, loader = self.args, self.recipe, self.recipe.train_loader
         if self.device.type == "cpu" or step % args.log_every == 0:
             self._check_nonfinite(step)
-        if step % args.log_every == 0 or step == stop_at:
+        if step % args.log_every == 0 or step == stop_at or stop:
             row = self._log_interval(step, epoch)
             history.append(row)
             self.trained_steps += self.meter.steps
@@ -589,12 +652,12 @@ class Trainer:
             evals.append({"step": step, "epoch": epoch, **self.evaluate(step, epoch)})
         if end_of_epoch and recipe.eval_at_epoch_end:
             evals.append({"step": step, "epoch": epoch + 1, **self.evaluate(step, epoch + 1, True)})
-        if step == stop_at or (args.save_every and step % args.save_every == 0) or end_of_epoch:
+        if step == stop_at or (args.save_every and step % args.save_every == 0) or end_of_epoch or stop:
             t0 = time.perf_counter()
             if end_of_epoch:
-                self.save(step, epoch + 1, dict(loader.state_dict(), epoch=epoch + 1, position=0))
+                self.last_saved = self.save(step, epoch + 1, dict(loader.state_dict(), epoch=epoch + 1, position=0))
             else:
-                self.save(step, epoch, loader.state_dict())
+                self.last_saved = self.save(step, epoch, loader.state_dict())
             self.meter.exclude(time.perf_counter() - t0)
 
     def _log_interval(self, step: int, epoch: int) -> dict:
@@ -631,6 +694,14 @@ class Trainer:
 
     # -- the whole job ----------------------------------------------------------------------------
     def run(self) -> dict:
+        """The whole job, with SIGTERM / SIGUSR1 handled throughout (`StopSignals`): inside the training loop
+        they stop it after a checkpoint; before or after it they raise `StopRequested` at once."""
+        with self.signals:
+            if not self.signals.active:
+                self.log(f"SIGTERM / SIGUSR1 are not handled ({self.signals.reason}): they end the job at once")
+            return self._run()
+
+    def _run(self) -> dict:
         self.setup()
         result: dict[str, Any] = {}
         if self.engine is not None:
@@ -638,7 +709,8 @@ class Trainer:
             result["settings"] = vars(self.settings)
             if self.flops_probe is not None and self.flops_probe.result is not None:
                 result["flops_profile"] = self.flops_probe.result
-        result = self.recipe.finish(self, result)
+        if not result.get("stopped_by"):  # a stopped run finishes when it is resumed
+            result = self.recipe.finish(self, result)
         if self.engine is not None:
             monitors.close_monitors(self.engine)
         if self.is_main:

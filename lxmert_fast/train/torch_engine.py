@@ -292,8 +292,13 @@ class TorchEngine:
                  "client_state": client_state or {}}
         path = os.path.join(directory, STATES_FILE)
         tmp = f"{path}.partial-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         if save_latest:
             with open(os.path.join(save_dir, "latest"), "w", encoding="utf-8") as fh:
                 fh.write(tag)
