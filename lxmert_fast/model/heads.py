@@ -35,15 +35,16 @@ class LxmertPredictionHeadTransform(nn.Module):
 
 
 class LxmertLMPredictionHead(nn.Module):
-    """MLM head; its decoder weight is the word-embedding matrix (tied), passed in at call time."""
+    """MLM head; its `decoder` weight is the word-embedding matrix (tied by the model, as in transformers)."""
 
     def __init__(self, config: LxmertConfig):
         super().__init__()
         self.transform = LxmertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden_nd: Tensor, word_embeddings_vd: Tensor) -> Tensor:
-        return F.linear(self.transform(hidden_nd), word_embeddings_vd) + self.bias
+    def forward(self, hidden_nd: Tensor) -> Tensor:
+        return self.decoder(self.transform(hidden_nd)) + self.bias
 
 
 class LxmertPreTrainingHeads(nn.Module):
