@@ -10,7 +10,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
-        "transformers>=4.40",
+        # the models are transformers PreTrainedModels loading through its weight conversions
+        # (transformers.core_model_loading, PretrainedConfig as a strict dataclass): transformers 5; tested on 5.17 and 5.25
+        "transformers>=5.17",
         "safetensors",
         "tokenizers",
         "deepspeed>=0.14",
@@ -18,8 +20,9 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
-        # wandb and comet_ml: the W&B and Comet monitors' offline runs in tests/test_monitors.py
-        "dev": ["pytest", "tensorboard", "matplotlib", "wandb", "comet_ml"],
+        # wandb and comet_ml: the W&B and Comet monitors' offline runs in tests/test_monitors.py;
+        # accelerate and peft: transformers' Trainer and a LoRA adapter on our models in tests/test_transformers_api.py
+        "dev": ["pytest", "tensorboard", "matplotlib", "wandb", "comet_ml", "accelerate", "peft"],
     },
     entry_points={"console_scripts": []},
 )

@@ -72,6 +72,9 @@ class LxmertVisualObjHead(nn.Module):
         if masked_rows_m is None or not masked_names:
             scores_bnk = self.decoder(self.transform(vision_bnd))
             return dict(zip(self.dims, scores_bnk.split(list(self.dims.values()), dim=-1)))
+        if type(self.decoder) is not nn.Linear:
+            raise TypeError(f"obj_predict_head.decoder is a {type(self.decoder).__name__}: decoding at the masked objects "
+                            f"(training with obj_labels) slices a plain nn.Linear's weight; put no adapter on it")
         names = list(self.dims)
         n_dense = len(names) - len(masked_names)
         if tuple(names[n_dense:]) != tuple(masked_names):
