@@ -34,13 +34,24 @@ class LxmertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(F.gelu(self.dense(x)))
 
 
+class TiedDecoder(nn.Linear):
+    """A Linear without bias whose weight the model ties to another parameter (the MLM decoder: the word
+    embeddings); the model's init leaves it alone (it is initialised as what it is tied to)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        pass  # replaced by the parameter it is tied to
+
+
 class LxmertLMPredictionHead(nn.Module):
     """MLM head; its `decoder` weight is the word-embedding matrix (tied by the model, as in transformers)."""
 
     def __init__(self, config: LxmertConfig):
         super().__init__()
         self.transform = LxmertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = TiedDecoder(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_nd: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from lxmert_fast.model.heads import (
     LxmertPreTrainingHeads,
     LxmertVisualAnswerHead,
     LxmertVisualObjHead,
+    TiedDecoder,
     masked_mean_cross_entropy,
     visual_losses,
     visual_losses_at_masked_objects,
@@ -120,6 +121,8 @@ class LxmertPreTrainedModel(PreTrainedModel):
     def _init_module(self, module: nn.Module) -> None:
         from transformers import initialization as init  # transformers >= 5 (not a top-level name)
 
+        if isinstance(module, TiedDecoder):
+            return  # its weight is the word embeddings' (tied after the init)
         super()._init_weights(module)
         if isinstance(module, LxmertLMPredictionHead):
             init.zeros_(module.bias)
@@ -241,14 +244,18 @@ class LxmertPreTrainedModel(PreTrainedModel):
 class LxmertModel(LxmertPreTrainedModel):
     """The LXMERT encoders and pooler. Returns language/vision sequences and the pooled output."""
 
-    def __init__(self, config: LxmertConfig):
+    def __init__(self, config: LxmertConfig, init_weights: bool = True):
+        """``init_weights=False``: leave the weights as the layers were built; the models with heads build
+        their encoder so and initialise every module in one pass, in module order (one seed gives the weights
+        it gave before these models were transformers' classes)."""
         super().__init__(config)
         config = self.config
         self._context = ModelContext(AttentionDispatcher(config.attention_backend), make_ops(config.kernels))
         self.embeddings = LxmertEmbeddings(config)
         self.encoder = LxmertEncoder(config, self._context)
         self.pooler = LxmertPooler(config)
-        self.post_init()
+        if init_weights:
+            self.post_init()
 
     @property
     def context(self) -> ModelContext:
@@ -439,7 +446,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         super().__init__(config)
         config = self.config
         self.num_qa_labels = config.num_qa_labels
-        self.lxmert = LxmertModel(config)
+        self.lxmert = LxmertModel(config, init_weights=False)
         self.cls = LxmertPreTrainingHeads(config)
         if config.task_obj_predict:
             self.obj_predict_head = LxmertVisualObjHead(config)
@@ -590,7 +597,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
         super().__init__(config)
         config = self.config
         self.num_qa_labels = config.num_qa_labels
-        self.lxmert = LxmertModel(config)
+        self.lxmert = LxmertModel(config, init_weights=False)
         self.answer_head = LxmertVisualAnswerHead(config, config.num_qa_labels)
         self.post_init()
 

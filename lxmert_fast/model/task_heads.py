@@ -36,7 +36,7 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         super().__init__(config)
         config = self.config
         hid = config.hidden_size
-        self.lxmert = LxmertModel(config)
+        self.lxmert = LxmertModel(config, init_weights=False)
         self.logit_fc = nn.Sequential(
             nn.Linear(hid * 2, hid * 2), nn.GELU(), nn.LayerNorm(hid * 2, eps=1e-12), nn.Linear(hid * 2, 2)
         )
