@@ -13,6 +13,7 @@ transformers' machinery runs per step: a forward is the model's own ops only.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any, Optional, Union
@@ -21,11 +22,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+from transformers import initialization as hf_init
 
 from lxmert_fast.config import ConfigError, LxmertConfig
 from lxmert_fast.model.attention import AttentionDispatcher, PairKeyMask, key_mask
 from lxmert_fast.model.convert import (
-    CheckpointError,
     detect_layout,
     infer_config,
     original_to_hf,
@@ -119,13 +120,11 @@ class LxmertPreTrainedModel(PreTrainedModel):
             self._init_module(module)
 
     def _init_module(self, module: nn.Module) -> None:
-        from transformers import initialization as init  # transformers >= 5 (not a top-level name)
-
         if isinstance(module, TiedDecoder):
             return  # its weight is the word embeddings' (tied after the init)
         super()._init_weights(module)
         if isinstance(module, LxmertLMPredictionHead):
-            init.zeros_(module.bias)
+            hf_init.zeros_(module.bias)
 
     # ----------------------------------------------------------------- switches
     @property
@@ -166,6 +165,8 @@ class LxmertPreTrainedModel(PreTrainedModel):
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
 
     # ----------------------------------------------------------------- checkpoints
+    # `_weight_conversions` and `_load_pretrained_model` are transformers' own hooks (private names, the same
+    # in 5.17 and 5.25; tests/test_checkpoints.py loads and saves through them both ways).
     @property
     def _weight_conversions(self) -> list:
         """What transformers' `save_pretrained` reverses: always our layout -> HF's (so every save is an HF
@@ -180,8 +181,6 @@ class LxmertPreTrainedModel(PreTrainedModel):
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
         """transformers' loader with our conversions first: HF's query/key/value and object decoders are
         fused into our parameters as they are read (checkpoints in our own layout pass through)."""
-        import dataclasses
-
         if isinstance(model, LxmertPreTrainedModel):
             load_config = dataclasses.replace(
                 load_config, weight_mapping=weight_conversions() + list(load_config.weight_mapping or []))
