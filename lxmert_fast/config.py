@@ -106,7 +106,6 @@ class LxmertConfig(transformers.LxmertConfig):
         need(bool(self.attention_backend), "attention_backend", "a backend name (eager, sdpa, triton, flash_attn or auto)")
         if self.task_qa:
             need(self.num_qa_labels > 0, "num_qa_labels", "> 0 when task_qa is on")
-        need(self.tie_word_embeddings is True, "tie_word_embeddings", "True (LXMERT ties the MLM decoder)")
 
     @property
     def head_dim(self) -> int:

@@ -1,5 +1,5 @@
-"""Activation checkpointing (`model.set_activation_checkpointing(True)`, `--activation_checkpointing`, transformers'
-`gradient_checkpointing_enable`).
+"""Activation checkpointing (`model.set_activation_checkpointing(True)`, `--activation_checkpointing`; transformers'
+`gradient_checkpointing_enable` refuses LXMERT, ours as theirs).
 
 Specification: with it on, every language, vision and cross layer (transformers' `GradientCheckpointingLayer`s)
 runs its forward again in backward (torch's non-reentrant checkpoint by default, the reentrant one on request),
@@ -158,29 +158,26 @@ def test_compiled_fullgraph_one_graph_with_a_checkpoint_region_per_layer():
         torch._dynamo.reset()
 
 
-def test_the_switch_reaches_every_layer_and_speaks_transformers_names():
+def test_the_switch_reaches_every_layer_and_transformers_switch_refuses_as_for_its_lxmert():
     model = LxmertForPreTraining(CONFIG)
-    assert not model.is_gradient_checkpointing and model.supports_gradient_checkpointing
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in _layers(model))
-    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing and not model.supports_gradient_checkpointing
+    with pytest.raises(ValueError, match="does not support"):  # transformers 5.17 says gradient, 5.25 activation
+        model.gradient_checkpointing_enable()
     assert not any(layer.gradient_checkpointing for layer in _layers(model))
     model.set_activation_checkpointing(True)
-    assert all(layer.gradient_checkpointing for layer in _layers(model))
+    assert model.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in _layers(model))
     assert all(layer._gradient_checkpointing_func.keywords == {"use_reentrant": False} for layer in _layers(model))
     model.set_activation_checkpointing(False)
-    assert not model.is_gradient_checkpointing
-    with pytest.raises(ValueError, match="preserve_rng_state"):
-        model.gradient_checkpointing_enable({"preserve_rng_state": False})
+    assert not model.is_gradient_checkpointing and not any(layer.gradient_checkpointing for layer in _layers(model))
 
 
 def test_reentrant_checkpoint_on_request_same_gradients():
-    """transformers' use_reentrant=True works too (the same loss and gradients; it breaks a compiled graph)."""
+    """use_reentrant=True works too (the same loss and gradients; it breaks a compiled graph)."""
     model = LxmertForPreTraining(CONFIG).train()
     model.set_attention_backend("sdpa")
     inputs, labels = _batch()
     ref = _step(model, inputs, labels, False, seed=13)
-    model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.set_activation_checkpointing(True, use_reentrant=True)
     got = _step(model, inputs, labels, None, seed=13)
     _assert_same(got, ref, "reentrant")
     assert len(got[3]) == 2 * len(ref[3])

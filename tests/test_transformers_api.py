@@ -77,6 +77,16 @@ def test_transformers_config_in_our_models_and_ours_in_theirs():
     assert theirs.config.hidden_size == CONFIG.hidden_size
 
 
+def test_untied_word_embeddings_as_transformers_allows():
+    torch.manual_seed(5)
+    model = LxmertForPreTraining(CONFIG.replace(tie_word_embeddings=False)).train()
+    decoder, embeddings = model.cls.predictions.decoder.weight, model.lxmert.embeddings.word_embeddings.weight
+    assert decoder is not embeddings and 0.015 < decoder.std().item() < 0.025  # initialised, as transformers does
+    inputs = random_batch(CONFIG, batch=2, tokens=5, objects=3)
+    model(**inputs, **random_labels(CONFIG, inputs)).loss.backward()
+    assert decoder.grad is not None and embeddings.grad is not None
+
+
 def test_resize_token_embeddings_keeps_the_decoder_tied():
     torch.manual_seed(0)
     model = LxmertForPreTraining(fresh()).eval()

@@ -36,7 +36,8 @@ class LxmertPredictionHeadTransform(nn.Module):
 
 class TiedDecoder(nn.Linear):
     """A Linear without bias whose weight the model ties to another parameter (the MLM decoder: the word
-    embeddings); the model's init leaves it alone (it is initialised as what it is tied to)."""
+    embeddings); the model's init leaves it alone (it is initialised as what it is tied to), unless the
+    config unties it (`tie_word_embeddings=False`, as transformers allows), when it is initialised as a Linear."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)

@@ -1,7 +1,7 @@
 """LxmertModel, LxmertForPreTraining and LxmertForQuestionAnswering: transformers' `PreTrainedModel`s.
 
 Drop-ins for transformers' classes: the same base class (so `from_pretrained` / `save_pretrained`
-with every keyword, `resize_token_embeddings`, `gradient_checkpointing_enable`, `Trainer`, PEFT,
+with every keyword, `resize_token_embeddings`, `Trainer`, PEFT,
 `push_to_hub` work as they do there), the same forward arguments, transformers' output classes,
 the same maths (HF's eager attention is the `eager` backend), and checkpoints in HF's layout:
 `from_pretrained` fuses HF's q/k/v and object decoders into our parameters and `save_pretrained`
@@ -14,6 +14,7 @@ transformers' machinery runs per step: a forward is the model's own ops only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from typing import Any, Optional, Union
@@ -90,7 +91,10 @@ class LxmertPreTrainedModel(PreTrainedModel):
     base_model_prefix = "lxmert"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
+    # transformers' LXMERT refuses `gradient_checkpointing_enable` ("does not support activation checkpointing"),
+    # and so do we: its common test of the switch wants a gradient in every parameter, which LXMERT's heads do not
+    # get from a loss on some of its tasks. Our switch is `set_activation_checkpointing` (`--activation_checkpointing`).
+    supports_gradient_checkpointing = False
     # transformers' Trainer: our loss is a mean over the batch's labels and takes no `num_items_in_batch`
     accepts_loss_kwargs = False
     # a buffer older transformers versions saved
@@ -120,7 +124,7 @@ class LxmertPreTrainedModel(PreTrainedModel):
             self._init_module(module)
 
     def _init_module(self, module: nn.Module) -> None:
-        if isinstance(module, TiedDecoder):
+        if isinstance(module, TiedDecoder) and self.config.tie_word_embeddings:
             return  # its weight is the word embeddings' (tied after the init)
         super()._init_weights(module)
         if isinstance(module, LxmertLMPredictionHead):
@@ -141,28 +145,12 @@ class LxmertPreTrainedModel(PreTrainedModel):
         self.context.ops = make_ops(name)
         self.config.kernels = name
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+    def set_activation_checkpointing(self, enabled: bool = True, use_reentrant: bool = False) -> None:
         """Recompute every encoder layer (language, vision, cross) in backward instead of keeping its
-        activations, with torch's non-reentrant checkpoint: transformers' `gradient_checkpointing_enable`
-        with ``use_reentrant=False`` (see `LxmertEncoder`). The same loss and gradients, the same dropout
-        masks; about one more forward's work per step. Not saved in the config."""
-        if not enabled:
-            self.gradient_checkpointing_disable()
-            return
-        # transformers 5.25 renamed gradient_checkpointing_enable (now a deprecated alias) to this
-        enable = getattr(self, "activation_checkpointing_enable", None) or self.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
-                                    **kwargs: Any) -> None:
-        """transformers' hook for `gradient_checkpointing_enable` / `_disable` (it sets the checkpoint function
-        on every encoder layer), refusing ``preserve_rng_state=False``, with which the recomputation would
-        draw other dropout masks than the forward did."""
-        keywords = getattr(gradient_checkpointing_func, "keywords", None) or {}
-        if enable and keywords.get("preserve_rng_state") is False:
-            raise ValueError("gradient_checkpointing_kwargs preserve_rng_state=False: the recomputation would draw "
-                             "other dropout masks than the forward (wrong gradients); drop it")
-        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+        activations, with torch's checkpoint (non-reentrant by default: see `LxmertEncoder`). The same loss and
+        gradients, the same dropout masks; about one more forward's work per step. Not saved in the config.
+        ``use_reentrant=True`` gives the same gradients and breaks a compiled graph."""
+        self._set_gradient_checkpointing(enabled, functools.partial(checkpoint, use_reentrant=use_reentrant))
 
     # ----------------------------------------------------------------- checkpoints
     # `_weight_conversions` and `_load_pretrained_model` are transformers' own hooks (private names, the same
@@ -338,8 +326,8 @@ class LxmertModel(LxmertPreTrainedModel):
 class LxmertEncoder(nn.Module):
     """Visual feature encoder, then l_layers language layers, r_layers vision layers, x_layers cross layers.
 
-    Activation checkpointing (transformers' `gradient_checkpointing_enable`, or our
-    `set_activation_checkpointing`): each language, vision and cross layer is a transformers
+    Activation checkpointing (`set_activation_checkpointing`; transformers' `gradient_checkpointing_enable`
+    refuses LXMERT, ours as theirs): each language, vision and cross layer is a transformers
     `GradientCheckpointingLayer`; while training with gradients on, it runs inside the model's checkpoint
     function, by default torch's `torch.utils.checkpoint.checkpoint(use_reentrant=False)`: its forward
     keeps only the layer's inputs, and backward runs the layer's forward again to rebuild what it needs.
