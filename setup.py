@@ -10,7 +10,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
-        "transformers>=4.40",
+        # the models are transformers PreTrainedModels loading through its weight conversions
+        # (transformers.core_model_loading, PretrainedConfig as a strict dataclass): transformers 5; tested on 5.17 and 5.25
+        "transformers>=5.17",
         "safetensors",
         "tokenizers",
         "deepspeed>=0.14",
@@ -21,8 +23,9 @@ setup(
         # h5py and lmdb: region features in the other tools' layouts (docs/data.md)
         "formats": ["h5py", "lmdb"],
         # wandb and comet_ml: the W&B and Comet monitors' offline runs in tests/test_monitors.py;
-        # h5py and lmdb: every feature layout is tested (tests/data/test_layouts.py)
-        "dev": ["pytest", "tensorboard", "matplotlib", "wandb", "comet_ml", "h5py", "lmdb"],
+        # h5py and lmdb: every feature layout is tested (tests/data/test_layouts.py);
+        # accelerate and peft: transformers' Trainer and a LoRA adapter on our models in tests/test_transformers_api.py
+        "dev": ["pytest", "tensorboard", "matplotlib", "wandb", "comet_ml", "h5py", "lmdb", "accelerate", "peft"],
     },
     entry_points={"console_scripts": []},
 )

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from lxmert_fast.config import RELEASED_VISUAL_LOSS_NORMALIZER, ConfigError, LxmertConfig  # noqa: E402
 from lxmert_fast.train.runtime import (Recipe, Trainer, UsageError, add_runtime_arguments,  # noqa: E402
                                        default_cache_dir)
+from lxmert_fast.utils import atomic_write_text  # noqa: E402
 
 TASKS = ("mlm", "matched", "obj", "qa")
 LOSS_NAMES = ("mlm", "matched", "obj", "attr", "feat", "qa")
@@ -292,7 +293,8 @@ def build_model(config: LxmertConfig, args, ds_config: dict):
     from lxmert_fast.train.ds_config import zero_stage_of
 
     if args.from_pretrained:
-        return LxmertForPreTraining.from_pretrained(args.from_pretrained, config=config)
+        # transformers' from_pretrained returns the model in eval mode; the runtime trains what it is given
+        return LxmertForPreTraining.from_pretrained(args.from_pretrained, config=config).train()
     if zero_stage_of(ds_config) == 3:
         import deepspeed
 
@@ -384,7 +386,7 @@ class PretrainRecipe(Recipe):
     def build_model(self, trainer: Trainer, ds_config: dict):
         if trainer.is_main:
             os.makedirs(trainer.out_dir, exist_ok=True)
-            self.config.to_json(os.path.join(trainer.out_dir, "model_config.json"))
+            atomic_write_text(os.path.join(trainer.out_dir, "model_config.json"), self.config.to_json_string())
         return build_model(self.config, self.args, ds_config)
 
     def describe(self, trainer: Trainer) -> list[str]:

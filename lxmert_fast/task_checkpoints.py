@@ -37,6 +37,7 @@ from lxmert_fast.model.convert import (
     original_to_hf,
     read_checkpoint,
 )
+from lxmert_fast.utils import atomic_directory, atomic_write_text
 
 Tensor = torch.Tensor
 
@@ -195,7 +196,10 @@ def read_task_checkpoint(path: str, config: Optional[LxmertConfig] = None,
                          f"the optimizer shards; <output_dir>/hf holds the exact fp32 export)")
             raw = {k: (v.float() if v.is_floating_point() else v) for k, v in raw.items()}
         if config is None and isinstance(obj.get("model_config"), dict):
-            config = LxmertConfig.from_dict(obj["model_config"], source=f"{target}:model_config")
+            try:
+                config = LxmertConfig.from_dict(obj["model_config"])
+            except ConfigError as err:
+                raise ConfigError(f"{target}:model_config: {err}") from None
             config_source = f"{target} (client state)"
         if config is None:
             config_path = _config_near(target)
@@ -392,23 +396,12 @@ def save_task_model(model: nn.Module, directory: str, *, answers: Optional[Seque
                     extra: Optional[dict] = None) -> None:
     """``save_pretrained`` + the head's answer table (answers.json) + finetune.json, into a fresh
     directory that replaces ``directory`` only when complete."""
-    import shutil
-
-    from lxmert_fast.utils import atomic_write_text
-
-    directory = os.path.abspath(directory)
-    tmp = f"{directory}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if answers is not None:
-        atomic_write_text(os.path.join(tmp, ANSWERS_FILE), json.dumps(list(answers)) + "\n")
-    if extra is not None:
-        atomic_write_text(os.path.join(tmp, "finetune.json"), json.dumps(extra, indent=2, default=str) + "\n")
-    old = f"{directory}.old-{os.getpid()}"
-    if os.path.exists(directory):
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        if answers is not None:
+            atomic_write_text(os.path.join(tmp, ANSWERS_FILE), json.dumps(list(answers)) + "\n")
+        if extra is not None:
+            atomic_write_text(os.path.join(tmp, "finetune.json"), json.dumps(extra, indent=2, default=str) + "\n")
 
 
 def config_error_types() -> tuple[type, ...]:

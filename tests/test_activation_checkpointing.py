@@ -1,7 +1,9 @@
-"""Activation checkpointing (`model.set_activation_checkpointing(True)`, `--activation_checkpointing`).
+"""Activation checkpointing (`model.set_activation_checkpointing(True)`, `--activation_checkpointing`; transformers'
+`gradient_checkpointing_enable` refuses LXMERT, ours as theirs).
 
-Specification: with it on, every language, vision and cross layer runs its forward again in backward
-(torch's non-reentrant checkpoint), and the step gives the same loss and every gradient as without it,
+Specification: with it on, every language, vision and cross layer (transformers' `GradientCheckpointingLayer`s)
+runs its forward again in backward (torch's non-reentrant checkpoint by default, the reentrant one on request),
+and the step gives the same loss and every gradient as without it,
 with dropout on (fp32, 1e-6 relative to each tensor's scale): the recomputation replays the same dropout
 masks, those of `F.dropout` and the Triton kernels' (seed tensors drawn on the device inside the layer).
 Covered: the eager and sdpa attention backends; the exact masked-row selection and the static row budget
@@ -39,15 +41,22 @@ def _layers(model):
     return [m for m in model.modules() if isinstance(m, (LxmertLayer, LxmertXLayer))]
 
 
-def _step(model, inputs, labels, checkpointing: bool, seed: int, run=None, count_calls=True, **kwargs):
+def _first_parts(model):
+    """Each layer's first submodule: its hooks run whenever the layer's forward runs, in the recomputation too
+    (transformers checkpoints a layer's forward, its own hooks staying outside)."""
+    return [layer.attention if isinstance(layer, LxmertLayer) else layer.visual_attention for layer in _layers(model)]
+
+
+def _step(model, inputs, labels, checkpointing, seed: int, run=None, count_calls=True, **kwargs):
     """One forward + backward from RNG seed `seed`: (loss, {name: grad}, next random draw, the layers' forward
-    calls, counted by pre-hooks: a recomputation stops once it has rebuilt what backward needs, before the
-    forward's end)."""
-    model.set_activation_checkpointing(checkpointing)
+    calls, counted by pre-hooks on their first part: a recomputation stops once it has rebuilt what backward
+    needs, before the forward's end). `checkpointing` None: as the model is set."""
+    if checkpointing is not None:
+        model.set_activation_checkpointing(checkpointing)
     model.zero_grad(set_to_none=True)
     calls: list[int] = []
-    hooks = [layer.register_forward_pre_hook(lambda *a, i=i: calls.append(i))
-             for i, layer in enumerate(_layers(model))] if count_calls else []
+    hooks = [part.register_forward_pre_hook(lambda *a, i=i: calls.append(i))
+             for i, part in enumerate(_first_parts(model))] if count_calls else []
     try:
         torch.manual_seed(seed)
         out = (run if run is not None else model)(**inputs, **labels, **kwargs)
@@ -152,20 +161,29 @@ def test_compiled_fullgraph_one_graph_with_a_checkpoint_region_per_layer():
         torch._dynamo.reset()
 
 
-def test_the_switch_reaches_every_encoder_and_speaks_transformers_names():
+def test_the_switch_reaches_every_layer_and_transformers_switch_refuses_as_for_its_lxmert():
     model = LxmertForPreTraining(CONFIG)
-    assert not model.activation_checkpointing and not model.is_gradient_checkpointing
-    assert model.supports_gradient_checkpointing
-    model.gradient_checkpointing_enable()
-    assert model.lxmert.encoder.activation_checkpointing and model.is_gradient_checkpointing
-    model.gradient_checkpointing_disable()
-    assert not model.lxmert.encoder.activation_checkpointing
-    model.gradient_checkpointing_enable({"use_reentrant": False})
-    assert model.activation_checkpointing
-    with pytest.raises(ValueError, match="non-reentrant"):
-        model.gradient_checkpointing_enable({"use_reentrant": True})
-    with pytest.raises(ValueError, match="preserve_rng_state"):
-        model.gradient_checkpointing_enable({"preserve_rng_state": False})
+    assert not model.is_gradient_checkpointing and not model.supports_gradient_checkpointing
+    with pytest.raises(ValueError, match="does not support"):  # transformers 5.17 says gradient, 5.25 activation
+        model.gradient_checkpointing_enable()
+    assert not any(layer.gradient_checkpointing for layer in _layers(model))
+    model.set_activation_checkpointing(True)
+    assert model.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in _layers(model))
+    assert all(layer._gradient_checkpointing_func.keywords == {"use_reentrant": False} for layer in _layers(model))
+    model.set_activation_checkpointing(False)
+    assert not model.is_gradient_checkpointing and not any(layer.gradient_checkpointing for layer in _layers(model))
+
+
+def test_reentrant_checkpoint_on_request_same_gradients():
+    """use_reentrant=True works too (the same loss and gradients; it breaks a compiled graph)."""
+    model = LxmertForPreTraining(CONFIG).train()
+    model.set_attention_backend("sdpa")
+    inputs, labels = _batch()
+    ref = _step(model, inputs, labels, False, seed=13)
+    model.set_activation_checkpointing(True, use_reentrant=True)
+    got = _step(model, inputs, labels, None, seed=13)
+    _assert_same(got, ref, "reentrant")
+    assert len(got[3]) == 2 * len(ref[3])
 
 
 @pytest.mark.parametrize("mode", ["eval", "no_grad"])
@@ -175,7 +193,7 @@ def test_evaluation_and_no_grad_run_the_layers_once(mode):
     model.train(mode != "eval")
     inputs, labels = _batch()
     calls = []
-    hooks = [layer.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in _layers(model)]
+    hooks = [part.register_forward_pre_hook(lambda *a: calls.append(1)) for part in _first_parts(model)]
     with torch.set_grad_enabled(mode != "no_grad"):
         out = model(**inputs, **labels)
     if mode == "eval":

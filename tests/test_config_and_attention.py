@@ -25,22 +25,61 @@ from tests.helpers import random_batch
 
 def test_defaults_are_hf_defaults():
     ours, hf = LxmertConfig(), transformers.LxmertConfig()
+    assert isinstance(ours, transformers.LxmertConfig) and ours.model_type == "lxmert"
     for name in LxmertConfig.hf_field_names():
         assert getattr(ours, name) == getattr(hf, name), name
     assert (ours.l_layers, ours.x_layers, ours.r_layers) == (9, 5, 5)
     assert ours.visual_losses == ("obj", "attr", "feat")
 
 
+def test_hf_keywords_and_attributes():
+    """transformers' common config keywords and attributes, as on its own LxmertConfig."""
+    cfg = LxmertConfig(num_labels=3, output_attentions=True, output_hidden_states=True, return_dict=False)
+    assert (cfg.num_labels, cfg.output_attentions, cfg.output_hidden_states, cfg.return_dict) == (3, True, True, False)
+    assert cfg.num_hidden_layers == {"vision": 5, "cross_encoder": 5, "language": 9}
+
+
+def test_our_config_json_reads_into_transformers_and_back(tmp_path):
+    """Our fields are plain config.json fields; transformers' LxmertConfig keeps them through its own round trip."""
+    ours = LxmertConfig.preset("tiny", attention_backend="sdpa", kernels="triton", obj_label_loss="masked")
+    ours.save_pretrained(tmp_path / "ours")
+    data = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert data["model_type"] == "lxmert" and data["attention_backend"] == "sdpa" and data["kernels"] == "triton"
+    hf = transformers.LxmertConfig.from_pretrained(tmp_path / "ours")
+    assert type(hf) is transformers.LxmertConfig and hf.hidden_size == 32 and hf.obj_label_loss == "masked"
+    hf.save_pretrained(tmp_path / "via_hf")
+    again = LxmertConfig.from_pretrained(tmp_path / "via_hf")
+    assert (again.attention_backend, again.kernels, again.obj_label_loss) == ("sdpa", "triton", "masked")
+    for name in LxmertConfig.hf_field_names() + LxmertConfig.own_field_names():
+        assert getattr(again, name) == getattr(ours, name), name
+
+
 def test_reads_an_hf_config_json_and_round_trips(tmp_path):
     transformers.LxmertConfig(hidden_size=96, num_attention_heads=6, num_qa_labels=3129).save_pretrained(tmp_path)
     cfg = LxmertConfig.from_json(tmp_path / "config.json")
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_qa_labels) == (96, 6, 3129)
-    cfg.to_json(tmp_path / "again.json")
+    assert (cfg.attention_backend, cfg.kernels, cfg.obj_label_loss) == ("auto", "torch", "all")  # our defaults
+    assert LxmertConfig.from_pretrained(tmp_path).hidden_size == 96
+    cfg.to_json_file(tmp_path / "again.json")
     again = LxmertConfig.from_json(tmp_path / "again.json")
-    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
     assert json.loads((tmp_path / "again.json").read_text())["model_type"] == "lxmert"
     hf = transformers.LxmertConfig.from_pretrained(tmp_path / "again.json")
     assert hf.hidden_size == 96 and hf.num_qa_labels == 3129
+
+
+def test_configs_written_before_pretrainedconfig_still_read(tmp_path):
+    """config.json files of earlier lxmert-fast versions kept our fields under "lxmert_fast"."""
+    data = transformers.LxmertConfig(hidden_size=64, num_attention_heads=4).to_dict()
+    data["lxmert_fast"] = {"attention_backend": "eager", "kernels": "torch", "obj_label_loss": "masked"}
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    cfg = LxmertConfig.from_json(tmp_path / "old.json")
+    assert (cfg.hidden_size, cfg.attention_backend, cfg.obj_label_loss) == (64, "eager", "masked")
+    assert "lxmert_fast" not in cfg.to_dict()
+    data["lxmert_fast"] = {"surprise": 1}
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="lxmert_fast"):
+        LxmertConfig.from_json(tmp_path / "bad.json")
 
 
 def test_unknown_hf_keys_are_kept(tmp_path):
@@ -54,17 +93,29 @@ def test_unknown_hf_keys_are_kept(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(hidden_size=100, num_attention_heads=12), "not divisible by num_attention_heads"),
         (dict(hidden_act="relu"), "hidden_act"),
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
         (dict(obj_label_loss="some"), "obj_label_loss"),
         (dict(l_layers=-1), "l_layers"),
         (dict(kernels="cuda"), "kernels"),
+        (dict(attention_backend=""), "attention_backend"),
     ],
 )
 def test_validation_errors_name_the_field(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LxmertConfig(**kwargs)
+
+
+def test_shape_is_checked_where_a_model_needs_it():
+    """As in transformers, a config may hold hidden_size % num_attention_heads != 0 (its tests build one);
+    presets, replace() and every model refuse it, naming the fields."""
+    loose = LxmertConfig(hidden_size=100, num_attention_heads=12)
+    for make in (lambda: LxmertConfig.preset("base", hidden_size=100), lambda: LxmertConfig().replace(hidden_size=100),
+                 lambda: LxmertForPreTraining(loose)):
+        with pytest.raises(ConfigError, match="hidden_size = 100 is not divisible by num_attention_heads"):
+            make()
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['hiden_size'\]"):
+        LxmertConfig.preset("tiny", hiden_size=8)
 
 
 def test_bad_config_files(tmp_path):
@@ -84,6 +135,8 @@ def test_presets():
     assert tiny.hidden_size == 32 and tiny.num_qa_labels == 4
     with pytest.raises(ConfigError, match="unknown LxmertConfig preset"):
         LxmertConfig.preset("huge")
+    changed = tiny.replace(kernels="triton", l_layers=3)
+    assert (changed.kernels, changed.l_layers, tiny.kernels, tiny.l_layers) == ("triton", 3, "torch", 2)
 
 
 def test_config_overrides_are_typed_and_checked():
@@ -247,9 +300,9 @@ def test_model_backend_switch_through_config_and_setter():
                                  attention_probs_dropout_prob=0.0)
     model = LxmertForPreTraining(config).eval()
     inputs = random_batch(config)
-    eager = model(**inputs).pooled_output
+    eager = model(**inputs).question_answering_score
     model.set_attention_backend("sdpa")
     assert model.config.attention_backend == "sdpa"
-    assert torch.allclose(model(**inputs).pooled_output, eager, atol=1e-6)
+    assert torch.allclose(model(**inputs).question_answering_score, eager, atol=1e-6)
     with pytest.raises(AttentionBackendError):
         model.set_attention_backend("no-such-backend")

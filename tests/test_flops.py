@@ -83,6 +83,6 @@ def test_training_count_equals_torch_flop_counter(mode):
     counter = FlopCounterMode(display=False)
     with counter:
         out = model(**inputs)
-    assert out.prediction_logits is None and out.language_output is None
+    assert out.prediction_logits is None and out.language_hidden_states is None  # the rows-only path
     expected = flop_breakdown(config, seq_len=tokens, num_objects=objects, mlm_tokens=words, masked_objects=masked)
     assert counter.get_total_flops() == batch * 2 * expected.forward_macs

@@ -139,7 +139,7 @@ def worker(work: str) -> None:
     if rank == 0:
         from lxmert_fast import LxmertConfig
 
-        LxmertConfig.preset("tiny", vocab_size=999, visual_feat_dim=2048).to_json(bad_vocab)
+        LxmertConfig.preset("tiny", vocab_size=999, visual_feat_dim=2048).to_json_file(bad_vocab)
     barrier()
     results["bad_vocab"] = _run("bad_vocab", work, ["--deepspeed_config", z2, "--model_config", bad_vocab])
     results["no_data"] = _run("no_data", work, ["--deepspeed_config", z2, "--data_root", os.path.join(work, "nowhere")])

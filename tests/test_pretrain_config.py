@@ -37,7 +37,7 @@ def test_the_pretraining_recipe_and_original_checkpoints_weigh_visual_losses_by_
 
     assert _config(["--model", "tiny"]).visual_loss_normalizer == 1 / 0.15
     path = tmp_path / "hf.json"
-    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(path)
+    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json_file(path)
     assert _config(["--model_config", str(path)]).visual_loss_normalizer == 6.67   # an HF config says 6.67
     assert LxmertConfig.preset("base").visual_loss_normalizer == 6.67              # the HF class's default
     import transformers
@@ -52,7 +52,7 @@ def test_the_pretraining_recipe_and_original_checkpoints_weigh_visual_losses_by_
 
 def test_overrides_and_layer_flags_reach_a_model_config(tmp_path):
     path = tmp_path / "config.json"
-    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(path)
+    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json_file(path)
     cfg = _config(["--model_config", str(path), "--config_overrides", "hidden_dropout_prob=0.0", "--xlayers", "3"])
     assert (cfg.hidden_dropout_prob, cfg.x_layers, cfg.hidden_size) == (0.0, 3, 32)
 
@@ -66,7 +66,7 @@ def test_bad_overrides_are_usage_errors(tmp_path):
         _config(["--from_pretrained", str(tmp_path), "--config_overrides", "hidden_size=64"])
     hf = tmp_path / "hf"
     hf.mkdir()
-    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json(hf / "config.json")
+    LxmertConfig.preset("tiny", vocab_size=40, num_qa_labels=5, visual_feat_dim=2048).to_json_file(hf / "config.json")
     with pytest.raises(UsageError, match="--llayers/--xlayers/--rlayers cannot change a --from_pretrained model"):
         _config(["--from_pretrained", str(hf), "--llayers", "1"])
 

@@ -1,4 +1,10 @@
-"""Checkpoints: HuggingFace <-> ours <-> the original release, and safetensors save/load.
+"""Checkpoint layouts: HuggingFace <-> ours <-> the original release.
+
+transformers' `from_pretrained` / `save_pretrained` read and write our models (see
+`LxmertPreTrainedModel`); what is ours is the mapping between the layouts: `weight_conversions`
+(transformers' `WeightConverter`s that fuse HF's q/k/v and object decoders while loading and split
+them again while saving), the readers of the original release's files and of state dicts in any of
+the three layouts, and the config inferred from an original checkpoint's shapes.
 
 Three key layouts:
 - HF (`transformers.LxmertForPreTraining`): `lxmert.encoder.layer.0.attention.self.query.weight`,
@@ -22,9 +28,9 @@ import re
 from typing import Any, Mapping, Optional
 
 import torch
+from transformers.core_model_loading import Concatenate, ConversionOps, WeightConverter
 
 from lxmert_fast.config import RELEASED_VISUAL_LOSS_NORMALIZER, ConfigError, LxmertConfig
-from lxmert_fast.utils import atomic_path
 
 Tensor = torch.Tensor
 
@@ -42,6 +48,51 @@ INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model (the message lists what and where)."""
+
+
+# ---------------------------------------------------------------------------------------------- transformers' loader
+class _SplitObjectDecoders(ConversionOps):
+    """Saving: our fused object decoder -> HF's `decoder_dict.{obj,attr,feat}`, split by the config's sizes
+    (the enabled ones, in the config's order)."""
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
+        if len(input_dict) != 1:
+            raise CheckpointError(f"the fused object decoder: expected one tensor, got {sorted(input_dict)}")
+        value = next(iter(input_dict.values()))
+        value = value[0] if isinstance(value, list) else value
+        dims = config.visual_loss_dims()
+        targets = [next(t for t in target_patterns if f".{name}." in t) for name in dims]
+        return dict(zip(targets, (piece.contiguous() for piece in value.split(list(dims.values()), dim=0))))
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _ConcatObjectDecoders(dim=0)
+
+
+class _ConcatObjectDecoders(Concatenate):
+    """Loading: HF's `decoder_dict.{obj,attr,feat}` -> our fused decoder (the ones the checkpoint has, in
+    obj, attr, feat order); saving splits by the config's sizes."""
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _SplitObjectDecoders()
+
+
+def weight_conversions() -> list[WeightConverter]:
+    """transformers' conversions between HF's checkpoint layout and our parameters: query/key/value ->
+    one `qkv` (rows q, k, v) in every self- and cross-attention, the object head's three decoders -> one
+    `decoder` (rows obj, attr, feat). `from_pretrained` applies them; `save_pretrained` reverses them, so
+    what is saved is HF's layout. Fresh objects each call (transformers keeps state in them)."""
+    out = []
+    for stem in ("self", "att"):
+        for kind in ("weight", "bias"):
+            out.append(WeightConverter([f"{stem}.{part}.{kind}" for part in _QKV_PARTS], f"{stem}.qkv.{kind}",
+                                       operations=[Concatenate(dim=0)]))
+    for kind in ("weight", "bias"):
+        out.append(WeightConverter([f"obj_predict_head.decoder_dict.{name}.{kind}" for name in ("obj", "attr", "feat")],
+                                   f"obj_predict_head.decoder.{kind}", operations=[_ConcatObjectDecoders(dim=0)]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -118,15 +169,6 @@ def detect_layout(state: Mapping[str, Any]) -> str:
     if any(_QKV_OURS.match(k) for k in keys):
         return "ours"
     return "hf"
-
-
-def to_ours(state: Mapping[str, Tensor], config: LxmertConfig) -> dict[str, Tensor]:
-    layout = detect_layout(state)
-    if layout == "original":
-        return hf_to_ours(original_to_hf(state), config)
-    if layout == "hf":
-        return hf_to_ours(state, config)
-    return {k: v for k, v in state.items() if not _REDUNDANT_KEY.search(k)}
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -245,24 +287,21 @@ def infer_config(state_hf: Mapping[str, Tensor], **overrides: Any) -> LxmertConf
         raise CheckpointError(f"the config inferred from the checkpoint's shapes is invalid: {err}") from None
 
 
-# ---------------------------------------------------------------------------------------------- load / save
-def _strip_or_add_prefix(state: dict[str, Tensor], model) -> dict[str, Tensor]:
-    """Fit the checkpoint's `lxmert.` prefix to the model: LxmertModel has none, the others have it."""
-    has_prefix = any(k.startswith("lxmert.") for k in state)
-    if model.base_model_prefix == "":
-        if has_prefix:  # a checkpoint with heads into the bare model: keep the encoder, drop the heads
-            return {k[len("lxmert."):]: v for k, v in state.items() if k.startswith("lxmert.")}
-        return state
-    if not has_prefix:
-        return {("lxmert." + k if not k.startswith(HEAD_PREFIXES) else k): v for k, v in state.items()}
-    return state
+
+
+# ---------------------------------------------------------------------------------------------- state dicts
+def tied_keys(model) -> set[str]:
+    """The model's parameter names that are tied to another one (the MLM decoder: the word embeddings)."""
+    return set(getattr(model, "all_tied_weights_keys", None) or ())
 
 
 def load_state_into(model, state_ours: Mapping[str, Tensor], source: str,
                     ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Copy a state dict in our layout into `model`; every missing, unexpected or misshaped key is an error."""
-    expected = model.state_dict()
-    state = {k: v for k, v in state_ours.items() if not k.startswith(ignore_prefixes)}
+    """Copy a state dict in our layout into `model`; every missing, unexpected or misshaped key is an error
+    (tied parameters, e.g. the MLM decoder, come with what they are tied to)."""
+    tied = tied_keys(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied}
+    state = {k: v for k, v in state_ours.items() if not k.startswith(ignore_prefixes) and k not in tied}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -279,47 +318,10 @@ def load_state_into(model, state_ours: Mapping[str, Tensor], source: str,
         problems.append(f"wrong shapes ({len(wrong)}): {wrong}")
     if problems:
         raise CheckpointError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
-    model.load_state_dict(state, strict=True)
-
-
-def load_pretrained(cls, path, config: Optional[LxmertConfig] = None, **config_overrides: Any):
-    """Build `cls` and load an HF directory / file, an original release file, or our own checkpoint."""
-    path = os.fspath(path)
-    raw, config_path = read_checkpoint(path)
-    layout = detect_layout(raw)
-    if config is None:
-        if config_path is not None:
-            config = LxmertConfig.from_json(config_path)
-            if config_overrides:
-                config = config.replace(**config_overrides)
-        elif layout == "ours":
-            raise CheckpointError(
-                f"{path}: a checkpoint in lxmert-fast's own layout with no config.json beside it: pass config="
-            )
-        else:
-            config = infer_config(original_to_hf(raw) if layout == "original" else raw, **config_overrides)
-    elif config_overrides:
-        config = config.replace(**config_overrides)
-    model = cls(config)
-    state = _strip_or_add_prefix(to_ours(raw, config), model)
-    # Heads a model class does not have are dropped on purpose (e.g. pre-training heads for QA).
-    ignore = tuple(p for p in HEAD_PREFIXES if not any(k.startswith(p) for k in model.state_dict()))
-    load_state_into(model, state, path, ignore_prefixes=ignore)
-    return model
+    model.load_state_dict(state, strict=False)
 
 
 def hf_state_dict(model) -> dict[str, Tensor]:
-    """The model's weights under HF's key names (without the tied MLM decoder)."""
-    return ours_to_hf(model.state_dict(), model.config)
-
-
-def save_pretrained(model, directory: str | os.PathLike) -> None:
-    """Write config.json and model.safetensors (HF names), each file atomically."""
-    from safetensors.torch import save_file
-
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in hf_state_dict(model).items()}
-    with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    model.config.to_json(os.path.join(directory, "config.json"), architectures=[model.hf_architecture])
+    """The model's weights under HF's key names, without tied copies (what `save_pretrained` writes)."""
+    tied = tied_keys(model)
+    return ours_to_hf({k: v for k, v in model.state_dict().items() if k not in tied}, model.config)

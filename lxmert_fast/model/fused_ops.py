@@ -37,7 +37,7 @@ class TorchOps:
         return F.layer_norm(x + residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
     def linear_gelu(self, x: Tensor, linear: nn.Linear) -> Tensor:
-        return F.gelu(F.linear(x, linear.weight, linear.bias))
+        return F.gelu(linear(x))  # the module is called: an adapter wrapping it (PEFT's LoRA) takes part
 
     def supports(self, x: Tensor) -> list[str]:
         return []
@@ -60,6 +60,11 @@ class TritonOps(TorchOps):
         return self._k.layer_norm(x, ln.weight, ln.bias, eps=ln.eps, residual=residual, dropout_p=dropout_p)
 
     def linear_gelu(self, x, linear):
+        if type(linear) is not nn.Linear or linear.bias is None:
+            raise OpsUnavailableError(
+                f"kernels='triton' fuses the bias of a plain nn.Linear into GELU; this one is a {type(linear).__name__}"
+                f"{'' if linear.bias is not None else ' without a bias'} (e.g. wrapped by an adapter): use "
+                f"kernels='torch' (model.set_kernels('torch'))")
         return self._k.bias_gelu(F.linear(x, linear.weight), linear.bias)
 
 

@@ -34,16 +34,29 @@ class LxmertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(F.gelu(self.dense(x)))
 
 
+class TiedDecoder(nn.Linear):
+    """A Linear without bias whose weight the model ties to another parameter (the MLM decoder: the word
+    embeddings); the model's init leaves it alone (it is initialised as what it is tied to), unless the
+    config unties it (`tie_word_embeddings=False`, as transformers allows), when it is initialised as a Linear."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        pass  # replaced by the parameter it is tied to
+
+
 class LxmertLMPredictionHead(nn.Module):
-    """MLM head; its decoder weight is the word-embedding matrix (tied), passed in at call time."""
+    """MLM head; its `decoder` weight is the word-embedding matrix (tied by the model, as in transformers)."""
 
     def __init__(self, config: LxmertConfig):
         super().__init__()
         self.transform = LxmertPredictionHeadTransform(config)
+        self.decoder = TiedDecoder(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden_nd: Tensor, word_embeddings_vd: Tensor) -> Tensor:
-        return F.linear(self.transform(hidden_nd), word_embeddings_vd) + self.bias
+    def forward(self, hidden_nd: Tensor) -> Tensor:
+        return self.decoder(self.transform(hidden_nd)) + self.bias
 
 
 class LxmertPreTrainingHeads(nn.Module):
@@ -71,6 +84,9 @@ class LxmertVisualObjHead(nn.Module):
         if masked_rows_m is None or not masked_names:
             scores_bnk = self.decoder(self.transform(vision_bnd))
             return dict(zip(self.dims, scores_bnk.split(list(self.dims.values()), dim=-1)))
+        if type(self.decoder) is not nn.Linear:
+            raise TypeError(f"obj_predict_head.decoder is a {type(self.decoder).__name__}: decoding at the masked objects "
+                            f"(training with obj_labels) slices a plain nn.Linear's weight; put no adapter on it")
         names = list(self.dims)
         n_dense = len(names) - len(masked_names)
         if tuple(names[n_dense:]) != tuple(masked_names):

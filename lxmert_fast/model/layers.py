@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lxmert_fast.config import LxmertConfig
 from lxmert_fast.model.attention import AttentionDispatcher, KeyMask, PairKeyMask, key_mask
@@ -199,8 +200,10 @@ class LxmertIntermediate(nn.Module):
         return self._ctx.ops.linear_gelu(x_bld, self.dense)
 
 
-class LxmertLayer(nn.Module):
-    """A single-modality encoder layer: self-attention then FFN (post-LN)."""
+class LxmertLayer(GradientCheckpointingLayer):
+    """A single-modality encoder layer: self-attention then FFN (post-LN). transformers'
+    `GradientCheckpointingLayer`: with activation checkpointing on (and gradients flowing while training),
+    its forward runs inside the model's checkpoint function."""
 
     def __init__(self, config: LxmertConfig, ctx: ModelContext):
         super().__init__()
@@ -214,8 +217,9 @@ class LxmertLayer(nn.Module):
         return self.output(self.intermediate(att_bld), att_bld), probs
 
 
-class LxmertXLayer(nn.Module):
-    """Cross-modality layer: shared bidirectional cross-attention, per-modality self-attention, per-modality FFN."""
+class LxmertXLayer(GradientCheckpointingLayer):
+    """Cross-modality layer: shared bidirectional cross-attention, per-modality self-attention, per-modality FFN.
+    A `GradientCheckpointingLayer`, as `LxmertLayer`."""
 
     def __init__(self, config: LxmertConfig, ctx: ModelContext):
         super().__init__()

@@ -15,7 +15,6 @@ loss, the released default); NLVR2 cross-entropy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -24,38 +23,31 @@ from torch import nn
 
 from lxmert_fast.config import LxmertConfig
 from lxmert_fast.model.lxmert import LxmertForQuestionAnswering, LxmertModel, LxmertPreTrainedModel
+from lxmert_fast.model.outputs import LxmertForNLVR2Output
 
 Tensor = torch.Tensor
 
 
-
 # ---------------------------------------------------------------------------------------------- models
-@dataclass
-class LxmertForNLVR2Output:
-    loss: Optional[Tensor] = None
-    logits: Optional[Tensor] = None          # (B, 2)
-    pooled_output: Optional[Tensor] = None   # (B, 2 hid): [pooled(img0) | pooled(img1)]
-
-
 class LxmertForNLVR2(LxmertPreTrainedModel):
     """LXMERT for NLVR2: two images per example, one sentence, a 2-way classifier on both pooled outputs."""
 
-    hf_architecture = "LxmertForNLVR2"
-
     def __init__(self, config: LxmertConfig):
         super().__init__(config)
+        config = self.config
         hid = config.hidden_size
         self.lxmert = LxmertModel(config, init_weights=False)
         self.logit_fc = nn.Sequential(
             nn.Linear(hid * 2, hid * 2), nn.GELU(), nn.LayerNorm(hid * 2, eps=1e-12), nn.Linear(hid * 2, 2)
         )
-        self.init_weights()
+        self.post_init()
 
     def forward(self, input_ids: Tensor, visual_feats: Tensor, visual_pos: Tensor,
                 attention_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None,
                 visual_attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                return_dict: bool = True):
+                return_dict: Optional[bool] = None):
         """``visual_feats`` (B, 2, N, D), ``visual_pos`` (B, 2, N, 4); text (B, T) shared by both images."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
             raise ValueError(f"visual_feats {tuple(visual_feats.shape)}: expected (B, 2, N, D), two images per example")
         b, _, n, d = visual_feats.shape

@@ -9,6 +9,7 @@ from torch import nn
 
 from lxmert_fast.train.checkpoint import TrainingError
 from lxmert_fast.train.process import barrier
+from lxmert_fast.utils import atomic_directory
 
 
 def full_fp32_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
@@ -51,8 +52,11 @@ def export_hf(engine, build_model: Callable[[], nn.Module], directory: str) -> O
     if rank == 0:
         model = build_model()
         missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or ())  # e.g. the MLM decoder: the word embeddings
+        missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise TrainingError(f"export: state dict does not fit the model: missing {missing}, unexpected {unexpected}")
-        model.save_pretrained(directory)
+        with atomic_directory(directory) as tmp:  # the directory holds a complete export or the previous one
+            model.save_pretrained(tmp)
     barrier()
     return directory if rank == 0 else None
