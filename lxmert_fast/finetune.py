@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("optimisation (fill the DeepSpeed config's \"auto\" entries)")
     o.add_argument("--batch_size", type=int, default=None, help=f"total batch (default {DEFAULTS['batch_size']})")
     o.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default 5e-5 VQA/NLVR2, 1e-5 GQA; {DEMO_DEFAULTS['lr']:g} on the demo world)")
+                   help=f"peak learning rate (default 5e-5 VQA/NLVR2, 1e-5 GQA; {DEMO_DEFAULTS['lr']:g} on the demo "
+                        f"world)")
     o.add_argument("--grad_clip", type=float, default=None, help=f"default {DEFAULTS['grad_clip']}")
     o.add_argument("--eval_batch_size", type=int, default=None, help="default 2 x micro batch")
     add_runtime_arguments(p, save_every=0, log_every=50)
@@ -147,9 +148,9 @@ class FinetuneRecipe(Recipe):
         from lxmert_fast.data.tokenization import load_tokenizer
 
         args, spec = self.args, self.spec
+        demo_objects = jobs_demo_objects(args.demo_objects, args.data_root)  # the world pre-training used
         self.data_root, self.is_demo = trainer.data_root(args.data_root, cache_dir=args.cache_dir,
-                                                         demo_images=args.demo_images,
-                                                         demo_objects=jobs_demo_objects(args.demo_objects, args.data_root))
+                                                         demo_images=args.demo_images, demo_objects=demo_objects)
         explicit_test = args.test is not None and args.test.strip() != ""
         train = args.train if args.train is not None else ("" if explicit_test else spec.train)
         # Prediction only (--test, no training): evaluate --valid only when it is asked for.

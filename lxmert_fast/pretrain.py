@@ -7,10 +7,10 @@
 
     python -m lxmert_fast.pretrain          # the demo world, the demo model, a few minutes on a CPU
 
-Without --data_root the job pre-trains on the demo world (generated on first use under
---cache_dir): the one-object world, the demo model (DEMO_MODEL), DEMO_STEPS steps and the demo's
-DeepSpeed config (ds_configs/pretrain_demo.json), chosen so that the run ends reading the image
-(the closing grounding line). The DeepSpeed config owns batch size, precision, optimizer, LR schedule, clipping
+Without --data_root the job pre-trains on the demo world (the one-object world, generated on first
+use under --cache_dir) for DEMO_STEPS steps; with no model chosen, the demo model (DEMO_MODEL) and
+the demo's DeepSpeed config (ds_configs/pretrain_demo.json): a run that ends reading the image (the
+closing grounding line). The DeepSpeed config owns batch size, precision, optimizer, LR schedule, clipping
 and ZeRO; the runtime (lxmert_fast/train/) fills its "auto" entries and reads the settings back
 from the engine. See `--help` for every flag.
 """
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grounding_eval", choices=("auto", "yes", "no"), default="auto",
                    help="at the end, compare masked-word accuracy with the true vs shuffled images (and the object/"
                         "colour words where the data names them) and matching accuracy (auto: on the demo world)")
-    e.add_argument("--grounding_batches", type=int, default=16, help="held-out batches per process for the grounding check")
+    e.add_argument("--grounding_batches", type=int, default=16,
+                   help="held-out batches per process for the grounding check")
     add_runtime_arguments(p, save_every=1000, log_every=10)
     p.set_defaults(output_dir="runs/pretrain")
     return p
