@@ -355,10 +355,12 @@ def test_grounding_words_need_the_true_image_in_the_multi_object_world(tmp_path)
     """A short CPU pre-training (the demo's defaults, the full recipe) on the multi-object world: masked object/colour
     words are predicted far better with the true image than with the images shuffled across the batch: the model
     reads the image where each image shows several objects."""
+    from lxmert_fast.data.demo import demo_dir_name
+
     result = _grounding_run(str(tmp_path), MULTI_OBJECT_STEPS, extra=("--demo_objects", "2-4"))
     cfg = result["model_config"]
     assert all(cfg[k] for k in ("task_mask_lm", "task_matched", "task_obj_predict", "task_qa"))
-    assert result["data_root"].endswith("-o2-4"), result["data_root"]
+    assert os.path.basename(result["data_root"]) == demo_dir_name(2000, 0, (2, 4)), result["data_root"]
     g = result["grounding"]
     assert g["words_true"] > 200 and g["words_shuffled"] > 200
     assert g["word_acc_true_image"] > g["word_acc_shuffled_image"] + 0.10, g

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from lxmert_fast.data.demo import JOBS_OBJECTS, demo_dir_name
+from lxmert_fast.pretrain import DEMO_DS_CONFIG, DEMO_MODEL, DEMO_STEPS, PretrainRecipe, build_parser, demo_defaults
 from tests.helpers import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,9 +77,6 @@ def test_quick_start_reads_the_image(quick_start):
 @pytest.mark.slow
 def test_quick_start_runs_the_demo_defaults(quick_start):
     """No flag: the one-object demo world, the demo model, the full recipe, pretrain_demo.json, an HF export."""
-    from lxmert_fast.data.demo import JOBS_OBJECTS, demo_dir_name
-    from lxmert_fast.pretrain import DEMO_MODEL, DEMO_STEPS
-
     assert os.path.basename(quick_start["data_root"]) == demo_dir_name(2000, 0, JOBS_OBJECTS)
     cfg = quick_start["model_config"]
     assert {k: cfg[k] for k in DEMO_MODEL} == DEMO_MODEL
@@ -106,8 +105,6 @@ def test_readme_finetune_example_beats_the_majority_answer(quick_start):
 def test_demo_defaults_apply_without_a_data_root_or_a_chosen_model():
     """The demo's model and DeepSpeed config are the quick start's (no flags); a chosen model (the tests' tiny one,
     a config, a checkpoint) or a data root keeps the packaged configs and presets."""
-    from lxmert_fast.pretrain import DEMO_DS_CONFIG, PretrainRecipe, build_parser, demo_defaults
-
     parse = build_parser().parse_args
     assert demo_defaults(parse([])) and PretrainRecipe(parse([])).args.deepspeed_config == DEMO_DS_CONFIG
     for argv in (["--model", "tiny"], ["--model_config", "c.json"], ["--from_pretrained", "x"], ["--data_root", "d"]):
