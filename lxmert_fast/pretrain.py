@@ -5,10 +5,12 @@
         --taskMaskLM --taskObjPredict --taskMatched --taskQA --visualLosses obj,attr,feat \\
         --wordMaskRate 0.15 --objMaskRate 0.15 --model base --epochs 20 --output_dir runs/lxmert
 
-    python -m lxmert_fast.pretrain          # the demo world, a small model, a few minutes on a CPU
+    python -m lxmert_fast.pretrain          # the demo world, the demo model, a few minutes on a CPU
 
-Without --data_root the job pre-trains on the demo world (generated on first use under
---cache_dir). The DeepSpeed config owns batch size, precision, optimizer, LR schedule, clipping
+Without --data_root the job pre-trains on the demo world (the one-object world, generated on first
+use under --cache_dir) for DEMO_STEPS steps; with no model chosen, the demo model (DEMO_MODEL) and
+the demo's DeepSpeed config (ds_configs/pretrain_demo.json): a run that ends reading the image (the
+closing grounding line). The DeepSpeed config owns batch size, precision, optimizer, LR schedule, clipping
 and ZeRO; the runtime (lxmert_fast/train/) fills its "auto" entries and reads the settings back
 from the engine. See `--help` for every flag.
 """
@@ -36,6 +38,17 @@ from lxmert_fast.utils import atomic_write_text  # noqa: E402
 TASKS = ("mlm", "matched", "obj", "qa")
 LOSS_NAMES = ("mlm", "matched", "obj", "attr", "feat", "qa")
 VISUAL_LOSSES = ("obj", "attr", "feat")
+
+# The demo's defaults (no --data_root and no model chosen: `demo_defaults`; each flag still wins): the small
+# preset narrowed to hidden 64, one layer per encoder, initializer_range 0.1 (about 1/sqrt(fan-in) at this
+# width), no dropout and the visual losses weighed 1 (not the released 1/0.15), DEMO_STEPS steps of batch 64 at
+# lr 2e-3 (pretrain_demo.json). On the one-object world matching leaves chance within a few minutes on 2 CPU
+# cores that way; dropout delays it by hundreds of steps and the heavier visual losses by about 500
+# (bench/RESULTS.md).
+DEMO_MODEL = dict(hidden_size=64, intermediate_size=256, initializer_range=0.1, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, l_layers=1, x_layers=1, r_layers=1, visual_loss_normalizer=1.0)
+DEMO_STEPS = 1000
+DEMO_DS_CONFIG = "pretrain_demo.json"
 
 __all__ = ["build_parser", "build_model_config", "PretrainRecipe", "UsageError", "main"]
 
@@ -94,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=("base", "small", "tiny"), default=None,
-                   help="size preset (default: small on the demo world, base with --data_root)")
+                   help="size preset (default: base with --data_root; on the demo world the demo model, small "
+                        "narrowed to hidden 64, one layer per encoder, no dropout)")
     m.add_argument("--llayers", type=int, default=None)
     m.add_argument("--xlayers", type=int, default=None)
     m.add_argument("--rlayers", type=int, default=None)
@@ -117,10 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grounding_eval", choices=("auto", "yes", "no"), default="auto",
                    help="at the end, compare masked-word accuracy with the true vs shuffled images (and the object/"
                         "colour words where the data names them) and matching accuracy (auto: on the demo world)")
-    e.add_argument("--grounding_batches", type=int, default=8, help="held-out batches per process for the grounding check")
+    e.add_argument("--grounding_batches", type=int, default=16,
+                   help="held-out batches per process for the grounding check")
     add_runtime_arguments(p, save_every=1000, log_every=10)
     p.set_defaults(output_dir="runs/pretrain")
     return p
+
+
+def demo_defaults(args) -> bool:
+    """Whether the demo's model and DeepSpeed config apply: the demo world and no model chosen (--model,
+    --model_config, --from_pretrained), as the quick start runs."""
+    return args.data_root is None and not (args.model or args.model_config or args.from_pretrained)
 
 
 def selected_tasks(args) -> tuple[str, ...]:
@@ -185,12 +206,13 @@ def _store_dir(data_root: str, cache_dir: Optional[str]) -> str:
 
 
 def build_data(args, trainer: Trainer) -> DataSetup:
+    from lxmert_fast.data.demo import jobs_demo_objects
     from lxmert_fast.data.pretrain_data import build_pretrain_dataset, split_names
     from lxmert_fast.data.store_set import label_loss_problems
     from lxmert_fast.data.tasks import TaskDataError, parse_feature_overrides
 
     data_root, is_demo = trainer.data_root(args.data_root, cache_dir=args.cache_dir, demo_images=args.demo_images,
-                                           demo_objects=args.demo_objects)
+                                           demo_objects=jobs_demo_objects(args.demo_objects, args.data_root))
     train_splits, valid_splits = split_names(args.train), split_names(args.valid or "")
     vocab = args.vocab or os.path.join(data_root, "vocab.txt")
     try:
@@ -275,13 +297,14 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
             raise UsageError(f"the model ({source}) does not fit the data: " + "; ".join(problems))
         return config.replace(**switches)
     preset = args.model or ("small" if data.is_demo else "base")
+    if demo_defaults(args):  # the demo model: the flags still win
+        shape = {**DEMO_MODEL, **shape}
     try:
-        return LxmertConfig.preset(
-            preset, vocab_size=index.vocab_size, visual_feat_dim=feat_dim,
-            num_qa_labels=max(1, index.num_answers), num_object_labels=DEFAULT_NUM_OBJ_CLASSES,
-            num_attr_labels=DEFAULT_NUM_ATTR_CLASSES, max_position_embeddings=max(512, index.meta["max_len"]),
-            visual_loss_normalizer=RELEASED_VISUAL_LOSS_NORMALIZER, **shape, **switches,
-        )
+        return LxmertConfig.preset(preset, **{
+            "vocab_size": index.vocab_size, "visual_feat_dim": feat_dim, "num_qa_labels": max(1, index.num_answers),
+            "num_object_labels": DEFAULT_NUM_OBJ_CLASSES, "num_attr_labels": DEFAULT_NUM_ATTR_CLASSES,
+            "max_position_embeddings": max(512, index.meta["max_len"]),
+            "visual_loss_normalizer": RELEASED_VISUAL_LOSS_NORMALIZER, **shape, **switches})  # --config_overrides win
     except ConfigError as err:
         raise UsageError(f"--model {preset} with --config_overrides/--llayers/--xlayers/--rlayers: {err}") from None
 
@@ -335,6 +358,8 @@ class PretrainRecipe(Recipe):
         self.tasks = selected_tasks(args)
         selected_visual_losses(args)
         self.overflow_batches = 0
+        if demo_defaults(args) and args.deepspeed_config is None:  # the demo's batch and lr, on any device
+            args.deepspeed_config = DEMO_DS_CONFIG
 
     # -- building -----------------------------------------------------------------------------------
     def build_data(self, trainer: Trainer, micro_batch_size: int, accumulation: int) -> None:
@@ -375,7 +400,7 @@ class PretrainRecipe(Recipe):
         return loader
 
     def schedule(self, steps_per_epoch: int):
-        return (200, None) if self.data.is_demo else (None, 20)
+        return (DEMO_STEPS, None) if self.data.is_demo else (None, 20)
 
     def warmup_ratio(self) -> float:
         return 0.05

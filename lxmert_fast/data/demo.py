@@ -62,12 +62,13 @@ NUM_BG_ATTRS = 12
 NUM_OBJECTS = 36
 FEAT_DIM = 2048
 DEFAULT_OBJECTS = (2, 4)             # distinct ("primary") objects per image: min, max
+JOBS_OBJECTS = (1, 1)                # the world of the jobs (pre-training, fine-tuning) without --demo_objects
 MAX_OBJECTS = 6                      # most distinct objects an image may have
 SALIENT_DETECTIONS = (20, 28)        # of the 36 detections, how many report a primary object
 NLVR2_PAIRS = 4                      # image pairs per NLVR2 set (each sentence is judged on all)
-NLVR2_SENTENCES = 2                  # sentences per set
-NLVR2_POOL = 3                       # classes / colours a set's images draw from
-DEMO_VERSION = 2
+NLVR2_SENTENCES = 4                  # sentences per set
+NLVR2_POOL = 2                       # classes / colours a set's images draw from
+DEMO_VERSION = 3
 
 
 def plural(cls: str, n: int) -> str:
@@ -110,8 +111,17 @@ def add_demo_objects_argument(group) -> None:
     """``--demo_objects`` for the jobs that generate the demo world (pre-training, fine-tuning);
     ``None`` when not given, so that a job can refuse it with ``--data_root``."""
     group.add_argument("--demo_objects", type=objects_arg, default=None, metavar="N|MIN-MAX",
-                       help="distinct objects per image of the demo world (default 2-4; 1 = the one-object "
-                            "world, where matching is learned within a short CPU run)")
+                       help="distinct objects per image of the demo world (default 1: the one-object world, where "
+                            "matching is learned within a short CPU run; 2-4: the multi-object world)")
+
+
+def jobs_demo_objects(demo_objects, data_root):
+    """The jobs' ``--demo_objects``: as given, else the one-object world on the demo (``JOBS_OBJECTS``: the quick
+    start reads the image within minutes there; a fine-tuning finds the world its pre-training used); None with
+    ``--data_root`` (where the flag is refused)."""
+    if demo_objects is None and data_root is None:
+        return JOBS_OBJECTS
+    return demo_objects
 
 
 class World:
@@ -342,23 +352,32 @@ def questions(rng, objs, n: int, style: str) -> list[tuple[str, dict, str, str]]
     return out
 
 
-def nlvr2_statement(rng, classes, colours):
-    """A statement about an image pair from a set's class / colour pools: ``(sentence, truth)``,
-    ``truth(objs_left, objs_right) -> 0/1`` (as in NLVR2, one sentence is judged on several pairs)."""
-    cls = CLASSES[classes[rng.integers(0, len(classes))]]
-    col = COLORS[colours[rng.integers(0, len(colours))]]
-    t = int(rng.integers(0, 4))
-    counts = lambda objs: Counter(o[0] for o in objs)
-    if t == 0:
-        return (f"the left image contains a {col} {cls}",
-                lambda o0, o1: int((cls, col) in {(o[0], o[1]) for o in o0}))
-    if t == 1:
-        return (f"the right image contains a {col} {cls}",
-                lambda o0, o1: int((cls, col) in {(o[0], o[1]) for o in o1}))
-    if t == 2:
-        return f"both images contain a {cls}", lambda o0, o1: int(cls in counts(o0) and cls in counts(o1))
-    return (f"there are more {PLURALS[cls]} in the left image than in the right image",
-            lambda o0, o1: int(counts(o0)[cls] > counts(o1)[cls]))
+def nlvr2_statements(classes) -> list[tuple[str, object]]:
+    """Every statement about an image pair that a set's class pool allows: ``[(sentence, truth)]``,
+    ``truth(objs_left, objs_right) -> 0/1``. They name classes only: what a short fine-tuning of the demo model
+    learns to check in both images (a statement of class and colour stayed near the majority answer)."""
+    counts = lambda objs: Counter(o[0] for o in objs)  # noqa: E731
+    out = []
+    for cls in (CLASSES[c] for c in classes):
+        out += [(f"the left image contains a {cls}", lambda o0, o1, a=cls: int(a in counts(o0))),
+                (f"the right image contains a {cls}", lambda o0, o1, a=cls: int(a in counts(o1))),
+                (f"both images contain a {cls}", lambda o0, o1, a=cls: int(a in counts(o0) and a in counts(o1))),
+                (f"there are more {PLURALS[cls]} in the left image than in the right image",
+                 lambda o0, o1, a=cls: int(counts(o0)[a] > counts(o1)[a]))]
+    return out
+
+
+def nlvr2_statement(rng, classes, pairs, exclude=()) -> tuple[str, list[int]]:
+    """A sentence for an NLVR2 set and its labels on the set's image ``pairs`` (``[(objs_left, objs_right)]``; as
+    in NLVR2, one sentence is judged on several pairs): drawn among the statements the set's pools allow (not in
+    ``exclude``) that are true of as near half of the pairs as any, so that the sentence alone does not tell the
+    label (the majority answer scores about 0.5) and a model must read both images."""
+    cands = [c for c in nlvr2_statements(classes) if c[0] not in exclude]
+    labels = [[truth(o0, o1) for o0, o1 in pairs] for _, truth in cands]
+    gap = [abs(2 * sum(lab) - len(pairs)) for lab in labels]
+    best = [i for i, g in enumerate(gap) if g == min(gap)]
+    i = best[int(rng.integers(0, len(best)))]
+    return cands[i][0], labels[i]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,14 +522,18 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
     for sp, n in nlvr_split.items():
         recs, name = [], f"nlvr2_{sp}"
         tag = "dev" if sp == "valid" else sp
-        cls_pool, col_pool = nlvr_pools[sp]
+        cls_pool, _ = nlvr_pools[sp]
         for st in range(n):
+            first = 2 * st * NLVR2_PAIRS
+            pairs = [(_objects(imgs[name], i), _objects(imgs[name], i + 1))
+                     for i in range(first, first + 2 * NLVR2_PAIRS, 2)]
+            said: list[str] = []
             for k in range(NLVR2_SENTENCES):
-                sent, truth = nlvr2_statement(rng, cls_pool[st], col_pool[st])
+                sent, labels = nlvr2_statement(rng, cls_pool[st], pairs, exclude=said)
+                said.append(sent)
                 sentences.append(sent)
-                for p in range(NLVR2_PAIRS):
-                    i = 2 * (st * NLVR2_PAIRS + p)
-                    label = truth(_objects(imgs[name], i), _objects(imgs[name], i + 1))
+                for p, label in enumerate(labels):
+                    i = first + 2 * p
                     recs.append({"identifier": f"{tag}-{st}-{p}-{k}", "img0": ids[name][i],
                                  "img1": ids[name][i + 1], "label": label, "sent": sent,
                                  "uid": f"nlvr2_{tag}_{len(recs)}"})

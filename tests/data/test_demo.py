@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from lxmert_fast.data.demo import (COLORS, CLASSES, demo_dir_name, ensure_demo_data, generate, main as demo_main,
-                                   parse_objects)
+from lxmert_fast.data.demo import (COLORS, CLASSES, demo_dir_name, ensure_demo_data, generate, jobs_demo_objects,
+                                   main as demo_main, parse_objects)
 from lxmert_fast.data.formats import (iter_tsv, read_all_ans, read_ans2label, read_label2ans,
                                       read_pretrain_json, read_task_json)
 
@@ -131,8 +131,9 @@ def test_demo_features_have_no_common_offset(demo_store):
 
 def test_demo_nlvr2_sentences_are_judged_on_several_pairs(demo_root):
     """As in NLVR2, a sentence is paired with several image pairs (identifier split-set-pair-sentence),
-    so consistency groups hold several examples, with true and false ones."""
-    from lxmert_fast.data.demo import NLVR2_PAIRS
+    so consistency groups hold several examples; each sentence is true of about half of its pairs, so
+    the sentence alone does not tell the label (the majority answer scores about 0.5)."""
+    from lxmert_fast.data.demo import NLVR2_PAIRS, NLVR2_SENTENCES
     from lxmert_fast.data.tasks import nlvr2_group
 
     recs = read_task_json(os.path.join(demo_root, "nlvr2", "train.json"), "nlvr2", require_label=True)
@@ -141,15 +142,42 @@ def test_demo_nlvr2_sentences_are_judged_on_several_pairs(demo_root):
         groups.setdefault(nlvr2_group(r["identifier"]), []).append(r)
     assert all(len(g) == NLVR2_PAIRS and len({r["sent"] for r in g}) == 1 for g in groups.values())
     assert all(len({(r["img0"], r["img1"]) for r in g}) == NLVR2_PAIRS for g in groups.values())
+    sets: dict = {}
+    for r in recs:
+        sets.setdefault(r["identifier"].rsplit("-", 2)[0], set()).add(r["sent"])
+    assert all(len(sents) == NLVR2_SENTENCES for sents in sets.values())  # distinct sentences per set
     mixed = sum(len({r["label"] for r in g}) == 2 for g in groups.values())
-    assert mixed >= len(groups) // 4, (mixed, len(groups))
+    assert mixed >= 0.8 * len(groups), (mixed, len(groups))
+    assert 0.35 < np.mean([r["label"] for r in recs]) < 0.65
+
+
+def test_demo_nlvr2_statements_are_checked_against_both_images():
+    """Each statement's label is what the pair's objects make of it."""
+    from lxmert_fast.data.demo import nlvr2_statement, nlvr2_statements
+
+    dog, cat = CLASSES.index("dog"), CLASSES.index("cat")
+    truths = dict(nlvr2_statements([dog]))
+    one = lambda cls: [(cls, "red", 0.5, 0.5)]  # noqa: E731
+    two_dogs = [("dog", "red", 0.3, 0.5), ("dog", "blue", 0.7, 0.5)]
+    assert truths["the left image contains a dog"](one("dog"), one("cat")) == 1
+    assert truths["the right image contains a dog"](one("dog"), one("cat")) == 0
+    assert truths["both images contain a dog"](one("dog"), two_dogs) == 1
+    assert truths["both images contain a dog"](one("dog"), one("cat")) == 0
+    assert truths["there are more dogs in the left image than in the right image"](two_dogs, one("dog")) == 1
+    assert truths["there are more dogs in the left image than in the right image"](one("dog"), two_dogs) == 0
+    pairs = [(one("dog"), one("cat")), (one("cat"), one("dog")), (one("dog"), one("dog")), (one("cat"), one("cat"))]
+    sent, labels = nlvr2_statement(np.random.default_rng(0), [dog, cat], pairs)
+    assert sum(labels) == 2, (sent, labels)  # true of half of the pairs when a statement is
+    assert labels == [dict(nlvr2_statements([dog, cat]))[sent](*p) for p in pairs]
 
 
 def test_demo_objects_per_image(tmp_path, capsys):
-    """``--objects``: a one-object world whose captions name that object; the default world's folder
-    name and files do not change; a bad value is refused naming the rule."""
-    assert demo_dir_name(16, 4) == "demo-v2-n16-s4" and demo_dir_name(16, 4, (1, 1)) == "demo-v2-n16-s4-o1-1"
+    """``--objects``: a one-object world whose captions name that object (the jobs' default world); the
+    generator's default world (2-4) keeps a folder name without a suffix; a bad value is refused naming the rule."""
+    assert demo_dir_name(16, 4) == "demo-v3-n16-s4" and demo_dir_name(16, 4, (1, 1)) == "demo-v3-n16-s4-o1-1"
     assert parse_objects("1") == (1, 1) and parse_objects("2-4") == (2, 4)
+    assert jobs_demo_objects(None, None) == (1, 1)        # pre-training and fine-tuning on the demo world
+    assert jobs_demo_objects((2, 4), None) == (2, 4) and jobs_demo_objects(None, "data") is None
     for bad in ("0", "3-2", "7", "x", "1-2-3"):
         with pytest.raises(ValueError, match="1 <= MIN <= MAX <= 6"):
             parse_objects(bad)
@@ -158,7 +186,7 @@ def test_demo_objects_per_image(tmp_path, capsys):
     assert "--objects" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad")
 
     root = ensure_demo_data(str(tmp_path / "cache"), images=24, seed=1, objects=(1, 1))
-    assert os.path.basename(root) == "demo-v2-n24-s1-o1-1"
+    assert os.path.basename(root) == "demo-v3-n24-s1-o1-1"
     meta = json.load(open(os.path.join(root, "demo.json")))
     assert meta["objects_per_image"] == [1, 1]
     cls_of_id = {oid: c for c, oid in zip(CLASSES, meta["obj_id_of_class"])}
@@ -174,7 +202,7 @@ def test_demo_objects_per_image(tmp_path, capsys):
             assert cap in (f"a photo of a {col} {cls}", f"the {cls} is {col}"), cap
             captions += 1
     assert captions == 5 * len(objects_of) > 0
-    # the default world (2-4 objects) is the one generated before the option existed
+    # the generator's default world (2-4 objects) keeps its name without a suffix
     default = ensure_demo_data(str(tmp_path / "cache"), images=24, seed=1)
-    assert os.path.basename(default) == "demo-v2-n24-s1"
+    assert os.path.basename(default) == "demo-v3-n24-s1"
     assert json.load(open(os.path.join(default, "demo.json")))["objects_per_image"] == [2, 4]
