@@ -4,8 +4,10 @@ setup(
     name="lxmert-fast",
     version="0.1.0",
     description="Fast LXMERT pre-training and fine-tuning (exact model, DeepSpeed, Triton kernels)",
-    packages=find_packages(include=["lxmert_fast", "lxmert_fast.*"]),
-    package_data={"lxmert_fast": ["ds_configs/*.json"]},
+    # ds_configs/ (the repository's top level, the one source of the DeepSpeed configs) ships as lxmert_fast.ds_configs
+    packages=find_packages(include=["lxmert_fast", "lxmert_fast.*"]) + ["lxmert_fast.ds_configs"],
+    package_dir={"lxmert_fast.ds_configs": "ds_configs"},
+    package_data={"lxmert_fast.ds_configs": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -3,8 +3,9 @@
 - The config owns batch size, precision, optimizer, scheduler, clipping and ZeRO. A job fills only
   its "auto" entries (the batch split, the schedule's length, monitor paths, and values its own
   flags give, such as fine-tuning's --lr) and reads the rest back from the engine (`OptimSettings`).
-- The configs in `lxmert_fast/ds_configs/` ship with the package: `--deepspeed_config zero2.json`
-  (or `ds_configs/zero2.json`, the path in a checkout) finds them from any install and any directory.
+- The configs live in the repository's top-level `ds_configs/` and ship in the wheel as the package
+  `lxmert_fast.ds_configs`: `--deepspeed_config zero2.json` (or `ds_configs/zero2.json`, the path in a
+  checkout) finds them from any install and any directory.
 - Without CUDA a GPU config runs as a try-out (`fit_to_cpu`): the choices bound to the hardware
   change, each named in one logged line; the recipe (batch, lr, schedule, ZeRO, clipping) stays.
 """
@@ -20,7 +21,6 @@ from typing import Any, Optional
 from torch import nn
 
 AUTO = "auto"
-PACKAGED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
 
 class DSConfigError(ValueError):
@@ -28,9 +28,24 @@ class DSConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- finding
+def packaged_dir() -> str:
+    """The folder of the packaged configs: ``lxmert_fast/ds_configs`` in an installed wheel (setup.py maps the
+    repository's ``ds_configs/`` there), else the checkout's ``ds_configs/`` beside the ``lxmert_fast`` folder
+    (a checkout, installed editable or not)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    installed = os.path.join(package, "ds_configs")
+    checkout = os.path.join(os.path.dirname(package), "ds_configs")
+    if os.path.isdir(installed):
+        return installed
+    if os.path.isfile(os.path.join(os.path.dirname(package), "setup.py")) and os.path.isdir(checkout):
+        return checkout
+    raise DSConfigError(f"the packaged DeepSpeed configs are missing: neither {installed} (an install) nor "
+                        f"{checkout} (a checkout) exists; reinstall lxmert-fast")
+
+
 def packaged_config(name: str) -> str:
     """The path of a config that ships with the package (e.g. ``"cpu.json"``)."""
-    return os.path.join(PACKAGED_DIR, name)
+    return os.path.join(packaged_dir(), name)
 
 
 def default_config_name(job: str, on_gpu: bool) -> str:
@@ -48,7 +63,7 @@ def resolve_config_path(path: str | os.PathLike) -> str:
     packaged = packaged_config(os.path.basename(path))
     if os.path.isfile(packaged):
         return packaged
-    shipped = ", ".join(sorted(n for n in os.listdir(PACKAGED_DIR) if n.endswith(".json")))
+    shipped = ", ".join(sorted(n for n in os.listdir(packaged_dir()) if n.endswith(".json")))
     raise DSConfigError(f"DeepSpeed config {path!r}: no such file, and no packaged config of that name "
                         f"(shipped: {shipped})")
 

@@ -342,7 +342,7 @@ class Trainer:
                     if args.compile != "none" else "")
                  + ("; activation checkpointing (every encoder layer recomputed in backward)"
                     if args.activation_checkpointing else ""))
-        shown = os.path.relpath(self.ds_path) if not self.ds_path.startswith(ds_cfg.PACKAGED_DIR) else \
+        shown = os.path.relpath(self.ds_path) if not self.ds_path.startswith(ds_cfg.packaged_dir()) else \
             f"{os.path.basename(self.ds_path)}, packaged"
         engine_name = "DeepSpeed" if args.engine == "deepspeed" else "plain PyTorch engine"
         self.log(f"{engine_name} ({shown}): {self.settings.describe()}")
