@@ -38,7 +38,7 @@ from lxmert_fast import pretrain
 from lxmert_fast.data.demo import ensure_demo_data
 from lxmert_fast.data.masking import draw_selection, mask_pretrain_batch
 from lxmert_fast.data.pretrain_data import build_pretrain_dataset, split_names
-from lxmert_fast.model.convert import ours_to_hf
+from lxmert_fast.checkpoints.layouts import ours_to_hf
 from lxmert_fast.train.ds_config import load_ds_config
 from lxmert_fast.train.process import select_accelerator
 from lxmert_fast.train.runtime import Trainer, UsageError

@@ -32,9 +32,9 @@ import torch  # noqa: E402
 from lxmert_fast.config import LxmertConfig  # noqa: E402
 from lxmert_fast.data import tasks as tasks_data  # noqa: E402
 from lxmert_fast.data.layouts import FORMAT_CHOICES as FEATURE_FORMATS  # noqa: E402
-from lxmert_fast import task_checkpoints  # noqa: E402
+from lxmert_fast.checkpoints import task as task_checkpoints  # noqa: E402
 from lxmert_fast.model import task_heads  # noqa: E402
-from lxmert_fast.train.checkpoint import preserved_rng  # noqa: E402
+from lxmert_fast.train.rng import preserved_rng  # noqa: E402
 from lxmert_fast.train.ds_config import fill_from_flags  # noqa: E402
 from lxmert_fast.train.process import all_gather_object, barrier  # noqa: E402
 from lxmert_fast.train.runtime import (Recipe, Trainer, UsageError, add_runtime_arguments,  # noqa: E402
@@ -352,7 +352,7 @@ class FinetuneRecipe(Recipe):
 
     def save_model(self, trainer: Trainer, name: str, extra: dict) -> Optional[str]:
         """Collective: the engine's full fp32 weights -> <output_dir>/<name> on rank 0."""
-        from lxmert_fast.train.export import full_fp32_state_dict
+        from lxmert_fast.checkpoints.export import full_fp32_state_dict
 
         state = full_fp32_state_dict(trainer.engine)
         path = os.path.join(trainer.out_dir, name)

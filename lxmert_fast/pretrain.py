@@ -272,7 +272,7 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
         if args.model_config:
             config = LxmertConfig.from_json(args.model_config)
         else:
-            from lxmert_fast.model.convert import detect_layout, infer_config, original_to_hf, read_checkpoint
+            from lxmert_fast.checkpoints.layouts import detect_layout, infer_config, original_to_hf, read_checkpoint
 
             if os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
                 config = LxmertConfig.from_json(source)
@@ -508,7 +508,7 @@ class PretrainRecipe(Recipe):
         demo world's demo.json); matching accuracy. Needs a held-out split."""
         from lxmert_fast.data.masking import mask_words
         from lxmert_fast.metrics import grounding_counts, grounding_result, mask_target_words
-        from lxmert_fast.train.checkpoint import preserved_rng
+        from lxmert_fast.train.rng import preserved_rng
         from lxmert_fast.train.compile import eager_forward
 
         if self.data.valid is None:
@@ -574,14 +574,14 @@ class PretrainRecipe(Recipe):
             trainer.engine.monitor.write_events([(f"Grounding/{k}", v, result["step"]) for k, v in g.items()])
         if not args.no_export:
             from lxmert_fast import LxmertForPreTraining
-            from lxmert_fast.train.export import export_hf
+            from lxmert_fast.checkpoints.export import export_hf
             from lxmert_fast.utils import atomic_write_json
 
             export_dir = os.path.join(trainer.out_dir, "hf")
             export_hf(trainer.engine, lambda: LxmertForPreTraining(self.config), export_dir)
             if trainer.is_main and self.config.task_qa:
                 # the QA head's rows by answer, so fine-tuning copies the rows of shared answers
-                from lxmert_fast.task_checkpoints import ANSWERS_FILE
+                from lxmert_fast.checkpoints.task import ANSWERS_FILE
 
                 atomic_write_json(os.path.join(export_dir, ANSWERS_FILE), list(self.data.index.answers))
             trainer.log(f"exported the model to {export_dir} (config.json + model.safetensors; "

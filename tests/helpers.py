@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from lxmert_fast import LxmertConfig
-from lxmert_fast.model.convert import hf_to_ours, load_state_into
+from lxmert_fast.checkpoints.layouts import hf_to_ours, load_state_into
 
 
 def no_dropout(config: LxmertConfig) -> LxmertConfig:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lxmert_fast import LxmertConfig, LxmertForPreTraining
-from lxmert_fast.train import checkpoint
-from lxmert_fast.train import ds_config
+from lxmert_fast.checkpoints import training as checkpoint
+from lxmert_fast.train import ds_config, rng
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CONFIGS = ("zero1.json", "zero2.json", "zero3.json", "zero2_fp16.json", "zero2_offload.json")
@@ -149,9 +149,9 @@ def test_no_weight_decay_on_biases_and_layernorm():
 
 def test_rng_state_round_trip():
     gen = torch.Generator().manual_seed(5)
-    state = checkpoint.rng_state({"mask": gen})
+    state = rng.rng_state({"mask": gen})
     a = (torch.rand(3), torch.rand(2, generator=gen))
-    checkpoint.set_rng_state(state, {"mask": gen})
+    rng.set_rng_state(state, {"mask": gen})
     b = (torch.rand(3), torch.rand(2, generator=gen))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
@@ -171,7 +171,7 @@ import copy, json, sys
 import torch
 from lxmert_fast import LxmertConfig, LxmertForPreTraining
 from lxmert_fast.train import ds_config
-from lxmert_fast.train.export import full_fp32_state_dict
+from lxmert_fast.checkpoints.export import full_fp32_state_dict
 from lxmert_fast.train.process import start_process
 
 start_process()

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from lxmert_fast.data.step_sampler import StepSampler
-from lxmert_fast.train.checkpoint import RUN_FILE, CheckpointManager, TrainingError, plan_resume, tag_for
+from lxmert_fast.checkpoints.training import RUN_FILE, CheckpointManager, plan_resume, tag_for
+from lxmert_fast.train.errors import TrainingError
 from tests.helpers import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

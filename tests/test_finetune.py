@@ -15,9 +15,9 @@ import torch
 import transformers
 
 from lxmert_fast import CheckpointError, LxmertConfig, LxmertForPreTraining
-from lxmert_fast import task_checkpoints as ckpts
+from lxmert_fast.checkpoints import task as ckpts
 from lxmert_fast.model import task_heads
-from lxmert_fast.model.convert import hf_state_dict
+from lxmert_fast.checkpoints.layouts import hf_state_dict
 from tests.helpers import hf_config, no_dropout, random_batch
 from tests.test_finetune_helpers import demo_pretraining, demo_world, finetune_run
 
@@ -128,7 +128,7 @@ def test_hf_pretraining_directory_copies_the_rows_of_shared_answers(hf_pretraine
 def test_a_table_with_raw_and_normalised_forms_gives_the_normalised_row_as_the_original_code():
     """The pre-training table holds "two" and "2": the task's "two" starts from the row of "2" (the original's
     load_lxmert_qa looks up convert_ans(answer)); an answer whose normalised form is absent, as written."""
-    from lxmert_fast.task_checkpoints import copy_answer_head
+    from lxmert_fast.checkpoints.task import copy_answer_head
 
     table = ["two", "2", "the dog", "kite"]     # "the dog" normalises to "dog", which the table lacks
     model = task_heads.build_task_model("vqa", TINY, 3)

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from lxmert_fast import LxmertConfig, LxmertForPreTraining, LxmertForQuestionAnswering, LxmertModel
-from lxmert_fast.model.convert import ours_to_hf
+from lxmert_fast.checkpoints.layouts import ours_to_hf
 from tests.helpers import assert_close_scaled, no_dropout, random_batch, random_labels, twin_models
 
 BACKENDS = ["eager", "sdpa"]

@@ -164,8 +164,8 @@ def test_every_rank_stops_at_the_same_step_whichever_rank_got_the_signal(tmp_pat
 
 # ---------------------------------------------------------------------------------------------- manifests
 def _fake_tag(root, step: int, payload: bytes = b"x" * 1000, manifest_too: bool = True) -> str:
-    from lxmert_fast.train import manifest
-    from lxmert_fast.train.checkpoint import tag_for
+    from lxmert_fast.checkpoints import manifest
+    from lxmert_fast.checkpoints.training import tag_for
 
     tag = tag_for(step)
     path = root / tag
@@ -189,7 +189,7 @@ def _fake_tag(root, step: int, payload: bytes = b"x" * 1000, manifest_too: bool 
     ("manifest", "manifest.json cannot be read"),
 ])
 def test_a_manifest_finds_each_kind_of_damage_by_file(tmp_path, damage, message):
-    from lxmert_fast.train import manifest
+    from lxmert_fast.checkpoints import manifest
 
     tag = tmp_path / _fake_tag(tmp_path, 4)
     assert manifest.verify(str(tag)) is None
@@ -209,7 +209,7 @@ def test_a_manifest_finds_each_kind_of_damage_by_file(tmp_path, damage, message)
 
 
 def test_a_tag_of_an_earlier_version_is_trusted_where_its_archives_crcs_hold(tmp_path):
-    from lxmert_fast.train import manifest
+    from lxmert_fast.checkpoints import manifest
 
     tag = tmp_path / _fake_tag(tmp_path, 2, manifest_too=False)
     assert manifest.verify_legacy(str(tag)) is None
@@ -222,7 +222,8 @@ def test_a_tag_of_an_earlier_version_is_trusted_where_its_archives_crcs_hold(tmp
 
 
 def test_a_resume_takes_the_newest_tag_that_verifies_and_moves_the_others_aside(tmp_path):
-    from lxmert_fast.train.checkpoint import CheckpointManager, TrainingError
+    from lxmert_fast.checkpoints.training import CheckpointManager
+    from lxmert_fast.train.errors import TrainingError
 
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):

@@ -33,7 +33,7 @@ def test_the_pretraining_recipe_and_original_checkpoints_weigh_visual_losses_by_
     """The released code multiplies each visual loss by 1 / 0.15; transformers' configs keep their 6.67."""
     import torch
 
-    from lxmert_fast.model.convert import infer_config, original_to_hf
+    from lxmert_fast.checkpoints.layouts import infer_config, original_to_hf
 
     assert _config(["--model", "tiny"]).visual_loss_normalizer == 1 / 0.15
     path = tmp_path / "hf.json"

@@ -1,4 +1,4 @@
-"""The LXMERT model: layers, attention backends, heads, checkpoint conversion."""
+"""The LXMERT model: layers, attention backends, heads (checkpoint layouts: lxmert_fast.checkpoints)."""
 
 from lxmert_fast.model.attention import (
     AttentionBackend,
@@ -7,7 +7,7 @@ from lxmert_fast.model.attention import (
     available_backend_names,
     register_backend,
 )
-from lxmert_fast.model.convert import CheckpointError
+from lxmert_fast.checkpoints.layouts import CheckpointError
 from lxmert_fast.model.lxmert import (
     LxmertForPreTraining,
     LxmertForQuestionAnswering,

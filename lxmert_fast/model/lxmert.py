@@ -5,7 +5,7 @@ with every keyword, `resize_token_embeddings`, `Trainer`, PEFT,
 `push_to_hub` work as they do there), the same forward arguments, transformers' output classes,
 the same maths (HF's eager attention is the `eager` backend), and checkpoints in HF's layout:
 `from_pretrained` fuses HF's q/k/v and object decoders into our parameters and `save_pretrained`
-splits them again (transformers' weight conversions, see convert.py). Built for speed inside:
+splits them again (transformers' weight conversions, see lxmert_fast/checkpoints/layouts.py). Built for speed inside:
 packed QKV projections, both cross-attention directions from one projection, the MLM decoder only
 at masked positions while training, one fused decoder for the object heads. Nothing of
 transformers' machinery runs per step: a forward is the model's own ops only.
@@ -27,7 +27,7 @@ from transformers import initialization as hf_init
 
 from lxmert_fast.config import ConfigError, LxmertConfig
 from lxmert_fast.model.attention import AttentionDispatcher, PairKeyMask, key_mask
-from lxmert_fast.model.convert import (
+from lxmert_fast.checkpoints.layouts import (
     detect_layout,
     infer_config,
     original_to_hf,

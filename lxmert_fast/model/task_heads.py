@@ -1,4 +1,4 @@
-"""Fine-tuning heads and losses (VQA, GQA, NLVR2). Loading checkpoints into them: lxmert_fast/task_checkpoints.py.
+"""Fine-tuning heads and losses (VQA, GQA, NLVR2). Loading checkpoints into them: lxmert_fast/checkpoints/task.py.
 
 Models:
 - VQA / GQA: :class:`~lxmert_fast.model.lxmert.LxmertForQuestionAnswering` with

@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Callable, Optional
 
-from lxmert_fast.train.checkpoint import TrainingError
+from lxmert_fast.train.errors import TrainingError
 from lxmert_fast.train.preemption import EXIT_PREEMPTED, StopRequested
 
 
@@ -34,7 +34,7 @@ def usage_errors() -> tuple[type, ...]:
     from lxmert_fast.config import ConfigError
     from lxmert_fast.data.formats import DataFormatError
     from lxmert_fast.data.store import StoreError
-    from lxmert_fast.model.convert import CheckpointError
+    from lxmert_fast.checkpoints.layouts import CheckpointError
     from lxmert_fast.train.ds_config import DSConfigError
     from lxmert_fast.train.runtime import UsageError
 

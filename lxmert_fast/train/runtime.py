@@ -25,19 +25,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lxmert_fast.checkpoints.training import (RUN_FILE, UNIVERSAL_SUFFIX, CheckpointManager, check_resumable,
+                                              convert_to_universal, plan_resume, read_run_file, step_of)
 from lxmert_fast.flops import device_name, peak_tflops_for
 from lxmert_fast.train import ds_config as ds_cfg
-from lxmert_fast.train.checkpoint import (RUN_FILE, UNIVERSAL_SUFFIX, CheckpointManager, TrainingError, check_resumable,
-                                          convert_to_universal, plan_resume, preserved_rng, read_run_file,
-                                          rng_state, seed_everything, set_rng_state, step_of)
 from lxmert_fast.train.compile import (COMPILE_BACKENDS, COMPILE_MODES, CompileModeError, check_compile_mode,
                                        compile_model, eager_forward, step_begins)
+from lxmert_fast.train.errors import TrainingError
 from lxmert_fast.train import monitors
 from lxmert_fast.train.meter import IntervalMeter
 from lxmert_fast.train.preemption import StopAgreement, StopSignals, stop_signals_blocked
 from lxmert_fast.train.profiler import FlopsProbe
 from lxmert_fast.train.process import (ThreadsError, all_gather_object, barrier, cpu_threads,
                                       set_collective_timeout, start_process)
+from lxmert_fast.train.rng import preserved_rng, rng_state, seed_everything, set_rng_state
 from lxmert_fast.train.torch_engine import ENGINES, TorchEngine, unsupported_reasons
 from lxmert_fast.utils import atomic_write_json
 

@@ -2,7 +2,7 @@
 
 A checkpoint is the tag directory the engine writes (DeepSpeed: model + ZeRO optimizer shards + client
 state; the torch engine: one ``torch_engine_states.pt``), our ``run.json`` (the run shape that wrote it) and,
-written last, ``manifest.json`` (`lxmert_fast.train.manifest`: every file's size and CRC-32s). The client
+written last, ``manifest.json`` (`lxmert_fast.checkpoints.manifest`: every file's size and CRC-32s). The client
 state holds the step, epoch, sampler position, every rank's RNG states and what the run must agree on to
 continue (world size, batch, schedule length, seed).
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -31,10 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
-import torch
-
-from lxmert_fast.train import manifest
+from lxmert_fast.checkpoints import manifest
+from lxmert_fast.train.errors import TrainingError
 from lxmert_fast.train.process import all_gather_object, barrier, broadcast_object
 from lxmert_fast.utils import atomic_write_text
 
@@ -43,63 +40,8 @@ RUN_FILE = "run.json"           # beside DeepSpeed's files in a tag: the run sha
 UNIVERSAL_SUFFIX = "_universal"  # a tag converted to DeepSpeed's universal checkpoint (any world size)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite loss, bad checkpoint...); the message says why."""
-
-
 class SaveError(TrainingError):
     """A checkpoint could not be written (the message names the path and the cause; the earlier ones are intact)."""
-
-
-# ---------------------------------------------------------------------------------------------- RNG
-def rng_state(extra: Optional[dict[str, torch.Generator]] = None) -> dict:
-    """Every RNG this process draws from: python, numpy, torch (CPU and CUDA), named generators. Tensors and
-    plain values only (numpy's key as a tensor), so a checkpoint holding it loads with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    for name, gen in (extra or {}).items():
-        if gen is not None:
-            state["gen:" + name] = gen.get_state()
-    return state
-
-
-def set_rng_state(state: dict, extra: Optional[dict[str, torch.Generator]] = None) -> None:
-    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # older checkpoints: an array
-    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    for name, gen in (extra or {}).items():
-        key = "gen:" + name
-        if gen is not None and key in state:
-            gen.set_state(state[key])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-class preserved_rng:
-    """Work outside the training path (validation, checkpoints, loader start-up) leaves every global RNG
-    as it found it, so that it never shifts the training's dropout stream."""
-
-    def __enter__(self):
-        self._state = rng_state()
-        return self
-
-    def __exit__(self, *exc):
-        set_rng_state(self._state)
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

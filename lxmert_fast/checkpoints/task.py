@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lxmert_fast.config import ConfigError, LxmertConfig
-from lxmert_fast.model.convert import (
+from lxmert_fast.checkpoints.layouts import (
     CheckpointError,
     detect_layout,
     hf_to_ours,

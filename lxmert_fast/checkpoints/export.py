@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from lxmert_fast.train.checkpoint import TrainingError
+from lxmert_fast.train.errors import TrainingError
 from lxmert_fast.train.process import barrier
 from lxmert_fast.utils import atomic_directory
 
