@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bench.common import median, synchronize, time_calls
-from lxmert_fast.data.convert import convert_tsvs
+from lxmert_fast.data.tsv_convert import convert_tsvs
 from lxmert_fast.data.demo import ensure_demo_data
 from lxmert_fast.data.formats import read_tsv, write_tsv_row
 from lxmert_fast.data.layouts import source_bytes, writers

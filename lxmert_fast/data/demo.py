@@ -51,6 +51,7 @@ from collections import Counter
 import numpy as np
 
 from .formats import write_tsv_row
+from .tsv_convert import remove_stale_partials
 
 CLASSES = ["dog", "cat", "car", "bus", "horse", "bird", "tree", "chair", "table", "cup",
            "ball", "boat", "bike", "clock", "lamp", "book", "phone", "shoe", "hat", "kite"]
@@ -602,7 +603,6 @@ def ensure_demo_data(cache_dir: str, images: int = 2000, seed: int = 0, log=None
     path = os.path.join(os.path.abspath(cache_dir), demo_dir_name(images, seed, objects))
     if os.path.exists(os.path.join(path, "demo.json")):
         return path
-    from .convert import remove_stale_partials
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_partials(path, log)
     tmp = f"{path}.partial-{os.getpid()}"

@@ -1,4 +1,5 @@
-"""Pre-training items, negatives, QA targets, a resumable sharded sampler and the loader.
+"""Pre-training items, negatives, QA targets and the pre-training loader (the samplers: sampler.py and
+step_sampler.py; the resumable loader: loader.py).
 
 Data flow::
 
@@ -27,18 +28,21 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 
 from .answers import AnswerTable, convert_ans
 from .formats import BadRowLog, DataFormatError, file_fingerprint, read_pretrain_json
+from .loader import ResumableLoader, collate_identity, make_batch_sampler
 from .masking import IGNORE_INDEX, MaskingConfig, mask_pretrain_batch
+from .sampler import BatchRequest
 from .store import FeatureStore, StoreError, sha256_file
 from .store_root import SENTENCES_DIR, ensure_store
 from .store_set import StoreSet
 from .tokenization import MAX_LEN, load_tokenizer, special_ids, tokenize_sentences
+from .tsv_convert import remove_stale_partials
 
 INDEX_VERSION = 2  # 2: img_row is a row of the StoreSet of the splits' feature files
 DEFAULT_SPLITS = "mscoco_train,mscoco_nominival,vgnococo"
@@ -229,7 +233,6 @@ def build_pretrain_index(data_root: str, splits, store: StoreSet | FeatureStore,
     tokens, lengths = tokenize_sentences(tok, sents, max_len)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    from .convert import remove_stale_partials
     remove_stale_partials(out_dir, log)
     tmp = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -277,97 +280,6 @@ def build_pretrain_index(data_root: str, splits, store: StoreSet | FeatureStore,
         if len(bad):
             log(bad.summary())
     return PretrainIndex.open(out_dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# sampler
-# ---------------------------------------------------------------------------------------------
-
-class BatchRequest(NamedTuple):
-    """What the sampler hands to the dataset: item indices and the batch's random seed."""
-
-    indices: np.ndarray   # (B,) int64
-    seed: int
-    epoch: int
-    position: int         # batch number within this rank's epoch
-
-
-class ShardedResumableSampler:
-    """Batch sampler: shards items across ranks, deterministic per seed, resumable mid-epoch.
-
-    Each epoch a permutation of all items (same on every rank) is padded by wrapping around to a
-    multiple of ``world_size`` and dealt round-robin: rank r gets positions r, r + W, ... (so
-    ranks are disjoint and together complete; with padding a few items appear twice). Batches
-    of ``batch_size`` follow; ``drop_last`` drops a final short batch. ``state_dict()`` stores
-    the epoch and the number of batches consumed; after ``load_state_dict()`` iteration yields
-    exactly the remaining batches, with the same seeds.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
-        if num_items <= 0 or batch_size <= 0:
-            raise ValueError("num_items and batch_size must be positive")
-        self.num_items, self.batch_size = num_items, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.epoch = 0
-        self.position = 0       # batches yielded so far in this epoch
-        self._start = 0         # where the next iteration starts
-
-    @property
-    def per_rank(self) -> int:
-        return -(-self.num_items // self.world_size)
-
-    def __len__(self) -> int:
-        n = self.per_rank
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its beginning (a no-op for the epoch being resumed)."""
-        if epoch != self.epoch:
-            self.epoch, self._start, self.position = epoch, 0, 0
-
-    def rank_indices(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's item order for an epoch (before batching)."""
-        epoch = self.epoch if epoch is None else epoch
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
-        else:
-            order = np.arange(self.num_items)
-        total = self.per_rank * self.world_size
-        if total > self.num_items:
-            order = np.concatenate([order, order[:total - self.num_items]])
-        return order[self.rank::self.world_size]
-
-    def batch_seed(self, epoch: int, position: int) -> int:
-        ss = np.random.SeedSequence([self.seed, epoch, self.rank, position, 0x1A7E])
-        return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-    def __iter__(self):
-        idx = self.rank_indices()
-        n_batches, start, epoch = len(self), self._start, self.epoch
-        self.position = start
-        for pos in range(start, n_batches):
-            chunk = idx[pos * self.batch_size:(pos + 1) * self.batch_size]
-            self.position = pos + 1
-            yield BatchRequest(chunk.astype(np.int64), self.batch_seed(epoch, pos), epoch, pos)
-        self._start = 0  # a completed pass: iterating again restarts the epoch
-
-    def state_dict(self, position: int | None = None) -> dict:
-        return {"epoch": self.epoch, "position": self.position if position is None else position,
-                "seed": self.seed, "num_items": self.num_items, "batch_size": self.batch_size,
-                "world_size": self.world_size, "rank": self.rank, "shuffle": self.shuffle,
-                "drop_last": self.drop_last}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "num_items", "batch_size", "world_size", "shuffle", "drop_last"):
-            if k in state and state[k] != getattr(self, k):
-                raise ValueError(f"sampler state has {k}={state[k]!r}, this sampler "
-                                 f"{getattr(self, k)!r}: cannot resume")
-        self.epoch = int(state["epoch"])
-        self._start = self.position = int(state["position"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,72 +468,9 @@ def _squeeze(batch):
     return batch[0]
 
 
-def collate_identity(batch):
-    """``collate_fn`` for datasets whose ``__getitems__`` already returns a collated batch."""
-    return batch
-
-
 # ---------------------------------------------------------------------------------------------
 # loader
 # ---------------------------------------------------------------------------------------------
-
-class ResumableLoader:
-    """DataLoader + a resumable batch sampler (:class:`ShardedResumableSampler`, or for training
-    :class:`~lxmert_fast.data.step_sampler.StepSampler`) whose state counts *consumed* batches
-    (pre-training and the fine-tuning tasks).
-
-    (The sampler itself runs ahead of the training loop by the prefetch depth; this wrapper
-    records how many batches the caller actually received, so ``state_dict()`` resumes at the
-    first batch the caller has not seen.)
-    """
-
-    def __init__(self, dataset, sampler, loader: torch.utils.data.DataLoader):
-        self.dataset, self.sampler, self.loader = dataset, sampler, loader
-        self._consumed = sampler.position
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def consumed(self) -> int:
-        """Batches of the current epoch the caller has received (where a resume continues)."""
-        return self._consumed
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self._consumed = self.sampler._start
-
-    def __iter__(self):
-        self._consumed = self.sampler._start
-        for batch in self.loader:
-            self._consumed += 1
-            yield batch
-
-    def micro_seed(self) -> int:
-        """The seed of the batch last received: the same whichever rank computes it (a StepSampler)."""
-        return self.sampler.micro_seed(self._consumed - 1)
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict(position=self._consumed)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-        self._consumed = self.sampler._start
-
-
-def make_batch_sampler(num_items: int, batch_size: int, *, rank: int, world_size: int, seed: int, shuffle: bool,
-                       drop_last: bool, accumulation: int | None):
-    """A :class:`StepSampler` for training (``accumulation`` given), else a :class:`ShardedResumableSampler`."""
-    if accumulation is None:
-        return ShardedResumableSampler(num_items, batch_size, rank=rank, world_size=world_size, seed=seed,
-                                       shuffle=shuffle, drop_last=drop_last)
-    if not drop_last:
-        raise ValueError("a training sampler (accumulation given) uses whole optimizer steps only: drop_last=True")
-    from .step_sampler import StepSampler
-
-    return StepSampler(num_items, batch_size, accumulation, rank=rank, world_size=world_size, seed=seed,
-                       shuffle=shuffle)
-
 
 def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, *, rank: int = 0,
                          world_size: int = 1, seed: int = 0, shuffle: bool = True,

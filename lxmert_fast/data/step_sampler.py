@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .pretrain_data import BatchRequest
+from .sampler import BatchRequest
 
 
 class StepSampler:

@@ -39,7 +39,7 @@ import json
 import os
 from typing import Callable, Optional
 
-from . import convert as convert_mod
+from . import tsv_convert
 from .layouts import FeaturesMap, layout_fingerprint, resolve_layout
 from .layouts.convert import convert_source
 from .store import MANIFEST, STORE_FORMAT, FeatureStore, StoreError, source_size
@@ -130,7 +130,7 @@ def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad
     """The store of one feature source under ``store_root``: found by its source fingerprint, or
     (``convert``) converted on first use into ``store-<name>`` (atomically: written aside and
     renamed into place; concurrent builders keep the first complete one). ``convert_options``: more
-    keywords of :func:`~lxmert_fast.data.convert.convert_tsvs` for a conversion (``num_boxes``,
+    keywords of :func:`~lxmert_fast.data.tsv_convert.convert_tsvs` for a conversion (``num_boxes``,
     ``feat_dim``, ...); a store found is used as it was converted. ``features_format``: the source's
     layout (``auto``: detected, see :mod:`lxmert_fast.data.layouts`); ``features_map``: a JSON file
     mapping the other layouts' image ids to the text files' ids (part of their stores' identity; a
@@ -178,7 +178,7 @@ def ensure_store(tsv_path: str, store_root: str, *, fp32: bool = False, skip_bad
         options = dict(fp32=fp32, skip_bad=skip_bad, workers=workers, overwrite=os.path.exists(out),
                        progress=bool(log), log=log, **(convert_options or {}))
         if layout == "tsv":  # the TSV's parallel converter (looked up on call: tests count its calls)
-            convert_mod.convert_tsvs([tsv_path], out, **options)
+            tsv_convert.convert_tsvs([tsv_path], out, **options)
         else:
             convert_source(tsv_path, out, layout=layout, features_map=fmap, fingerprint=fp, **options)
         store = FeatureStore.open(out)

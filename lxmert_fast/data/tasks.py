@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .formats import BadRowLog, DataFormatError, iter_json_records, read_ans2label, read_label2ans, read_task_json
+from .loader import ResumableLoader, collate_identity, make_batch_sampler
 from .store import FeatureStore
 from .store_root import ensure_store
 from .tokenization import MAX_LEN
@@ -448,11 +449,9 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
 def make_task_loader(dataset: TaskDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                      shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
                      accumulation: Optional[int] = None):
-    """A :class:`~lxmert_fast.data.pretrain_data.ResumableLoader`: sharded across ranks, deterministic per
+    """A :class:`~lxmert_fast.data.loader.ResumableLoader`: sharded across ranks, deterministic per
     (seed, epoch), resumable mid-epoch (``set_epoch``, ``state_dict``, ``load_state_dict``); ``accumulation``:
     training's world-size-invariant steps (see ``make_pretrain_loader``)."""
-    from .pretrain_data import ResumableLoader, collate_identity, make_batch_sampler
-
     sampler = make_batch_sampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
                                  shuffle=shuffle, drop_last=drop_last, accumulation=accumulation)
     kw = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}

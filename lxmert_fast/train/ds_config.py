@@ -20,11 +20,9 @@ from typing import Any, Optional
 
 from torch import nn
 
-AUTO = "auto"
-
-
-class DSConfigError(ValueError):
-    """The DeepSpeed config does not fit the run (the message names the values involved)."""
+from lxmert_fast.train.ds_auto import AUTO, DSConfigError
+from lxmert_fast.train.monitors import fill_monitor_sections
+from lxmert_fast.train.profiler import fill_flops_profiler
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -269,9 +267,6 @@ def prepare_ds_config(cfg: dict, *, world_size: int, total_steps: int, output_di
             params["warmup_min_lr"] = 0.0
         if sched.get("type") == "WarmupDecayLR" and "total_num_steps" not in params:
             params["total_num_steps"] = int(total_steps)
-    from lxmert_fast.train.monitors import fill_monitor_sections
-    from lxmert_fast.train.profiler import fill_flops_profiler
-
     fill_monitor_sections(cfg, output_dir=output_dir, job_name=job_name, engine=engine)
     fill_flops_profiler(cfg, profile_step=flops_profile_step, output_dir=output_dir,
                         activation_checkpointing=activation_checkpointing)

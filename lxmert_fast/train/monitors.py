@@ -30,7 +30,7 @@ import contextlib
 import os
 from typing import Callable, Iterator, Optional
 
-from lxmert_fast.train.ds_config import AUTO, DSConfigError
+from lxmert_fast.train.ds_auto import AUTO, DSConfigError
 
 PROJECT = "lxmert-fast"
 SECTIONS = ("tensorboard", "csv_monitor", "wandb", "comet")

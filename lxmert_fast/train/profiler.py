@@ -35,7 +35,7 @@ import os
 from typing import Callable, Iterator, Optional
 
 from lxmert_fast.train.compile import eager_forward
-from lxmert_fast.train.ds_config import AUTO, DSConfigError
+from lxmert_fast.train.ds_auto import AUTO, DSConfigError
 
 SECTION = "flops_profiler"
 DEFAULT_OUTPUT = "flops_profile.txt"  # under <output_dir>/logs

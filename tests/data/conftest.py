@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from lxmert_fast.data.convert import convert_tsvs
+from lxmert_fast.data.tsv_convert import convert_tsvs
 from lxmert_fast.data.demo import generate
 from lxmert_fast.data.pretrain_data import build_pretrain_dataset, feature_files_for
 from lxmert_fast.data.store import FeatureStore

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from lxmert_fast.data.convert import count_lines, convert_tsvs
 from lxmert_fast.data.formats import normalise_boxes, read_tsv
 from lxmert_fast.data.store import FeatureStore, StoreError
+from lxmert_fast.data.tsv_convert import count_lines, convert_tsvs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,12 +9,13 @@ import os
 import numpy as np
 import pytest
 
-from lxmert_fast.data.convert import convert_tsvs, main as convert_main
+from lxmert_fast.data.convert import main as convert_main
 from lxmert_fast.data.formats import (BadRowLog, DataFormatError, iter_json_records, iter_tsv,
                                       parse_tsv_line, read_all_ans, read_ans2label,
                                       read_label2ans, read_pretrain_json, read_task_json)
 from lxmert_fast.data.pretrain_data import build_pretrain_index
 from lxmert_fast.data.store import FeatureStore
+from lxmert_fast.data.tsv_convert import convert_tsvs
 
 from .conftest import tsv_lines, write_lines
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from lxmert_fast.data.convert import convert_tsvs
+from lxmert_fast.data.tsv_convert import convert_tsvs
 from lxmert_fast.data.formats import BadRowLog, DataFormatError, ObjRow, read_tsv, write_tsv_row
 from lxmert_fast.data.layouts import FeaturesMap, LayoutError, detect_layout, open_reader
 from lxmert_fast.data.layouts.convert import convert_source

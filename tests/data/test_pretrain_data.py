@@ -11,8 +11,8 @@ import torch
 
 from lxmert_fast.data.answers import AnswerTable, convert_ans
 from lxmert_fast.data.masking import IGNORE_INDEX
-from lxmert_fast.data.pretrain_data import (PretrainDataset, ShardedResumableSampler,
-                                            make_pretrain_loader, sample_answers)
+from lxmert_fast.data.pretrain_data import PretrainDataset, make_pretrain_loader, sample_answers
+from lxmert_fast.data.sampler import ShardedResumableSampler
 from lxmert_fast.data.tokenization import load_tokenizer, special_ids, tokenize_sentences
 
 

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from lxmert_fast.data import convert as convert_mod
+from lxmert_fast.data import convert as convert_cli
+from lxmert_fast.data import tsv_convert
 from lxmert_fast.data.formats import DataFormatError
 from lxmert_fast.data.pretrain_data import build_pretrain_dataset, build_pretrain_index
 from lxmert_fast.data.store import FeatureStore, RowWriter, StoreError, finalize_store
@@ -23,13 +24,13 @@ from .conftest import tsv_lines, write_lines
 def conversions(monkeypatch):
     """Every conversion (the files of each call), counted by wrapping the converter."""
     calls: list[list[str]] = []
-    real = convert_mod.convert_tsvs
+    real = tsv_convert.convert_tsvs
 
     def counting(tsvs, out, **kw):
         calls.append([os.path.basename(p) for p in tsvs])
         return real(tsvs, out, **kw)
 
-    monkeypatch.setattr(convert_mod, "convert_tsvs", counting)
+    monkeypatch.setattr(tsv_convert, "convert_tsvs", counting)
     return calls
 
 
@@ -127,7 +128,7 @@ def test_stores_of_earlier_versions_and_of_another_dtype(demo_root, tmp_path, co
 
 def test_a_combined_store_of_an_earlier_version_is_not_used(demo_root, pretrain_tsvs, tmp_path, conversions):
     root = str(tmp_path / "stores")
-    convert_mod.convert_tsvs(pretrain_tsvs, os.path.join(root, "store-train2014+val2014+vg_gqa"), workers=1,
+    tsv_convert.convert_tsvs(pretrain_tsvs, os.path.join(root, "store-train2014+val2014+vg_gqa"), workers=1,
                              progress=False, log=None)
     logged = []
     st = ensure_store(pretrain_tsvs[0], root, log=logged.append)
@@ -209,8 +210,8 @@ def test_store_set_index_key_follows_content_not_place(pretrain_ds, demo_root, t
 def test_convert_cli_store_root(demo_root, tmp_path, conversions, capsys):
     tsvs = [os.path.join(demo_root, "nlvr2_imgfeat", f"{s}_obj36.tsv") for s in ("valid", "train")]
     root = str(tmp_path / "stores")
-    assert convert_mod.main([*tsvs, "--store-root", root, "--workers", "1", "--no-progress"]) == 0
-    assert convert_mod.main([*tsvs, "--store-root", root, "--no-progress"]) == 0   # found: nothing converted
+    assert convert_cli.main([*tsvs, "--store-root", root, "--workers", "1", "--no-progress"]) == 0
+    assert convert_cli.main([*tsvs, "--store-root", root, "--no-progress"]) == 0   # found: nothing converted
     assert conversions == [["valid_obj36.tsv"], ["train_obj36.tsv"]]
     assert sorted(os.listdir(root)) == ["store-train", "store-valid"]
     assert "store-valid" in capsys.readouterr().out

@@ -2,7 +2,7 @@
 
 :func:`convert_source` is what :func:`~lxmert_fast.data.store_root.ensure_store` and
 ``python -m lxmert_fast.data.convert`` call for one source: a TSV goes to the TSV converter
-(:func:`~lxmert_fast.data.convert.convert_tsvs`, parallel); another layout is read record by
+(:func:`~lxmert_fast.data.tsv_convert.convert_tsvs`, parallel); another layout is read record by
 record by its reader (:mod:`lxmert_fast.data.layouts`) and written with the same
 :class:`~lxmert_fast.data.store.RowWriter`, the same checks, the same box normalisation and the
 same manifest, into a temporary sibling directory renamed into place at the end. So the store is
@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .. import convert as tsv_convert
+from .. import tsv_convert
 from ..formats import DEFAULT_FEAT_DIM, DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OBJ_CLASSES, BadRowLog, DataFormatError
 from ..store import RowWriter, finalize_store
 from . import FeaturesMap, layout_fingerprint, open_reader, resolve_layout, source_bytes
@@ -41,7 +41,7 @@ def convert_source(path: str, out_dir: str, *, layout: str = "auto", features_ma
     """Convert one feature source (a file or a folder) into a store at ``out_dir``; the manifest.
 
     ``layout``: a name of :data:`~lxmert_fast.data.layouts.LAYOUT_NAMES` or ``auto`` (detected).
-    A TSV is converted by :func:`~lxmert_fast.data.convert.convert_tsvs` (``workers`` processes);
+    A TSV is converted by :func:`~lxmert_fast.data.tsv_convert.convert_tsvs` (``workers`` processes);
     the other layouts in this process. Raises :class:`DataFormatError` (file, key, field) on the
     first bad record unless ``skip_bad``: then bad records are skipped, counted, logged and listed in
     ``skipped_rows.tsv``. ``num_boxes``: the store's boxes per image (images with fewer are
