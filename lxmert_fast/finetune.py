@@ -29,14 +29,20 @@ if __package__ in (None, ""):  # run as a file (`deepspeed lxmert_fast/finetune.
 
 import torch  # noqa: E402
 
+from lxmert_fast.checkpoints import task as task_checkpoints  # noqa: E402
+from lxmert_fast.checkpoints.export import full_fp32_state_dict  # noqa: E402
 from lxmert_fast.config import LxmertConfig  # noqa: E402
 from lxmert_fast.data import tasks as tasks_data  # noqa: E402
+from lxmert_fast.data.demo import add_demo_objects_argument, jobs_demo_objects  # noqa: E402
+from lxmert_fast.data.formats import DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OBJ_CLASSES  # noqa: E402
 from lxmert_fast.data.layouts import FORMAT_CHOICES as FEATURE_FORMATS  # noqa: E402
-from lxmert_fast.checkpoints import task as task_checkpoints  # noqa: E402
+from lxmert_fast.data.tokenization import load_tokenizer  # noqa: E402
+from lxmert_fast.flops import flop_breakdown  # noqa: E402
 from lxmert_fast.model import task_heads  # noqa: E402
-from lxmert_fast.train.rng import preserved_rng  # noqa: E402
 from lxmert_fast.train.ds_config import fill_from_flags  # noqa: E402
-from lxmert_fast.train.process import all_gather_object, barrier  # noqa: E402
+from lxmert_fast.train.entry import run_job  # noqa: E402
+from lxmert_fast.train.process import all_gather_object, barrier, select_accelerator  # noqa: E402
+from lxmert_fast.train.rng import preserved_rng  # noqa: E402
 from lxmert_fast.train.runtime import (Recipe, Trainer, UsageError, add_runtime_arguments,  # noqa: E402
                                        default_cache_dir)
 
@@ -49,8 +55,6 @@ __all__ = ["build_parser", "FinetuneRecipe", "UsageError", "run", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lxmert_fast.data.demo import add_demo_objects_argument
-
     p = argparse.ArgumentParser(
         description="Fine-tune LXMERT on VQA / GQA / NLVR2 with DeepSpeed (demo world by default).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -144,9 +148,6 @@ class FinetuneRecipe(Recipe):
 
     # -- data ---------------------------------------------------------------------------------------
     def build_data(self, trainer: Trainer, micro_batch_size: int, accumulation: int) -> None:
-        from lxmert_fast.data.demo import jobs_demo_objects
-        from lxmert_fast.data.tokenization import load_tokenizer
-
         args, spec = self.args, self.spec
         demo_objects = jobs_demo_objects(args.demo_objects, args.data_root)  # the world pre-training used
         self.data_root, self.is_demo = trainer.data_root(args.data_root, cache_dir=args.cache_dir,
@@ -231,8 +232,6 @@ class FinetuneRecipe(Recipe):
         elif self.given is not None:
             config, source = self.given, args.model_config
         else:
-            from lxmert_fast.data.formats import DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OBJ_CLASSES
-
             preset = args.model or ("small" if self.is_demo else "base")
             config = LxmertConfig.preset(preset, vocab_size=len(self.tokenizer), visual_feat_dim=self.feat_dim,
                                          num_object_labels=DEFAULT_NUM_OBJ_CLASSES,
@@ -270,8 +269,6 @@ class FinetuneRecipe(Recipe):
     def flops_per_sample(self) -> Optional[float]:
         """Training FLOPs of one example: 6 x the forward's multiply-adds of the encoder (twice for NLVR2's two
         images) and the task head."""
-        from lxmert_fast.flops import flop_breakdown
-
         c = self.config
         encoder = flop_breakdown(c, seq_len=self.train_ds.tokens.shape[1], num_objects=self.train_ds.num_boxes).encoder_macs
         d = c.hidden_size
@@ -352,8 +349,6 @@ class FinetuneRecipe(Recipe):
 
     def save_model(self, trainer: Trainer, name: str, extra: dict) -> Optional[str]:
         """Collective: the engine's full fp32 weights -> <output_dir>/<name> on rank 0."""
-        from lxmert_fast.checkpoints.export import full_fp32_state_dict
-
         state = full_fp32_state_dict(trainer.engine)
         path = os.path.join(trainer.out_dir, name)
         if trainer.is_main:
@@ -437,16 +432,12 @@ class FinetuneRecipe(Recipe):
 
 def run(argv: Optional[list[str]] = None) -> dict:
     """Parse, set up, train/evaluate; returns the result dict (raises on errors). For in-process use."""
-    from lxmert_fast.train.process import select_accelerator
-
     select_accelerator()  # DS_ACCELERATOR=cpu without a GPU, before DeepSpeed is imported
     args = build_parser().parse_args(argv)
     return Trainer(args, FinetuneRecipe(args)).run()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from lxmert_fast.train.entry import run_job
-
     return run_job(run, argv, (tasks_data.TaskDataError,))
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from lxmert_fast.config import LxmertConfig
 
 # Dense bf16/fp16 matrix peak in TFLOP/s (no sparsity), by a substring of the device name.
@@ -148,8 +150,6 @@ def peak_tflops_for(device_name: str) -> Optional[float]:
 
 
 def device_name() -> str:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.cuda.current_device())
     return "cpu"

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.distributed as tdist
 
 Tensor = torch.Tensor
 
@@ -25,8 +26,6 @@ EVAL_FIELDS = ("loss", "batches", "mlm_correct", "mlm_total", "matched_correct",
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:
-    import torch.distributed as tdist
-
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t

@@ -30,10 +30,32 @@ if __package__ in (None, ""):  # run as a file (`deepspeed lxmert_fast/pretrain.
 
 import torch  # noqa: E402
 
+from lxmert_fast import LxmertForPreTraining  # noqa: E402
+from lxmert_fast.checkpoints.export import export_hf  # noqa: E402
+from lxmert_fast.checkpoints.layouts import detect_layout, infer_config, original_to_hf, read_checkpoint  # noqa: E402
+from lxmert_fast.checkpoints.task import ANSWERS_FILE  # noqa: E402
 from lxmert_fast.config import RELEASED_VISUAL_LOSS_NORMALIZER, ConfigError, LxmertConfig  # noqa: E402
+from lxmert_fast.data.demo import add_demo_objects_argument, jobs_demo_objects  # noqa: E402
+from lxmert_fast.data.formats import DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OBJ_CLASSES  # noqa: E402
+from lxmert_fast.data.layouts import FORMAT_CHOICES  # noqa: E402
+from lxmert_fast.data.masking import (draw_selection, mask_pretrain_batch, mask_words, masked_counts,  # noqa: E402
+                                      selection_counts)
+from lxmert_fast.data.pretrain_data import (SPLIT_FEATURE_FILES, build_pretrain_dataset,  # noqa: E402
+                                            make_pretrain_loader, split_names)
+from lxmert_fast.data.store_set import label_loss_problems  # noqa: E402
+from lxmert_fast.data.tasks import TaskDataError, parse_feature_overrides  # noqa: E402
+from lxmert_fast.data.tokenization import load_tokenizer  # noqa: E402
+from lxmert_fast.flops import train_flops_per_sample  # noqa: E402
+from lxmert_fast.metrics import PretrainEval, grounding_counts, grounding_result, mask_target_words  # noqa: E402
+from lxmert_fast.model.rows import RowBudget  # noqa: E402
+from lxmert_fast.train.compile import eager_forward  # noqa: E402
+from lxmert_fast.train.ds_config import zero_stage_of  # noqa: E402
+from lxmert_fast.train.entry import run_job  # noqa: E402
+from lxmert_fast.train.process import select_accelerator  # noqa: E402
+from lxmert_fast.train.rng import preserved_rng  # noqa: E402
 from lxmert_fast.train.runtime import (Recipe, Trainer, UsageError, add_runtime_arguments,  # noqa: E402
                                        default_cache_dir)
-from lxmert_fast.utils import atomic_write_text  # noqa: E402
+from lxmert_fast.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 TASKS = ("mlm", "matched", "obj", "qa")
 LOSS_NAMES = ("mlm", "matched", "obj", "attr", "feat", "qa")
@@ -55,9 +77,6 @@ __all__ = ["build_parser", "build_model_config", "PretrainRecipe", "UsageError",
 
 # ---------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    from lxmert_fast.data.demo import add_demo_objects_argument
-    from lxmert_fast.data.layouts import FORMAT_CHOICES
-
     p = argparse.ArgumentParser(
         description="LXMERT pre-training with DeepSpeed (demo world by default; --data_root for the real data).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -176,8 +195,6 @@ class DataSetup:
 
 def _check_data_paths(data_root: str, train: list[str], valid: list[str], vocab: str,
                       features: Optional[dict] = None) -> None:
-    from lxmert_fast.data.pretrain_data import SPLIT_FEATURE_FILES
-
     missing = []
     features = features or {}
     for split in train + valid:
@@ -206,11 +223,6 @@ def _store_dir(data_root: str, cache_dir: Optional[str]) -> str:
 
 
 def build_data(args, trainer: Trainer) -> DataSetup:
-    from lxmert_fast.data.demo import jobs_demo_objects
-    from lxmert_fast.data.pretrain_data import build_pretrain_dataset, split_names
-    from lxmert_fast.data.store_set import label_loss_problems
-    from lxmert_fast.data.tasks import TaskDataError, parse_feature_overrides
-
     data_root, is_demo = trainer.data_root(args.data_root, cache_dir=args.cache_dir, demo_images=args.demo_images,
                                            demo_objects=jobs_demo_objects(args.demo_objects, args.data_root))
     train_splits, valid_splits = split_names(args.train), split_names(args.valid or "")
@@ -246,8 +258,6 @@ def build_data(args, trainer: Trainer) -> DataSetup:
 
 # ---------------------------------------------------------------------------------------------- model
 def build_model_config(args, data: DataSetup) -> LxmertConfig:
-    from lxmert_fast.data.formats import DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OBJ_CLASSES
-
     tasks = selected_tasks(args)
     vlosses = selected_visual_losses(args)
     index = data.index
@@ -272,8 +282,6 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
         if args.model_config:
             config = LxmertConfig.from_json(args.model_config)
         else:
-            from lxmert_fast.checkpoints.layouts import detect_layout, infer_config, original_to_hf, read_checkpoint
-
             if os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
                 config = LxmertConfig.from_json(source)
             else:
@@ -312,14 +320,11 @@ def build_model_config(args, data: DataSetup) -> LxmertConfig:
 def build_model(config: LxmertConfig, args, ds_config: dict):
     """Our model (never transformers' classes) - under ZeRO-3 built inside deepspeed.zero.Init, so that
     no process ever holds the full model; pretrained weights are loaded whole, then partitioned."""
-    from lxmert_fast import LxmertForPreTraining
-    from lxmert_fast.train.ds_config import zero_stage_of
-
     if args.from_pretrained:
         # transformers' from_pretrained returns the model in eval mode; the runtime trains what it is given
         return LxmertForPreTraining.from_pretrained(args.from_pretrained, config=config).train()
     if zero_stage_of(ds_config) == 3:
-        import deepspeed
+        import deepspeed  # heavy: about 0.5 s on top of torch, only for ZeRO-3
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             return LxmertForPreTraining(config)
@@ -382,8 +387,6 @@ class PretrainRecipe(Recipe):
 
     def _loader(self, trainer: Trainer, dataset, micro: int, *, shuffle: bool, drop_last: bool, workers_mask: bool,
                 workers=None, accumulation=None):
-        from lxmert_fast.data.pretrain_data import make_pretrain_loader
-
         if workers is None:
             workers = self.args.num_workers
         if workers is None:
@@ -415,8 +418,6 @@ class PretrainRecipe(Recipe):
         return build_model(self.config, self.args, ds_config)
 
     def describe(self, trainer: Trainer) -> list[str]:
-        from lxmert_fast.flops import train_flops_per_sample
-
         c = self.config
         self.flops = train_flops_per_sample(
             c, seq_len=self.data.index.meta["max_len"], num_objects=self.data.train.store.num_boxes,
@@ -439,9 +440,6 @@ class PretrainRecipe(Recipe):
         self.qa_on = epoch >= self.args.qa_from_epoch
 
     def micro_step(self, trainer: Trainer, raw: dict):
-        from lxmert_fast.data.masking import draw_selection, mask_pretrain_batch, masked_counts, selection_counts
-        from lxmert_fast.train.compile import eager_forward
-
         if self.args.mask_on == "device":
             draws = draw_selection(raw, self.select_gen)
             counts = selection_counts(raw, draws, self.mask_cfg)
@@ -460,8 +458,6 @@ class PretrainRecipe(Recipe):
         """The static row budget for this batch shape, and whether this batch's masked words and objects
         (counted on the host) fit it. One that does not gets room for every row (exact) and runs eagerly, so
         the compiled step keeps its one shape."""
-        from lxmert_fast.model.rows import RowBudget
-
         batch_size, seq_len = batch["input_ids"].shape
         num_objects = batch["visual_feats"].shape[1]
         budget = RowBudget.for_batch(batch_size, seq_len, num_objects, self.args.word_mask_rate,
@@ -475,9 +471,6 @@ class PretrainRecipe(Recipe):
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
-        from lxmert_fast.data.masking import mask_pretrain_batch
-        from lxmert_fast.metrics import PretrainEval
-
         if self.data.valid is None:
             return {}
         engine = trainer.engine
@@ -506,11 +499,6 @@ class PretrainRecipe(Recipe):
         """Does the model read the image? Masked-word accuracy with the true vs shuffled images: over a random
         15% of the words (any data), and over the object and colour words where the data names them (the
         demo world's demo.json); matching accuracy. Needs a held-out split."""
-        from lxmert_fast.data.masking import mask_words
-        from lxmert_fast.metrics import grounding_counts, grounding_result, mask_target_words
-        from lxmert_fast.train.rng import preserved_rng
-        from lxmert_fast.train.compile import eager_forward
-
         if self.data.valid is None:
             raise UsageError("--grounding_eval yes needs held-out data (--valid): the check predicts words of "
                              "held-out captions")
@@ -538,8 +526,6 @@ class PretrainRecipe(Recipe):
 
     def _named_word_ids(self) -> Optional[torch.Tensor]:
         """The single-piece object and colour words the data names (the demo world's demo.json), or None."""
-        from lxmert_fast.data.tokenization import load_tokenizer
-
         meta_path = os.path.join(self.data.data_root, "demo.json")
         if not os.path.exists(meta_path):
             return None
@@ -573,16 +559,10 @@ class PretrainRecipe(Recipe):
             trainer.log(line + f"; matching accuracy {g['matched_acc']:.3f} ({int(g['matched_pairs'])} pairs)")
             trainer.engine.monitor.write_events([(f"Grounding/{k}", v, result["step"]) for k, v in g.items()])
         if not args.no_export:
-            from lxmert_fast import LxmertForPreTraining
-            from lxmert_fast.checkpoints.export import export_hf
-            from lxmert_fast.utils import atomic_write_json
-
             export_dir = os.path.join(trainer.out_dir, "hf")
             export_hf(trainer.engine, lambda: LxmertForPreTraining(self.config), export_dir)
             if trainer.is_main and self.config.task_qa:
                 # the QA head's rows by answer, so fine-tuning copies the rows of shared answers
-                from lxmert_fast.checkpoints.task import ANSWERS_FILE
-
                 atomic_write_json(os.path.join(export_dir, ANSWERS_FILE), list(self.data.index.answers))
             trainer.log(f"exported the model to {export_dir} (config.json + model.safetensors; "
                         f"transformers.LxmertForPreTraining.from_pretrained loads it)")
@@ -593,16 +573,12 @@ class PretrainRecipe(Recipe):
 # ---------------------------------------------------------------------------------------------- the command
 def run(argv: Optional[list[str]] = None) -> dict:
     """Parse, set up, train; the result (raises on errors). For in-process use."""
-    from lxmert_fast.train.process import select_accelerator
-
     select_accelerator()  # DS_ACCELERATOR=cpu without a GPU, before DeepSpeed is imported
     args = build_parser().parse_args(argv)
     return Trainer(args, PretrainRecipe(args)).run()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from lxmert_fast.train.entry import run_job
-
     return run_job(run, argv)
 
 

@@ -20,7 +20,7 @@ def full_fp32_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
     """
     if hasattr(engine, "fp32_state_dict"):  # lxmert_fast.train.torch_engine.TorchEngine (one process)
         return engine.fp32_state_dict()
-    import deepspeed  # only for DeepSpeed's engine (absent where the torch engine is used)
+    import deepspeed  # heavy (about 0.5 s), only for DeepSpeed's engine (absent where the torch engine is used)
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module

@@ -28,6 +28,7 @@ import re
 from typing import Any, Mapping, Optional
 
 import torch
+from safetensors.torch import load_file
 from transformers.core_model_loading import Concatenate, ConversionOps, WeightConverter
 
 from lxmert_fast.config import RELEASED_VISUAL_LOSS_NORMALIZER, ConfigError, LxmertConfig
@@ -189,8 +190,6 @@ def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
 
 def read_state_dict_file(path: str) -> dict[str, Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         try:
             return load_file(path)
         except Exception as err:  # safetensors raises several error types for a bad header

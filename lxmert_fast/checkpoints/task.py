@@ -24,10 +24,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from lxmert_fast.config import ConfigError, LxmertConfig
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct  # type: ignore
+
 from lxmert_fast.checkpoints.layouts import (
     CheckpointError,
     detect_layout,
@@ -37,6 +42,9 @@ from lxmert_fast.checkpoints.layouts import (
     original_to_hf,
     read_checkpoint,
 )
+from lxmert_fast.config import ConfigError, LxmertConfig
+from lxmert_fast.data.answers import convert_ans
+from lxmert_fast.data.formats import DataFormatError, read_all_ans, read_ans2label, read_json, read_label2ans
 from lxmert_fast.utils import atomic_directory, atomic_write_text
 
 Tensor = torch.Tensor
@@ -73,12 +81,6 @@ class TaskCheckpoint:
 
 
 def _numpy_safe_globals() -> list:
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore
     dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
     return [_reconstruct, np.ndarray, np.dtype] + dtypes
 
@@ -237,8 +239,6 @@ def read_task_checkpoint(path: str, config: Optional[LxmertConfig] = None,
 # ---------------------------------------------------------------------------------------------- answers of a head
 def read_answer_list(path: str) -> list[str]:
     """An answer table as a list by row: all_ans.json ([{"ans", ...}]), label2ans ([str]) or ans2label ({str: int})."""
-    from lxmert_fast.data.formats import DataFormatError, read_all_ans, read_ans2label, read_json, read_label2ans
-
     if not os.path.isfile(path):
         raise CheckpointError(f"answer table {path}: no such file")
     data = read_json(path, "answer table")
@@ -300,8 +300,6 @@ def copy_answer_head(head: nn.Module, src: dict[str, Tensor], src_answers: Optio
     ``unmatched``: "init" keeps the fresh initialisation of the other rows, "zero" zeroes them.
     Returns {"copied", "total", "source_rows", "mode"}.
     """
-    from lxmert_fast.data.answers import convert_ans
-
     own = head.state_dict()
     for k in ("logit_fc.0.weight", "logit_fc.0.bias", "logit_fc.2.weight", "logit_fc.2.bias",
               "logit_fc.3.weight", "logit_fc.3.bias"):

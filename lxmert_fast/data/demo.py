@@ -42,13 +42,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from .formats import write_tsv_row
 from .tsv_convert import remove_stale_partials
@@ -241,8 +244,6 @@ def _write_all_tsv(world: World, seed: int, jobs: list[tuple[dict, str]], worker
         for imgs, path in jobs:
             write_tsv(world, imgs, path)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
     jobs = sorted(jobs, key=lambda j: -len(j[0]["ids"]))
     # fork: the children only run numpy code and need not re-import the package (spawn would)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -403,7 +404,6 @@ def _split_sizes(images: int) -> dict:
 
 def train_vocab(sentences: list[str], path: str, vocab_size: int = 1000) -> int:
     """Train a lower-case BERT WordPiece vocab with ``tokenizers``; returns its size."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

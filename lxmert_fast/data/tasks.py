@@ -46,11 +46,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from lxmert_fast.utils import atomic_write_text
+
 from .formats import BadRowLog, DataFormatError, iter_json_records, read_ans2label, read_label2ans, read_task_json
 from .loader import ResumableLoader, collate_identity, make_batch_sampler
 from .store import FeatureStore
 from .store_root import ensure_store
-from .tokenization import MAX_LEN
+from .tokenization import MAX_LEN, tokenize_sentences
 
 IGNORE_INDEX = -100
 TASK_NAMES = ("vqa", "gqa", "nlvr2")
@@ -424,8 +426,6 @@ def build_task_dataset(spec: TaskSpec, data_root: str, splits, *, tokenizer, ans
     """Read ``splits``, find (``convert``: or build) the stores of their feature files under
     ``store_root`` (:func:`~lxmert_fast.data.store_root.ensure_store`), tokenise. The feature files
     may be of any layout (``features_format``, ``features_map``: :mod:`lxmert_fast.data.layouts`)."""
-    from .tokenization import tokenize_sentences
-
     skip = BadRowLog(skip_bad)
     ex = read_examples(spec, data_root, splits, require_label=require_label, feature_overrides=feature_overrides,
                        skip=skip)
@@ -609,8 +609,6 @@ def format_predictions(task: str, predictions: Mapping) -> str:
 
 def write_predictions(task: str, path: str, predictions: Mapping) -> str:
     """Write the submission file atomically; returns ``path``."""
-    from lxmert_fast.utils import atomic_write_text
-
     atomic_write_text(path, format_predictions(task, predictions))
     return path
 

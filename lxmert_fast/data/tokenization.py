@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from transformers import BertTokenizerFast
 
 MAX_LEN = 20
 
@@ -34,7 +35,6 @@ class SpecialIds:
 
 def load_tokenizer(path: str, do_lower_case: bool = True):
     """Fast BERT tokenizer from a local ``vocab.txt`` or a local tokenizer directory."""
-    from transformers import BertTokenizerFast
     if os.path.isdir(path):
         vocab = os.path.join(path, "vocab.txt")
         if os.path.exists(os.path.join(path, "tokenizer.json")) or \

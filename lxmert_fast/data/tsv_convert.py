@@ -21,6 +21,7 @@ How it works (bounded memory, parallel, crash safe):
 
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing as mp
 import os
@@ -32,6 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from .formats import (DEFAULT_FEAT_DIM, DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OBJ_CLASSES,
                       BadRowLog, DataFormatError, normalise_boxes, parse_tsv_line)
@@ -158,7 +160,6 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
             if os.getppid() == 1:  # the parent already died
@@ -329,7 +330,6 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
 
         bar = None
         if progress:
-            from tqdm import tqdm
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert",
                        file=sys.stderr, dynamic_ncols=True)
         seg_bytes = []

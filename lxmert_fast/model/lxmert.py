@@ -116,7 +116,7 @@ class LxmertPreTrainedModel(PreTrainedModel):
         """
         own = list(module.parameters(recurse=False))
         if any(hasattr(p, "ds_id") for p in own):
-            import deepspeed  # only reachable when DeepSpeed partitioned the parameters
+            import deepspeed  # heavy, and only reachable when DeepSpeed partitioned the parameters (ZeRO-3)
 
             with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
                 self._init_module(module)

@@ -14,8 +14,15 @@ import sys
 import warnings
 from typing import Callable, Optional
 
+from lxmert_fast.checkpoints.layouts import CheckpointError
+from lxmert_fast.config import ConfigError
+from lxmert_fast.data.formats import DataFormatError
+from lxmert_fast.data.store import StoreError
+from lxmert_fast.train.ds_auto import DSConfigError
 from lxmert_fast.train.errors import TrainingError
 from lxmert_fast.train.preemption import EXIT_PREEMPTED, StopRequested
+from lxmert_fast.train.process import leave_process_group
+from lxmert_fast.train.runtime import UsageError
 
 
 def quiet_known_warnings() -> None:
@@ -31,13 +38,6 @@ def report(err: BaseException) -> None:
 
 def usage_errors() -> tuple[type, ...]:
     """What a job reports as a usage or data error (exit code 2): found before training starts."""
-    from lxmert_fast.config import ConfigError
-    from lxmert_fast.data.formats import DataFormatError
-    from lxmert_fast.data.store import StoreError
-    from lxmert_fast.checkpoints.layouts import CheckpointError
-    from lxmert_fast.train.ds_config import DSConfigError
-    from lxmert_fast.train.runtime import UsageError
-
     return (UsageError, DSConfigError, FileNotFoundError, ConfigError, DataFormatError, StoreError, CheckpointError)
 
 
@@ -80,8 +80,6 @@ def exit_script(main: Callable[[], int]) -> None:
     After a stop on a signal the group is taken down without waiting (a stop the ranks agreed on has
     passed a barrier already; one outside the loop may have peers that never arrive); after a failure
     no rank waits: its peers may never arrive."""
-    from lxmert_fast.train.process import leave_process_group
-
     code = main()
     if code == 0:
         leave_process_group()

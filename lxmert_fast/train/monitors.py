@@ -149,7 +149,7 @@ class WandbAxes:
         return SAMPLES_AXIS if name.startswith(DEEPSPEED_EVENT_PREFIX) else STEP_AXIS
 
     def write_events(self, event_list) -> None:
-        import wandb
+        import wandb  # optional: the wandb package, for the W&B monitor
 
         if not self.enabled or wandb.run is None:
             return
@@ -183,7 +183,7 @@ def close_monitors(engine) -> None:
     if hasattr(master, "close"):  # the torch engine's FileMonitor
         master.close()
     if getattr(master, "wandb_monitor", None) is not None:
-        import wandb
+        import wandb  # optional: the wandb package, for the W&B monitor
 
         if wandb.run is not None:
             wandb.finish()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
+import torch.distributed as tdist
+from torch.distributed import distributed_c10d as c10d
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,6 @@ def set_collective_timeout(timeout_s: float) -> int:
     default (30 minutes on gloo, 10 on NCCL). Measured: with the world group at 20 s, a rank blocked in
     DeepSpeed's gradient all-reduce behind a stopped peer was still waiting after 60 s. torch has no public
     call for an existing group's timeout; ``_set_pg_timeout`` (torch >= 2.3) is the one it provides."""
-    import torch.distributed as tdist
-    from torch.distributed import distributed_c10d as c10d
-
     if not (tdist.is_available() and tdist.is_initialized()):
         return 0
     if not hasattr(c10d, "_set_pg_timeout") or not hasattr(c10d, "_world"):
@@ -144,8 +143,6 @@ def leave_process_group(wait: bool = True) -> None:
     it ("terminate called without an active exception", rc -6: seen once in a two-node CPU run).
     Only for a process about to exit: DeepSpeed caches its groups, so a job run again in the same
     process (as the tests run them, through ``main()``) needs its group kept."""
-    import torch.distributed as tdist
-
     if tdist.is_available() and tdist.is_initialized():
         if wait:
             tdist.barrier()
@@ -153,15 +150,11 @@ def leave_process_group(wait: bool = True) -> None:
 
 
 def barrier() -> None:
-    import torch.distributed as tdist
-
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    import torch.distributed as tdist
-
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * tdist.get_world_size()
@@ -170,8 +163,6 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    import torch.distributed as tdist
-
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -180,8 +171,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as tdist
-
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t

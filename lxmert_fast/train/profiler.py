@@ -34,6 +34,8 @@ import dataclasses
 import os
 from typing import Callable, Iterator, Optional
 
+import torch.nn.functional as F
+
 from lxmert_fast.train.compile import eager_forward
 from lxmert_fast.train.ds_auto import AUTO, DSConfigError
 
@@ -86,7 +88,7 @@ def hand_outputs_to_deepspeed(engine):
     ``wall_clock_breakdown``) fails in its first backward ("timer is not started"). This forward hook on the
     model hands DeepSpeed the dataclass's fields as a list, as ``engine.forward`` does for a dict output.
     """
-    from deepspeed.runtime.utils import register_output_backward_hooks
+    from deepspeed.runtime.utils import register_output_backward_hooks  # heavy: only for DeepSpeed's engine
 
     def hook(module, args, output):
         if dataclasses.is_dataclass(output) and not isinstance(output, (dict, list, tuple)):
@@ -167,6 +169,4 @@ def _linear_is_zero3s() -> bool:
     ``memory_efficient_linear``, DeepSpeed's default, installs it): it calls ``torch.addmm`` or
     ``Tensor.matmul``, which the profiler patches too, so each Linear layer's MACs are counted twice
     (measured: x2.02 of the same model's count under ZeRO-0/2)."""
-    import torch.nn.functional as F
-
     return getattr(F.linear, "__module__", "") == "deepspeed.runtime.zero.linear"

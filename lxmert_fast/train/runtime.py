@@ -22,11 +22,13 @@ import time
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 from tqdm.auto import tqdm
 
 from lxmert_fast.checkpoints.training import (RUN_FILE, UNIVERSAL_SUFFIX, CheckpointManager, check_resumable,
                                               convert_to_universal, plan_resume, read_run_file, step_of)
+from lxmert_fast.data.demo import DEFAULT_OBJECTS, ensure_demo_data
 from lxmert_fast.flops import device_name, peak_tflops_for
 from lxmert_fast.train import ds_config as ds_cfg
 from lxmert_fast.train.compile import (COMPILE_BACKENDS, COMPILE_MODES, CompileModeError, check_compile_mode,
@@ -225,7 +227,6 @@ class Trainer:
             if not os.path.isdir(root):
                 raise UsageError(f"--data_root {root}: no such directory (expected the original data/ folder)")
             return root, False
-        from lxmert_fast.data.demo import DEFAULT_OBJECTS, ensure_demo_data
 
         root = self.node_first(lambda: ensure_demo_data(cache_dir, images=demo_images, seed=0, log=self.log,
                                                         objects=demo_objects or DEFAULT_OBJECTS))
@@ -455,7 +456,6 @@ class Trainer:
     # -- non-finite losses ----------------------------------------------------------------------
     def _nonfinite_status(self) -> tuple[int, int]:
         t = torch.stack([self.streak, self.bad_since_save]).to(torch.float64)
-        import torch.distributed as tdist
 
         if tdist.is_initialized() and self.world > 1:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)

@@ -23,6 +23,7 @@ import time
 from typing import Callable, Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from .. import tsv_convert
 from ..formats import DEFAULT_FEAT_DIM, DEFAULT_NUM_ATTR_CLASSES, DEFAULT_NUM_OBJ_CLASSES, BadRowLog, DataFormatError
@@ -91,7 +92,6 @@ def _convert_records(path: str, out_dir: str, layout: str, fmap: FeaturesMap, fi
             filled = written = 0
             bar = None
             if progress:
-                from tqdm import tqdm
                 bar = tqdm(total=n_rec, unit="img", desc=f"convert {layout}", file=sys.stderr, dynamic_ncols=True)
             try:
                 for i, key, row in reader.rows(bad, check_fp16=not fp32):

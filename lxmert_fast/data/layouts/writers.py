@@ -45,7 +45,7 @@ def write_bua_npz(folder: str, rows, *, info: bool = True, attributes: bool = Tr
 def write_vlt5_h5(path: str, rows, *, labels: bool = True) -> str:
     """VL-T5 ``tsv_to_h5.py``: one group per img_id with features, boxes, obj_id, obj_conf, attr_id,
     attr_conf, img_h, img_w."""
-    import h5py
+    import h5py  # optional: the [formats] extra
 
     with h5py.File(path, "w") as f:
         for r in rows:
@@ -76,7 +76,7 @@ def write_butd_h5(path: str, rows, *, adaptive: bool = False, spatial: bool = Tr
     pos_boxes), plus ``<name>_imgid2idx.pkl`` {int COCO id: index}. ``shuffle``: the images' rows in
     another order than the records' (the converter writes them in the TSV's order, which need not be
     the id map's)."""
-    import h5py
+    import h5py  # optional: the [formats] extra
 
     order = list(range(len(rows)))
     if shuffle:
@@ -148,7 +148,7 @@ def write_mmf_npy(folder: str, rows, *, background: bool = False, vilbert: bool 
 def write_mmf_lmdb(path: str, rows, *, subfolder: str = "") -> str:
     """MMF ``lmdb_conversion.py --mode convert``: a pickled dict per key (``feature_path``, features,
     image_height, image_width, num_boxes, objects, cls_prob, bbox) and ``keys``, the pickled key list."""
-    import lmdb
+    import lmdb  # optional: the [formats] extra
 
     env = lmdb.open(path, map_size=1 << 30)
     keys = []
