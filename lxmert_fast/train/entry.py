@@ -18,10 +18,10 @@ from lxmert_fast.checkpoints.layouts import CheckpointError
 from lxmert_fast.config import ConfigError
 from lxmert_fast.data.formats import DataFormatError
 from lxmert_fast.data.store import StoreError
+from lxmert_fast.train import process
 from lxmert_fast.train.ds_auto import DSConfigError
 from lxmert_fast.train.errors import TrainingError
 from lxmert_fast.train.preemption import EXIT_PREEMPTED, StopRequested
-from lxmert_fast.train.process import leave_process_group
 from lxmert_fast.train.runtime import UsageError
 
 
@@ -82,7 +82,7 @@ def exit_script(main: Callable[[], int]) -> None:
     no rank waits: its peers may never arrive."""
     code = main()
     if code == 0:
-        leave_process_group()
+        process.leave_process_group()
     elif code == EXIT_PREEMPTED:
-        leave_process_group(wait=False)
+        process.leave_process_group(wait=False)
     sys.exit(code)
