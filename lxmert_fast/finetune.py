@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", required=True, choices=tasks_data.TASK_NAMES, help="the fine-tuning task")
+    _add_data_arguments(p)
+    _add_model_arguments(p)
+    _add_optimisation_arguments(p)
+    add_runtime_arguments(p, save_every=0, log_every=50)
+    return p
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data: the real data or the demo world, splits, feature sources, the store root, loading."""
+
     d = p.add_argument_group("data")
     d.add_argument("--data_root", default=None,
                    help="the original data/ folder (vqa/, gqa/, nlvr2/, *_imgfeat/); none = the demo world")
@@ -89,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip_bad", action="store_true", help="skip (and report) malformed records instead of failing")
     d.add_argument("--num_workers", type=int, default=None, help="loader workers per process (default 0 on CPU, 4 on GPU)")
 
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model: initial weights and their answer table, the QA head, size, attention, the GQA loss."""
     m = p.add_argument_group("model")
     m.add_argument("--load", default=None,
                    help="initial weights: our pre-training output dir / export / DeepSpeed checkpoint, an HF directory "
@@ -106,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gqa_loss", choices=("ce", "bce"), default="ce",
                    help="GQA: cross-entropy on the top answer, or VQA's BCE x answers (the released default)")
 
+
+def _add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
+    """The values that fill the DeepSpeed config's "auto" entries."""
     o = p.add_argument_group("optimisation (fill the DeepSpeed config's \"auto\" entries)")
     o.add_argument("--batch_size", type=int, default=None, help=f"total batch (default {DEFAULTS['batch_size']})")
     o.add_argument("--lr", type=float, default=None,
@@ -113,8 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
                         f"world)")
     o.add_argument("--grad_clip", type=float, default=None, help=f"default {DEFAULTS['grad_clip']}")
     o.add_argument("--eval_batch_size", type=int, default=None, help="default 2 x micro batch")
-    add_runtime_arguments(p, save_every=0, log_every=50)
-    return p
 
 
 def _fmt_metrics(res: dict) -> str:

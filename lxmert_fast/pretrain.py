@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="LXMERT pre-training with DeepSpeed (demo world by default; --data_root for the real data).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_data_arguments(p)
+    _add_task_arguments(p)
+    _add_model_arguments(p)
+    _add_eval_arguments(p)
+    add_runtime_arguments(p, save_every=1000, log_every=10)
+    p.set_defaults(output_dir="runs/pretrain")
+    return p
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data: the real data or the demo world, feature sources, caches, loading and masking."""
+
     d = p.add_argument_group("data")
     d.add_argument("--data_root", default=None,
                    help="the original data/ folder (lxmert/*.json, mscoco_imgfeat/, vg_gqa_imgfeat/); "
@@ -110,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mask_on", choices=("device", "workers"), default="device",
                    help="apply word/object masking on the training device or in the loader workers")
 
+
+def _add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """The pre-training tasks and their losses (the original switches too)."""
     t = p.add_argument_group("tasks and losses")
     t.add_argument("--tasks", default="mlm,matched,obj,qa", help="pre-training tasks (subset of mlm,matched,obj,qa)")
     t.add_argument("--taskMaskLM", action="store_true", help="original switch; any task switch selects exactly the given ones")
@@ -124,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--qa_from_epoch", type=int, default=0,
                    help="QA loss from this epoch on: 0 = the released single stage, 10 (of 20) = the paper")
 
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model: its size and shape, initial weights, attention backend and kernels."""
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=("base", "small", "tiny"), default=None,
                    help="size preset (default: base with --data_root; on the demo world the demo model, small "
@@ -144,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static room for masked words/objects: expected count + this many standard deviations "
                         "(a batch beyond it runs eagerly with room for every row: exact either way)")
 
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Validation, the grounding check and the export."""
     e = p.add_argument_group("evaluation and export")
     e.add_argument("--eval_batches", type=int, default=None, help="limit validation to this many batches per process")
     e.add_argument("--no_export", action="store_true", help="skip the final HF export")
@@ -152,9 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "colour words where the data names them) and matching accuracy (auto: on the demo world)")
     e.add_argument("--grounding_batches", type=int, default=16,
                    help="held-out batches per process for the grounding check")
-    add_runtime_arguments(p, save_every=1000, log_every=10)
-    p.set_defaults(output_dir="runs/pretrain")
-    return p
 
 
 def demo_defaults(args) -> bool:

@@ -467,7 +467,8 @@ def two_process_runs(tmp_path_factory):
     spy = work / "spy"
     spy.mkdir()
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    common = ["--model", "tiny", "--demo_images", str(DEMO_IMAGES), "--cache_dir", str(work / "cache"), "--epochs", "1",
+    common = ["--model", "tiny", "--demo_images", str(DEMO_IMAGES), "--demo_objects", "2-4",  # the world built above
+              "--cache_dir", str(work / "cache"), "--epochs", "1",
               "--log_every", "1", "--eval_every", "0", "--eval_batches", "1", "--no_progress", "--num_workers", "0",
               "--grounding_eval", "no", "--no_export", "--seed", "4", "--save_every", "0",
               "--deepspeed_config", "cpu.json"]

@@ -61,6 +61,7 @@ def _run(name: str, work: str, extra: list[str]) -> dict:
     from lxmert_fast import pretrain
 
     common = ["--cache_dir", os.path.join(work, "cache"), "--demo_images", str(DEMO_IMAGES), "--model", "tiny",
+              "--demo_objects", "2-4",  # the world _prepare_demo built
               "--micro_batch_size", "8", "--log_every", "1", "--eval_every", "0", "--eval_batches", "2",
               "--no_progress", "--num_workers", "0", "--grounding_eval", "no", "--seed", str(TEST_SEED),
               "--output_dir", os.path.join(work, name)]

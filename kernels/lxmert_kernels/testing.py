@@ -1,5 +1,5 @@
-"""The numerical agreement rule of lxmert_kernels (the project's DESIGN.md), for its tests and for
-bench/gpu_correctness.py: one definition of "close enough" and of how an op is run for it.
+"""The numerical agreement rule of lxmert_kernels (docs/design.md), for its tests (kernels/tests): one
+definition of "close enough" and of how an op is run for it.
 
 Against a reference computed in fp32 (fp64 on CPU), every output and gradient must satisfy
 

@@ -1,4 +1,4 @@
-"""Shared test utilities: device, dtypes, the agreement rule (lxmert_kernels.testing, DESIGN.md).
+"""Shared test utilities: device, dtypes, the agreement rule (lxmert_kernels.testing; docs/design.md).
 
 The device follows the kernels: conftest.py compiled them when the machine has CUDA (ON_GPU, tensors
 on CUDA) and made them interpreted otherwise (tensors on the CPU)."""

@@ -427,34 +427,34 @@ def train_vocab(sentences: list[str], path: str, vocab_size: int = 1000) -> int:
     return len(vocab)
 
 
-def generate(out: str, images: int = 2000, seed: int = 0, log=print,
-             workers: int | None = None, objects: tuple[int, int] = DEFAULT_OBJECTS) -> dict:
-    """Write the demo world under ``out`` (must not exist or be empty); returns demo.json.
+def _image_ids(sz: dict) -> tuple[dict, dict]:
+    """Image ids of every split (the original data's id formats) and the NLVR2 sets per split.
 
-    ``objects``: (min, max) distinct objects per image (default 2-4).
+    NLVR2: sets of NLVR2_PAIRS image pairs; each sentence of a set is judged on every pair
+    (identifier split-set-pair-sentence, as the real data: consistency groups by sentence).
     """
-    t0 = time.time()
-    workers = workers or min(4, os.cpu_count() or 1)
-    os.makedirs(out, exist_ok=True)
-    world = World(seed, objects)
-    rng = world.rng
-    sz = _split_sizes(images)
-    J = lambda *p: os.path.join(out, *p)
-
     ids = {
         "train2014": [f"COCO_train2014_{i:012d}" for i in range(1, sz["train2014"] + 1)],
         "val2014": [f"COCO_val2014_{i:012d}" for i in range(1, sz["val2014"] + 1)],
         "vg": [str(2300000 + i) for i in range(sz["vg"])],
         "gqa_testdev": [f"n{100000 + i}" for i in range(sz["gqa_testdev"])],
     }
-    # NLVR2: sets of NLVR2_PAIRS image pairs; each sentence of a set is judged on every pair
-    # (identifier split-set-pair-sentence, as the real data: consistency groups by sentence)
     n_sets = max(2, sz["nlvr2_pairs"] // NLVR2_PAIRS)
     n_sets_valid = max(1, n_sets // 5)
     nlvr_split = {"train": n_sets - n_sets_valid, "valid": n_sets_valid}
     for sp, n in nlvr_split.items():
         ids[f"nlvr2_{sp}"] = [f"{'dev' if sp == 'valid' else sp}-{s}-{p}-img{k}"
                               for s in range(n) for p in range(NLVR2_PAIRS) for k in (0, 1)]
+    return ids, nlvr_split
+
+
+def _make_all_images(world: World, ids: dict, nlvr_split: dict) -> tuple[dict, dict]:
+    """The objects of every image, and per NLVR2 split the (class, colour) pools of its sets.
+
+    The draws from ``world.rng`` come in a fixed order (the world's bytes depend on it): the
+    non-NLVR2 splits first, then per NLVR2 split its class pools, colour pools and images.
+    """
+    rng = world.rng
     imgs = {name: world.make_images(v) for name, v in ids.items() if not name.startswith("nlvr2_")}
     nlvr_pools = {}
     for sp, n in nlvr_split.items():
@@ -464,41 +464,61 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
         nlvr_pools[sp] = (cls_pool, col_pool)
         imgs[f"nlvr2_{sp}"] = world.make_images(ids[f"nlvr2_{sp}"], np.repeat(cls_pool, per_img, 0),
                                                 np.repeat(col_pool, per_img, 0))
+    return imgs, nlvr_pools
 
-    sentences = []
+
+class _Questions:
+    """Asks the questions of the world: one question id sequence over every task, and the
+    answers' data sets and frequencies (for ``all_ans.json``)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.qid = 0
+        self.ans_dsets: dict[str, set] = {}
+        self.ans_count: Counter = Counter()
+
+    def ask(self, imgs: dict, i: int, style: str, n: int):
+        """Image i's objects and ``n`` questions about it: [(qid, question, label, type, qtype)]."""
+        objs = _objects(imgs, i)
+        res = []
+        for q, label, at, qt in questions(self.rng, objs, n, style):
+            self.qid += 1
+            res.append((self.qid, q, label, at, qt))
+            for a in label:
+                self.ans_dsets.setdefault(a, set()).add(style)
+                self.ans_count[a] += 1
+        return objs, res
+
+    def all_ans(self) -> list[dict]:
+        """The pre-training answer table, by frequency."""
+        return [{"ans": a, "dsets": sorted(self.ans_dsets[a])}
+                for a, _ in sorted(self.ans_count.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _image_split(name: str, i: int, n_img: int, sz: dict) -> tuple[str, str]:
+    """(pre-training split, task split) of image i of ``name`` (train2014 / val2014 / vg)."""
+    if name == "train2014":
+        return "mscoco_train", "train"
+    if name == "val2014":
+        return (("mscoco_minival", "minival") if i < sz["minival"]
+                else ("mscoco_nominival", "nominival"))
+    return "vgnococo", ("valid" if i >= n_img - max(2, n_img // 5) else "train")
+
+
+def _pretrain_and_qa_records(rng, ids: dict, imgs: dict, sz: dict, asker: _Questions,
+                             sentences: list[str]) -> tuple[dict, dict, dict]:
+    """The pre-training records (captions and questions) with the VQA / GQA records of the same
+    questions, then GQA testdev; appends every sentence to ``sentences``."""
     pre = {"mscoco_train": [], "mscoco_nominival": [], "mscoco_minival": [], "vgnococo": []}
     vqa = {"train": [], "nominival": [], "minival": []}
     gqa = {"train": [], "valid": [], "testdev": []}
-    ans_dsets: dict[str, set] = {}
-    ans_count: Counter = Counter()
-    qid = 0
-
-    def qa_items(name, i, style, n):
-        nonlocal qid
-        objs = _objects(imgs[name], i)
-        res = []
-        for q, label, at, qt in questions(rng, objs, n, style):
-            qid += 1
-            res.append((qid, q, label, at, qt))
-            for a in label:
-                ans_dsets.setdefault(a, set()).add(style)
-                ans_count[a] += 1
-        return objs, res
-
     for name, style, cap_src in (("train2014", "vqa", "mscoco"), ("val2014", "vqa", "mscoco"),
                                  ("vg", "gqa", "vg")):
         n_img = len(ids[name])
         for i, img_id in enumerate(ids[name]):
-            objs, qas = qa_items(name, i, style, int(rng.integers(2, 6)))
+            objs, qas = asker.ask(imgs[name], i, style, int(rng.integers(2, 6)))
             caps = captions(rng, objs, 5 if cap_src == "mscoco" else 4)
-            if name == "train2014":
-                split, task_split = "mscoco_train", "train"
-            elif name == "val2014":
-                split, task_split = (("mscoco_minival", "minival") if i < sz["minival"]
-                                     else ("mscoco_nominival", "nominival"))
-            else:
-                split, task_split = "vgnococo", ("valid" if i >= n_img - max(2, n_img // 5)
-                                                 else "train")
+            split, task_split = _image_split(name, i, n_img, sz)
             rec = {"img_id": img_id, "sentf": {cap_src: caps}, "labelf": {}}
             if qas and rng.random() < 0.85:  # some images have captions only
                 rec["sentf"][style] = [q for _, q, *_ in qas]
@@ -513,12 +533,18 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
                     gqa[task_split].append({"img_id": img_id, "label": lab,
                                             "question_id": str(q_id), "sent": q})
     for i, img_id in enumerate(ids["gqa_testdev"]):
-        _, qas = qa_items("gqa_testdev", i, "gqa", 3)
+        _, qas = asker.ask(imgs["gqa_testdev"], i, "gqa", 3)
         for q_id, q, lab, *_ in qas:
             gqa["testdev"].append({"img_id": img_id, "label": lab, "question_id": str(q_id),
                                    "sent": q})
             sentences.append(q)
+    return pre, vqa, gqa
 
+
+def _nlvr2_records(rng, ids: dict, imgs: dict, nlvr_split: dict, nlvr_pools: dict,
+                   sentences: list[str]) -> dict:
+    """NLVR2 records per split: NLVR2_SENTENCES statements per set, each judged on every pair of
+    the set; appends the statements to ``sentences``."""
     nlvr = {}
     for sp, n in nlvr_split.items():
         recs, name = [], f"nlvr2_{sp}"
@@ -539,10 +565,12 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
                                  "img1": ids[name][i + 1], "label": label, "sent": sent,
                                  "uid": f"nlvr2_{tag}_{len(recs)}"})
         nlvr[sp] = recs
+    return nlvr
 
-    # answer tables: all_ans (pre-training, by frequency) and per task
-    all_ans = [{"ans": a, "dsets": sorted(ans_dsets[a])}
-               for a, _ in sorted(ans_count.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+def _write_json_files(out: str, all_ans: list, pre: dict, vqa: dict, gqa: dict, nlvr: dict) -> None:
+    """The answer tables (all_ans for pre-training, per task) and every split's records."""
+    J = lambda *p: os.path.join(out, *p)
     _dump(J("lxmert", "all_ans.json"), all_ans)
     for split, recs in pre.items():
         _dump(J("lxmert", f"{split}.json"), recs)
@@ -555,14 +583,44 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
     for sp, recs in nlvr.items():
         _dump(J("nlvr2", f"{sp}.json"), recs)
 
-    tsvs = {"train2014": J("mscoco_imgfeat", "train2014_obj36.tsv"),
+
+def _tsv_paths(out: str) -> dict:
+    """Image split -> its features TSV under ``out`` (the original data's file names)."""
+    J = lambda *p: os.path.join(out, *p)
+    return {"train2014": J("mscoco_imgfeat", "train2014_obj36.tsv"),
             "val2014": J("mscoco_imgfeat", "val2014_obj36.tsv"),
             "vg": J("vg_gqa_imgfeat", "vg_gqa_obj36.tsv"),
             "gqa_testdev": J("vg_gqa_imgfeat", "gqa_testdev_obj36.tsv"),
             "nlvr2_train": J("nlvr2_imgfeat", "train_obj36.tsv"),
             "nlvr2_valid": J("nlvr2_imgfeat", "valid_obj36.tsv")}
+
+
+def generate(out: str, images: int = 2000, seed: int = 0, log=print,
+             workers: int | None = None, objects: tuple[int, int] = DEFAULT_OBJECTS) -> dict:
+    """Write the demo world under ``out`` (must not exist or be empty); returns demo.json.
+
+    ``objects``: (min, max) distinct objects per image (default 2-4).
+    """
+    t0 = time.time()
+    workers = workers or min(4, os.cpu_count() or 1)
+    os.makedirs(out, exist_ok=True)
+    world = World(seed, objects)
+    rng = world.rng
+    sz = _split_sizes(images)
+    ids, nlvr_split = _image_ids(sz)
+    imgs, nlvr_pools = _make_all_images(world, ids, nlvr_split)
+
+    sentences: list[str] = []
+    asker = _Questions(rng)
+    pre, vqa, gqa = _pretrain_and_qa_records(rng, ids, imgs, sz, asker, sentences)
+    nlvr = _nlvr2_records(rng, ids, imgs, nlvr_split, nlvr_pools, sentences)
+    all_ans = asker.all_ans()
+    _write_json_files(out, all_ans, pre, vqa, gqa, nlvr)
+
+    tsvs = _tsv_paths(out)
     _write_all_tsv(world, seed, [(imgs[name], path) for name, path in tsvs.items()], workers)
-    vocab_size = train_vocab(sentences + [a for a in ans_count], J("vocab.txt"))  # after forking
+    vocab_size = train_vocab(sentences + [a for a in asker.ans_count],
+                             os.path.join(out, "vocab.txt"))  # after forking
 
     meta = {
         "demo_version": DEMO_VERSION, "images": images, "seed": seed,
@@ -579,7 +637,7 @@ def generate(out: str, images: int = 2000, seed: int = 0, log=print,
                                "--out store",
         "seconds": round(time.time() - t0, 2),
     }
-    _dump(J("demo.json"), meta)
+    _dump(os.path.join(out, "demo.json"), meta)
     if log:
         log(f"demo world: {images} pre-training images, {len(sentences)} sentences, "
             f"{len(all_ans)} answers, vocab {vocab_size} -> {out} ({meta['seconds']} s)")

@@ -148,6 +148,113 @@ def _index_key(json_paths, stores: StoreSet, vocab_path, all_ans_path, qa_sets, 
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _index_inputs(data_root: str, splits, all_ans: str | None, qa_sets) -> tuple[list[str], list[str], str, list | None]:
+    """(split names, their JSON files (each must exist), the answer table's file, the QA sets or None)."""
+    names = split_names(splits)
+    json_paths = [os.path.join(data_root, "lxmert", f"{s}.json") for s in names]
+    for p in json_paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(p)
+    all_ans = all_ans or os.path.join(data_root, "lxmert", "all_ans.json")
+    qa_sets = None if qa_sets is None else (
+        [s for s in qa_sets.split(",") if s] if isinstance(qa_sets, str) else list(qa_sets))
+    return names, json_paths, all_ans, qa_sets
+
+
+class _Items:
+    """The items as they are read, one per sentence: its image row, source and QA answers (CSR:
+    ``qa_ptr`` delimits each item's entries of ``qa_ans`` / ``qa_score``)."""
+
+    def __init__(self, table: AnswerTable):
+        self.table = table
+        self.sents, self.img_row, self.source, self.qa_ptr, self.qa_ans, self.qa_score = [], [], [], [0], [], []
+        self.pruned = self.kept = 0
+        self.images: dict[str, str] = {}  # img_id -> the JSON file it came from
+
+    def add(self, sent: str, ridx: int, src: str, label: dict | None) -> None:
+        self.sents.append(sent)
+        self.img_row.append(ridx)
+        self.source.append(SOURCES.index(src))
+        if label is not None:
+            lab: dict[int, float] = {}
+            for ans, score in label.items():
+                aid = self.table.ans2id.get(convert_ans(ans))
+                if aid is None:
+                    self.pruned += 1
+                    continue
+                lab[aid] = float(score)  # as released: a later duplicate overwrites
+                self.kept += 1
+            self.qa_ans.extend(lab.keys())
+            self.qa_score.extend(lab.values())
+        self.qa_ptr.append(len(self.qa_ans))
+
+    def arrays(self, tokens: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """The index's arrays (``PretrainIndex.ARRAYS``)."""
+        return {"tokens": tokens, "lengths": lengths,
+                "img_row": np.asarray(self.img_row, np.int32), "source": np.asarray(self.source, np.int8),
+                "qa_ptr": np.asarray(self.qa_ptr, np.int64), "qa_ans": np.asarray(self.qa_ans, np.int32),
+                "qa_score": np.asarray(self.qa_score, np.float32)}
+
+
+def _read_items(json_paths: list[str], rows: dict, store: StoreSet, table: AnswerTable,
+                bad: BadRowLog) -> _Items:
+    """Flatten every sentence of every source of every record, in file order; a record whose image has
+    no features (``rows``: img_id -> global row), repeats an image or names an unknown source goes to ``bad``."""
+    items = _Items(table)
+    for path in json_paths:
+        for line, rec in read_pretrain_json(path, bad):
+            img_id = rec["img_id"]
+            ridx = rows.get(img_id)
+            if ridx is None:
+                bad.handle(DataFormatError(path, line, "img_id",
+                                           f"img_id {img_id!r} has no features in the stores "
+                                           f"{', '.join(store.paths)}"))
+                continue
+            if img_id in items.images:
+                bad.handle(DataFormatError(path, line, "img_id",
+                                           f"img_id {img_id!r} also in {items.images[img_id]}"))
+                continue
+            items.images[img_id] = path
+            for src, src_sents in rec["sentf"].items():
+                if src not in SOURCES:
+                    bad.handle(DataFormatError(path, line, f"sentf.{src}",
+                                               f"unknown source {src!r} (known: {SOURCES})"))
+                    continue
+                labels = rec.get("labelf", {}).get(src)
+                for j, sent in enumerate(src_sents):
+                    items.add(sent, ridx, src, None if labels is None else labels[j])
+    return items
+
+
+def _write_index(out_dir: str, arrays: dict, meta: dict, bad: BadRowLog, log) -> None:
+    """Write the index atomically: the arrays, ``skipped_records.tsv`` and ``index.json`` into a
+    partial directory renamed into place (replacing a stale index; one another process built first is kept)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_partials(out_dir, log)
+    tmp = f"{out_dir}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for name, a in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), a)
+        if len(bad):
+            bad.write_tsv(os.path.join(tmp, "skipped_records.tsv"))
+        with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(out_dir):  # a stale or rebuilt index
+            shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not os.path.exists(os.path.join(out_dir, "index.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process built it concurrently
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_pretrain_index(data_root: str, splits, store: StoreSet | FeatureStore, vocab: str, *,
                          out_dir: str | None = None, all_ans: str | None = None, qa_sets=None,
                          max_len: int = MAX_LEN, skip_bad: bool = False, rebuild: bool = False,
@@ -163,14 +270,7 @@ def build_pretrain_index(data_root: str, splits, store: StoreSet | FeatureStore,
     it is skipped (a duplicated image keeps the features of the first store), counted and reported.
     """
     store = StoreSet.of(store)
-    names = split_names(splits)
-    json_paths = [os.path.join(data_root, "lxmert", f"{s}.json") for s in names]
-    for p in json_paths:
-        if not os.path.exists(p):
-            raise FileNotFoundError(p)
-    all_ans = all_ans or os.path.join(data_root, "lxmert", "all_ans.json")
-    qa_sets = None if qa_sets is None else (
-        [s for s in qa_sets.split(",") if s] if isinstance(qa_sets, str) else list(qa_sets))
+    names, json_paths, all_ans, qa_sets = _index_inputs(data_root, splits, all_ans, qa_sets)
     key = _index_key(json_paths, store, vocab, all_ans, qa_sets, max_len, skip_bad)
     if out_dir is None:
         if store.root is None:
@@ -188,94 +288,30 @@ def build_pretrain_index(data_root: str, splits, store: StoreSet | FeatureStore,
     bad = BadRowLog(skip_bad)
     rows = store.index(skip_bad=skip_bad)
     bad.extend(store.duplicates())
-    sents, img_row, source, qa_ptr, qa_ans, qa_score = [], [], [], [0], [], []
-    pruned = kept = 0
-    seen_img: dict[str, str] = {}
-    for path in json_paths:
-        for line, rec in read_pretrain_json(path, bad):
-            img_id = rec["img_id"]
-            ridx = rows.get(img_id)
-            if ridx is None:
-                bad.handle(DataFormatError(path, line, "img_id",
-                                           f"img_id {img_id!r} has no features in the stores "
-                                           f"{', '.join(store.paths)}"))
-                continue
-            if img_id in seen_img:
-                bad.handle(DataFormatError(path, line, "img_id",
-                                           f"img_id {img_id!r} also in {seen_img[img_id]}"))
-                continue
-            seen_img[img_id] = path
-            for src, src_sents in rec["sentf"].items():
-                if src not in SOURCES:
-                    bad.handle(DataFormatError(path, line, f"sentf.{src}",
-                                               f"unknown source {src!r} (known: {SOURCES})"))
-                    continue
-                labels = rec.get("labelf", {}).get(src)
-                for j, sent in enumerate(src_sents):
-                    sents.append(sent)
-                    img_row.append(ridx)
-                    source.append(SOURCES.index(src))
-                    if labels is not None:
-                        lab: dict[int, float] = {}
-                        for ans, score in labels[j].items():
-                            aid = table.ans2id.get(convert_ans(ans))
-                            if aid is None:
-                                pruned += 1
-                                continue
-                            lab[aid] = float(score)  # as released: a later duplicate overwrites
-                            kept += 1
-                        qa_ans.extend(lab.keys())
-                        qa_score.extend(lab.values())
-                    qa_ptr.append(len(qa_ans))
-    if not sents:
+    items = _read_items(json_paths, rows, store, table, bad)
+    if not items.sents:
         raise DataFormatError(json_paths[0], None, "(file)", "no sentences with features")
 
-    tokens, lengths = tokenize_sentences(tok, sents, max_len)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_partials(out_dir, log)
-    tmp = f"{out_dir}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        arrays = {"tokens": tokens, "lengths": lengths,
-                  "img_row": np.asarray(img_row, np.int32), "source": np.asarray(source, np.int8),
-                  "qa_ptr": np.asarray(qa_ptr, np.int64), "qa_ans": np.asarray(qa_ans, np.int32),
-                  "qa_score": np.asarray(qa_score, np.float32)}
-        for name, a in arrays.items():
-            np.save(os.path.join(tmp, f"{name}.npy"), a)
-        if len(bad):
-            bad.write_tsv(os.path.join(tmp, "skipped_records.tsv"))
-        n_qa = int((np.diff(arrays["qa_ptr"]) > 0).sum())
-        meta = {
-            "version": INDEX_VERSION, "key": key, "splits": names,
-            "json": [os.path.abspath(p) for p in json_paths], "stores": store.paths,
-            "store_key": store.key,
-            "num_items": len(sents), "num_images": len(seen_img), "max_len": max_len,
-            "vocab": os.path.abspath(vocab), "vocab_size": len(tok),
-            "special_ids": {"pad": sp.pad, "unk": sp.unk, "cls": sp.cls, "sep": sp.sep,
-                            "mask": sp.mask},
-            "answers": table.answers, "qa_sets": table.qa_sets, "qa_items": n_qa,
-            "answers_kept": kept, "answers_pruned": pruned, "skipped": len(bad),
-            "truncated": int((lengths >= max_len).sum()),
-            "sources": {s: int((arrays["source"] == i).sum()) for i, s in enumerate(SOURCES)},
-        }
-        with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-        if os.path.exists(out_dir):  # a stale or rebuilt index
-            shutil.rmtree(out_dir, ignore_errors=True)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not os.path.exists(os.path.join(out_dir, "index.json")):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process built it concurrently
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tokens, lengths = tokenize_sentences(tok, items.sents, max_len)
+    arrays = items.arrays(tokens, lengths)
+    n_qa = int((np.diff(arrays["qa_ptr"]) > 0).sum())
+    meta = {
+        "version": INDEX_VERSION, "key": key, "splits": names,
+        "json": [os.path.abspath(p) for p in json_paths], "stores": store.paths,
+        "store_key": store.key,
+        "num_items": len(items.sents), "num_images": len(items.images), "max_len": max_len,
+        "vocab": os.path.abspath(vocab), "vocab_size": len(tok),
+        "special_ids": {"pad": sp.pad, "unk": sp.unk, "cls": sp.cls, "sep": sp.sep,
+                        "mask": sp.mask},
+        "answers": table.answers, "qa_sets": table.qa_sets, "qa_items": n_qa,
+        "answers_kept": items.kept, "answers_pruned": items.pruned, "skipped": len(bad),
+        "truncated": int((lengths >= max_len).sum()),
+        "sources": {s: int((arrays["source"] == i).sum()) for i, s in enumerate(SOURCES)},
+    }
+    _write_index(out_dir, arrays, meta, bad, log)
     if log:
-        log(f"sentence index: {len(sents)} items of {len(seen_img)} images from {names}, "
-            f"{n_qa} with QA ({len(table)} answers; {pruned} answer entries outside the table "
+        log(f"sentence index: {len(items.sents)} items of {len(items.images)} images from {names}, "
+            f"{n_qa} with QA ({len(table)} answers; {items.pruned} answer entries outside the table "
             f"pruned) -> {out_dir}")
         if len(bad):
             log(bad.summary())

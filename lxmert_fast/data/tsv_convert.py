@@ -268,6 +268,171 @@ def place_store(tmp: str, out_dir: str, overwrite: bool, log=print) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_inputs(tsv_paths: list[str], out_dir: str, overwrite: bool) -> tuple[list[str], str]:
+    """The input paths (each an existing file) and the absolute output directory (which must not
+    exist unless ``overwrite``)."""
+    tsv_paths = [os.fspath(p) for p in tsv_paths]
+    if not tsv_paths:
+        raise ValueError("no input files")
+    for p in tsv_paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(p)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (pass --overwrite to replace it)")
+    return tsv_paths, out_dir
+
+
+def make_partial_dir(out_dir: str, log=print) -> str:
+    """A fresh, empty ``<out_dir>.partial-<pid>`` to build a store in, renamed into place when
+    complete (those of crashed conversions removed first)."""
+    remove_stale_partials(out_dir, log)
+    tmp = f"{out_dir}.partial-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _box_options(tsv_paths: list[str], num_boxes: int | None, fp32: bool, skip_bad: bool,
+                 parse_kw: dict) -> _Options:
+    """The conversion options; the box count is ``num_boxes`` (fixed) or the first valid row's
+    (``parse_kw``: the row parser's limits)."""
+    fixed = num_boxes is not None
+    if num_boxes is None:
+        num_boxes, first = _first_row(tsv_paths, skip_bad, **parse_kw)
+    else:
+        first = "--num-boxes"
+    if num_boxes <= 0:
+        raise ValueError("num_boxes must be positive")
+    return _Options(num_boxes, fixed, parse_kw["feat_dim"], fp32, skip_bad,
+                    parse_kw["num_obj_classes"], parse_kw["num_attr_classes"], first)
+
+
+def _default_seg_lines(total_bytes: int, num_boxes: int, feat_dim: int, workers: int) -> int:
+    """Lines per segment: ~4 segments per worker for balance, at most 256 lines (~100 MB)."""
+    approx_lines = max(1, total_bytes // max(1, 4 * num_boxes * feat_dim * 4 // 3))
+    return int(min(256, max(8, math.ceil(approx_lines / (4 * workers)))))
+
+
+def _segment_bytes(segs, tsv_paths: list[str]) -> list[int]:
+    """Bytes of each planned segment (for the progress bar)."""
+    seg_bytes = []
+    for i, (fi, b0, _l0, _n, _r0) in enumerate(segs):
+        same = i + 1 < len(segs) and segs[i + 1][0] == fi
+        seg_bytes.append((segs[i + 1][1] if same else os.path.getsize(tsv_paths[fi])) - b0)
+    return seg_bytes
+
+
+def _run_segments(tasks: list, seg_bytes: list[int], total_bytes: int, workers: int,
+                  progress: bool, on_segment: Callable[[int], None] | None) -> list:
+    """Convert every segment, in a process pool unless ``workers == 1`` or there is one segment;
+    the results in task order. A worker's DataFormatError is re-raised here."""
+    bar = None
+    if progress:
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert",
+                   file=sys.stderr, dynamic_ncols=True)
+
+    def segment_done(i: int, done_n: int) -> None:
+        if bar:
+            bar.update(seg_bytes[i])
+        if on_segment is not None:
+            on_segment(done_n)
+
+    try:
+        if workers == 1 or len(tasks) == 1:
+            results = []
+            for i, t in enumerate(tasks):
+                results.append(_segment_task(t))
+                segment_done(i, i + 1)
+            return results
+        return _run_segments_in_pool(tasks, workers, segment_done)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _run_segments_in_pool(tasks: list, workers: int, segment_done: Callable[[int, int], None]) -> list:
+    """The segments in a process pool; on any error or interrupt the workers are terminated."""
+    results = [None] * len(tasks)
+    # fork where available: no re-import of the package in every worker (the
+    # workers only run numpy code); spawn elsewhere
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx,
+                             initializer=_worker_init)
+    try:
+        futs = {ex.submit(_segment_task, t): i for i, t in enumerate(tasks)}
+        pending, done_n = set(futs), 0
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                i = futs[f]
+                results[i] = f.result()  # re-raises a worker's DataFormatError
+                done_n += 1
+                segment_done(i, done_n)
+    except BaseException:
+        for p in list(getattr(ex, "_processes", {}).values()):
+            p.terminate()
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
+    return results
+
+
+def _unique_rows(results: list, segs, tsv_paths: list[str], total_lines: int,
+                 bad: BadRowLog) -> tuple[np.ndarray, list]:
+    """(valid (total_lines,) bool, img_id of each valid row): the workers' bad rows go to
+    ``bad``, and so does every repeat of an img_id, across every file in input order."""
+    valid = np.zeros(total_lines, bool)
+    img_ids = [None] * total_lines
+    first_seen: dict[str, tuple[str, int]] = {}
+    for (ids, errs), (fi, *_rest) in zip(results, segs):
+        bad.extend(errs)
+        for row, img_id, line in ids:
+            prev = first_seen.get(img_id)
+            if prev is not None:
+                bad.handle(DataFormatError(tsv_paths[fi], line, "img_id",
+                                           f"duplicate img_id {img_id!r} (first at "
+                                           f"{prev[0]}:{prev[1]})"))
+                continue
+            first_seen[img_id] = (tsv_paths[fi], line)
+            valid[row] = True
+            img_ids[row] = img_id
+    return valid, img_ids
+
+
+def _manifest_extra(tsv_paths: list[str], counts, opts: _Options, bad: BadRowLog) -> dict:
+    """The TSV store's manifest fields beyond the arrays: its sources (with their fingerprints),
+    the skipped-row count, the label spaces."""
+    return {
+        "sources": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "lines": c[0],
+                     "fingerprint": source_fingerprint(p)}
+                    for p, c in zip(tsv_paths, counts)],
+        "skipped_rows": len(bad),
+        "num_obj_classes": opts.num_obj_classes, "num_attr_classes": opts.num_attr_classes,
+        "fixed_num_boxes": opts.fixed_boxes, "layout": "tsv", "labels": {"objects": True, "attributes": True},
+    }
+
+
+def write_skipped_rows(bad: BadRowLog, directory: str, extra: dict) -> None:
+    """List the skipped rows in ``skipped_rows.tsv`` (when there are any) and name it in the
+    manifest's ``extra``."""
+    if len(bad):
+        bad.write_tsv(os.path.join(directory, "skipped_rows.tsv"))
+        extra["skipped_rows_file"] = "skipped_rows.tsv"
+
+
+def _log_converted(log, n_valid: int, total_bytes: int, out_dir: str, dt: float, feat_dtype: str,
+                   bad: BadRowLog) -> None:
+    if not log:
+        return
+    log(f"converted {n_valid} images ({total_bytes / 1e6:.1f} MB of TSV) into {out_dir} "
+        f"in {dt:.1f} s ({total_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s), features {feat_dtype}")
+    if len(bad):
+        log(bad.summary())
+        log(f"every skipped row is listed in {os.path.join(out_dir, 'skipped_rows.tsv')}")
+
+
 def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
                  skip_bad: bool = False, workers: int | None = None,
                  num_boxes: int | None = None, feat_dim: int = DEFAULT_FEAT_DIM,
@@ -284,113 +449,29 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
     raises interrupts the conversion like Ctrl-C: nothing is left at ``out_dir``).
     """
     t0 = time.time()
-    tsv_paths = [os.fspath(p) for p in tsv_paths]
-    if not tsv_paths:
-        raise ValueError("no input files")
-    for p in tsv_paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(p)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (pass --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
+    tsv_paths, out_dir = _check_inputs(tsv_paths, out_dir, overwrite)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     kw = dict(feat_dim=feat_dim, num_obj_classes=num_obj_classes,
               num_attr_classes=num_attr_classes, check_fp16=not fp32)
-
-    remove_stale_partials(out_dir, log)
-    tmp = f"{out_dir}.partial-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = make_partial_dir(out_dir, log)
     try:
-        fixed = num_boxes is not None
-        if num_boxes is None:
-            num_boxes, first = _first_row(tsv_paths, skip_bad, **kw)
-        else:
-            first = "--num-boxes"
-        if num_boxes <= 0:
-            raise ValueError("num_boxes must be positive")
-        opts = _Options(num_boxes, fixed, feat_dim, fp32, skip_bad, num_obj_classes,
-                        num_attr_classes, first)
-
+        opts = _box_options(tsv_paths, num_boxes, fp32, skip_bad, kw)
         total_bytes = sum(os.path.getsize(p) for p in tsv_paths)
-        if seg_lines is None:  # ~4 segments per worker for balance, at most 256 lines (~100 MB)
-            approx_lines = max(1, total_bytes // max(1, 4 * num_boxes * feat_dim * 4 // 3))
-            seg_lines = int(min(256, max(8, math.ceil(approx_lines / (4 * workers)))))
+        if seg_lines is None:
+            seg_lines = _default_seg_lines(total_bytes, opts.num_boxes, feat_dim, workers)
         counts = [count_lines(p, seg_lines) for p in tsv_paths]
         total_lines = sum(c[0] for c in counts)
         if total_lines == 0:
             raise DataFormatError(tsv_paths[0], None, "(file)", "input files are empty")
         feat_dtype = "float32" if fp32 else "float16"
-        writer = RowWriter.create(tmp, total_lines, num_boxes, feat_dim, feat_dtype)
+        writer = RowWriter.create(tmp, total_lines, opts.num_boxes, feat_dim, feat_dtype)
         segs = _plan_segments(counts, seg_lines)
         tasks = [(writer, tsv_paths[fi], fi, b0, l0, n, r0, opts) for fi, b0, l0, n, r0 in segs]
-
-        bar = None
-        if progress:
-            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert",
-                       file=sys.stderr, dynamic_ncols=True)
-        seg_bytes = []
-        for i, (fi, b0, _l0, _n, _r0) in enumerate(segs):
-            same = i + 1 < len(segs) and segs[i + 1][0] == fi
-            seg_bytes.append((segs[i + 1][1] if same else os.path.getsize(tsv_paths[fi])) - b0)
-        results = [None] * len(tasks)
+        results = _run_segments(tasks, _segment_bytes(segs, tsv_paths), total_bytes, workers,
+                                progress, on_segment)
         bad = BadRowLog(skip_bad)
-        try:
-            if workers == 1 or len(tasks) == 1:
-                for i, t in enumerate(tasks):
-                    results[i] = _segment_task(t)
-                    if bar:
-                        bar.update(seg_bytes[i])
-                    if on_segment is not None:
-                        on_segment(i + 1)
-            else:
-                # fork where available: no re-import of the package in every worker (the
-                # workers only run numpy code); spawn elsewhere
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx,
-                                         initializer=_worker_init)
-                try:
-                    futs = {ex.submit(_segment_task, t): i for i, t in enumerate(tasks)}
-                    pending, done_n = set(futs), 0
-                    while pending:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            i = futs[f]
-                            results[i] = f.result()  # re-raises a worker's DataFormatError
-                            done_n += 1
-                            if bar:
-                                bar.update(seg_bytes[i])
-                            if on_segment is not None:
-                                on_segment(done_n)
-                except BaseException:
-                    for p in list(getattr(ex, "_processes", {}).values()):
-                        p.terminate()
-                    ex.shutdown(wait=True, cancel_futures=True)
-                    raise
-                ex.shutdown(wait=True)
-        finally:
-            if bar:
-                bar.close()
-
-        # duplicates across every file, in input order
-        valid = np.zeros(total_lines, bool)
-        img_ids = [None] * total_lines
-        first_seen: dict[str, tuple[str, int]] = {}
-        for (ids, errs), (fi, *_rest) in zip(results, segs):
-            bad.extend(errs)
-            for row, img_id, line in ids:
-                prev = first_seen.get(img_id)
-                if prev is not None:
-                    bad.handle(DataFormatError(tsv_paths[fi], line, "img_id",
-                                               f"duplicate img_id {img_id!r} (first at "
-                                               f"{prev[0]}:{prev[1]})"))
-                    continue
-                first_seen[img_id] = (tsv_paths[fi], line)
-                valid[row] = True
-                img_ids[row] = img_id
+        valid, img_ids = _unique_rows(results, segs, tsv_paths, total_lines, bad)
         n_valid = int(valid.sum())
         if n_valid == 0:
             raise DataFormatError(tsv_paths[0], None, "(file)", "no valid rows to convert")
@@ -398,18 +479,9 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
             rows = np.flatnonzero(valid)
             writer = _compact(writer, tmp, rows, opts, progress)
             img_ids = [img_ids[r] for r in rows.tolist()]
-        extra = {
-            "sources": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "lines": c[0],
-                         "fingerprint": source_fingerprint(p)}
-                        for p, c in zip(tsv_paths, counts)],
-            "skipped_rows": len(bad),
-            "num_obj_classes": num_obj_classes, "num_attr_classes": num_attr_classes,
-            "fixed_num_boxes": fixed, "layout": "tsv", "labels": {"objects": True, "attributes": True},
-        }
-        if len(bad):
-            bad.write_tsv(os.path.join(tmp, "skipped_rows.tsv"))
-            extra["skipped_rows_file"] = "skipped_rows.tsv"
-        manifest = finalize_store(tmp, writer, num_images=n_valid, num_boxes=num_boxes,
+        extra = _manifest_extra(tsv_paths, counts, opts, bad)
+        write_skipped_rows(bad, tmp, extra)
+        manifest = finalize_store(tmp, writer, num_images=n_valid, num_boxes=opts.num_boxes,
                                   feat_dim=feat_dim, feat_dtype=feat_dtype, img_ids=img_ids,
                                   extra=extra, checksum=checksum)
         place_store(tmp, out_dir, overwrite, log)
@@ -417,11 +489,7 @@ def convert_tsvs(tsv_paths: list[str], out_dir: str, *, fp32: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     dt = time.time() - t0
-    if log:
-        log(f"converted {n_valid} images ({total_bytes / 1e6:.1f} MB of TSV) into {out_dir} "
-            f"in {dt:.1f} s ({total_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s), features {feat_dtype}")
-        if len(bad):
-            log(bad.summary())
-            log(f"every skipped row is listed in {os.path.join(out_dir, 'skipped_rows.tsv')}")
+    _log_converted(log, n_valid, total_bytes, out_dir, dt, feat_dtype, bad)
     manifest["seconds"] = dt
     return manifest
+

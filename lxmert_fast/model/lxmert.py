@@ -424,6 +424,34 @@ def _masked_lm_labels(labels: Optional[Tensor], masked_lm_labels: Optional[Tenso
     return masked_lm_labels
 
 
+def _sum_losses(losses: dict[str, Tensor], like: Tensor) -> Tensor:
+    """The total loss: the tasks' losses summed in order onto a zero of ``like``'s dtype and device."""
+    total = torch.zeros((), dtype=like.dtype, device=like.device)
+    for value in losses.values():
+        total = total + value
+    return total
+
+
+def _pretraining_output(return_dict: bool, total: Optional[Tensor], losses: Optional[dict[str, Tensor]],
+                        prediction_logits: Optional[Tensor], cross_relationship_score: Tensor,
+                        answer_score: Optional[Tensor],
+                        base: LxmertModelOutput) -> Union[LxmertForPreTrainingOutput, tuple]:
+    """The pre-training output as transformers returns it: the output class, or (with ``return_dict=False``)
+    the tuple of its fields that are set (the loss first when there is one; the heads' scores always)."""
+    if not return_dict:
+        rest = tuple(x for x in (base.language_hidden_states, base.vision_hidden_states, base.language_attentions,
+                                 base.vision_attentions, base.cross_encoder_attentions) if x is not None)
+        head = (prediction_logits, cross_relationship_score, answer_score)
+        return ((total,) if total is not None else ()) + head + rest
+    return LxmertForPreTrainingOutput(
+        loss=total, prediction_logits=prediction_logits, cross_relationship_score=cross_relationship_score,
+        question_answering_score=answer_score, language_hidden_states=base.language_hidden_states,
+        vision_hidden_states=base.vision_hidden_states, language_attentions=base.language_attentions,
+        vision_attentions=base.vision_attentions, cross_encoder_attentions=base.cross_encoder_attentions,
+        losses=losses,
+    )
+
+
 class LxmertForPreTraining(LxmertPreTrainedModel):
     """LXMERT with the five pre-training heads and their summed loss."""
 
@@ -498,80 +526,74 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if row_budget is None and torch.compiler.is_compiling():
             row_budget = RowBudget.full(batch, length, visual_feats.shape[1])
-        # Without logits, hidden states or attentions to return, the heads read [CLS] and the masked
-        # words only: the last cross layer's language side runs at those rows.
-        rows_m = labels_m = None
+        # Without logits the MLM loss decodes the masked words only (selected once); without hidden states or
+        # attentions either, the heads read [CLS] and those rows only: the last cross layer runs at them.
+        rows_m = labels_m = language_rows = None
+        if want_mlm_loss and not output_prediction_logits:
+            rows_m, labels_m = self._masked_words(labels, row_budget)
         if not (output_prediction_logits or output_hidden_states or output_attentions):
-            if want_mlm_loss:
-                labels_n = labels.reshape(-1)
-                rows_m, valid_m = select_rows(labels_n >= 0, None if row_budget is None else row_budget.words,
-                                              "masked words (labels >= 0)")
-                labels_m = labels_n.index_select(0, rows_m)
-                if valid_m is not None:
-                    labels_m = labels_m.masked_fill(~valid_m, -100)
-            else:
-                rows_m = torch.zeros(0, dtype=torch.long, device=visual_feats.device)
+            language_rows = rows_m if rows_m is not None else torch.zeros(0, dtype=torch.long,
+                                                                          device=visual_feats.device)
         base = self.lxmert(
             input_ids=input_ids, visual_feats=visual_feats, visual_pos=visual_pos, attention_mask=attention_mask,
             visual_attention_mask=visual_attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
-            language_rows=rows_m,
+            language_rows=language_rows,
         )
         lang_btd, vis_bnd, pooled_bd = base.language_output, base.vision_output, base.pooled_output
 
         losses: dict[str, Tensor] = {}
-        prediction_logits = None
-        if output_prediction_logits:
-            prediction_logits = self.cls.predictions(lang_btd)
-            if want_mlm_loss:
-                losses["mlm"] = masked_mean_cross_entropy(prediction_logits.reshape(-1, cfg.vocab_size),
-                                                          labels.reshape(-1))
-        elif want_mlm_loss:  # decode the masked positions only
-            if rows_m is None:  # every row was computed (hidden states or attentions are returned)
-                labels_n = labels.reshape(-1)
-                picked_k, valid_k = select_rows(labels_n >= 0, None if row_budget is None else row_budget.words,
-                                                "masked words (labels >= 0)")
-                hidden_kd = lang_btd.reshape(-1, lang_btd.shape[-1]).index_select(0, picked_k)
-                labels_k = labels_n.index_select(0, picked_k)
-                if valid_k is not None:
-                    labels_k = labels_k.masked_fill(~valid_k, -100)
-            else:  # lang_btd holds the masked rows rows_m: (M, d); unused slots carry label -100
-                hidden_kd, labels_k = lang_btd, labels_m
-            losses["mlm"] = masked_mean_cross_entropy(self.cls.predictions(hidden_kd), labels_k)
-
+        prediction_logits = self.cls.predictions(lang_btd) if output_prediction_logits else None
+        if want_mlm_loss:
+            losses["mlm"] = self._mlm_loss(prediction_logits, lang_btd, labels, rows_m, labels_m,
+                                           ran_at_rows=language_rows is not None)
         cross_relationship_score = self.cls.seq_relationship(pooled_bd)
         if matched_label is not None and cfg.task_matched:
             losses["matched"] = masked_mean_cross_entropy(cross_relationship_score.reshape(-1, 2),
                                                           matched_label.reshape(-1))
         if obj_labels is not None and cfg.task_obj_predict:
-            if self.training:  # the masked-only outputs at the masked objects (the same losses)
-                losses.update(visual_losses_at_masked_objects(
-                    cfg, self.obj_predict_head, vis_bnd, obj_labels,
-                    None if row_budget is None else row_budget.objects))
-            else:  # every object's scores, e.g. for a forward hook reading the head's predictions
-                losses.update(visual_losses(cfg, self.obj_predict_head(vis_bnd), obj_labels))
+            losses.update(self._object_losses(vis_bnd, obj_labels, row_budget))
         answer_score = self.answer_head(pooled_bd) if cfg.task_qa else None
         if ans is not None and cfg.task_qa:
             losses["qa"] = masked_mean_cross_entropy(answer_score.reshape(-1, cfg.num_qa_labels), ans.reshape(-1))
 
         any_labels = labels is not None or matched_label is not None or obj_labels is not None or ans is not None
-        total = None
-        if any_labels:
-            total = torch.zeros((), dtype=pooled_bd.dtype, device=pooled_bd.device)
-            for value in losses.values():
-                total = total + value
-        if not return_dict:
-            rest = tuple(x for x in (base.language_hidden_states, base.vision_hidden_states, base.language_attentions,
-                                     base.vision_attentions, base.cross_encoder_attentions) if x is not None)
-            head = (prediction_logits, cross_relationship_score, answer_score)
-            return ((total,) if total is not None else ()) + head + rest
-        return LxmertForPreTrainingOutput(
-            loss=total, prediction_logits=prediction_logits, cross_relationship_score=cross_relationship_score,
-            question_answering_score=answer_score, language_hidden_states=base.language_hidden_states,
-            vision_hidden_states=base.vision_hidden_states, language_attentions=base.language_attentions,
-            vision_attentions=base.vision_attentions, cross_encoder_attentions=base.cross_encoder_attentions,
-            losses=losses if any_labels else None,
-        )
+        total = _sum_losses(losses, like=pooled_bd) if any_labels else None
+        return _pretraining_output(return_dict, total, losses if any_labels else None, prediction_logits,
+                                   cross_relationship_score, answer_score, base)
+
+    def _mlm_loss(self, prediction_logits: Optional[Tensor], lang_btd: Tensor, labels: Tensor,
+                  rows_m: Optional[Tensor], labels_m: Optional[Tensor], ran_at_rows: bool) -> Tensor:
+        """The masked-LM loss: from the (B, T, vocab) logits when they were computed, else decoding the
+        masked rows only (``lang_btd`` holds the rows ``rows_m``, (M, d), when ``ran_at_rows``; else every
+        row; unused budget slots carry label -100)."""
+        if prediction_logits is not None:
+            return masked_mean_cross_entropy(prediction_logits.reshape(-1, self.config.vocab_size),
+                                             labels.reshape(-1))
+        hidden_md = lang_btd if ran_at_rows else lang_btd.reshape(-1, lang_btd.shape[-1]).index_select(0, rows_m)
+        return masked_mean_cross_entropy(self.cls.predictions(hidden_md), labels_m)
+
+    @staticmethod
+    def _masked_words(labels: Tensor, row_budget: Optional[RowBudget]) -> tuple[Tensor, Tensor]:
+        """(rows_m, labels_m): the masked words' rows of the flattened (B*T) positions and their labels;
+        with a budget, (budget,) of them with label -100 in the unused slots."""
+        labels_n = labels.reshape(-1)
+        rows_m, valid_m = select_rows(labels_n >= 0, None if row_budget is None else row_budget.words,
+                                      "masked words (labels >= 0)")
+        labels_m = labels_n.index_select(0, rows_m)
+        if valid_m is not None:
+            labels_m = labels_m.masked_fill(~valid_m, -100)
+        return rows_m, labels_m
+
+    def _object_losses(self, vis_bnd: Tensor, obj_labels: dict[str, tuple[Tensor, Tensor]],
+                       row_budget: Optional[RowBudget]) -> dict[str, Tensor]:
+        """The visual losses (obj / attr / feat, as the config asks)."""
+        cfg = self.config
+        if self.training:  # the masked-only outputs at the masked objects (the same losses)
+            return visual_losses_at_masked_objects(cfg, self.obj_predict_head, vis_bnd, obj_labels,
+                                                   None if row_budget is None else row_budget.objects)
+        # every object's scores, e.g. for a forward hook reading the head's predictions
+        return visual_losses(cfg, self.obj_predict_head(vis_bnd), obj_labels)
 
 
 class LxmertForQuestionAnswering(LxmertPreTrainedModel):

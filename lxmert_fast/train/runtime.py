@@ -249,35 +249,12 @@ class Trainer:
     def setup(self) -> None:
         args, recipe = self.args, self.recipe
         seed_everything(args.seed)
-        ds_path = args.deepspeed_config or ds_cfg.default_config_name(recipe.job, self.device.type == "cuda")
-        raw = ds_cfg.load_ds_config(ds_path)
-        self.ds_path = ds_cfg.resolve_config_path(ds_path)
-        try:
-            check_compile_mode(args.compile, self.device, ds_cfg.zero_stage_of(raw), args.compile_backend)
-        except CompileModeError as err:
-            raise UsageError(str(err)) from None
-        self.hardware_changes: list[str] = []
-        if self.device.type != "cuda":
-            raw, self.hardware_changes = ds_cfg.fit_to_cpu(raw)
-        raw = recipe.fill_config(raw)
-        if args.engine == "torch":
-            reasons = unsupported_reasons(raw, self.world) + (
-                ["the FLOPs profiler is DeepSpeed's (--flops_profile_step)"] if args.flops_profile_step else [])
-            if reasons:
-                raise UsageError(f"--engine torch cannot run {os.path.basename(ds_path)}: " + "; ".join(reasons))
+        raw = self._load_ds_config()
         self.out_dir = os.path.abspath(args.output_dir)
         self.ckpt = CheckpointManager(os.path.join(self.out_dir, "checkpoints"), keep=args.keep_checkpoints)
         self.resume_choice = None
         if args.resume:
-            if not self.ckpt.tags():
-                raise UsageError(f"--resume: no checkpoint in {self.ckpt.directory}")
-            self.resume_choice = self.ckpt.choose_resume_tag_everywhere(self.rank, self.log)
-            then = (read_run_file(self.ckpt.directory, self.resume_choice.tag)
-                    if os.path.isfile(os.path.join(self.ckpt.directory, self.resume_choice.tag, RUN_FILE)) else {})
-            raw, notes = ds_cfg.keep_checkpoint_batch(raw, self.world, args.micro_batch_size, then,
-                                                      self.resume_choice.tag)
-            for note in notes:
-                self.log(f"--resume: {note}")
+            raw = self._choose_resume(raw)
         _, micro, accum = ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)
         self.accum = accum
         recipe.build_data(self, micro, accum)
@@ -294,14 +271,7 @@ class Trainer:
         self._check_output_dir()
         self.resume_plan = None
         if args.resume:  # decided before the engine exists: a universal checkpoint is a config setting
-            self.resume_plan = plan_resume(self.ckpt, self.world, ds_cfg.zero_stage_of(raw),
-                                           ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)[0],
-                                           engine=args.engine, tag=self.resume_choice.tag)
-            if self.resume_plan.universal:
-                if self.is_main:
-                    convert_to_universal(self.ckpt.directory, self.resume_plan.tag, self.log)
-                barrier()
-                raw = dict(raw, checkpoint=dict(raw.get("checkpoint", {}), load_universal=True))
+            raw = self._plan_resume(raw)
         warmup = args.warmup_ratio if args.warmup_ratio is not None else recipe.warmup_ratio()
         self.ds_config = ds_cfg.prepare_ds_config(raw, world_size=self.world, total_steps=self.total_steps,
                                              output_dir=self.out_dir, micro_batch_size=args.micro_batch_size,
@@ -318,25 +288,92 @@ class Trainer:
         if args.activation_checkpointing:
             model.set_activation_checkpointing(True)
         compile_model(model, args.compile, args.compile_backend)
-        if args.engine == "torch":
-            self.engine = TorchEngine(model, self.ds_config)
-            self.hardware_changes += self.engine.changes()
-        else:
-            with monitors.monitor_environment(self.ds_config, self.out_dir, self.log):
-                self.engine = ds_cfg.initialize(model, self.ds_config)
-            monitors.adapt_monitors(self.engine)
-            if args.dist_timeout is not None and self.world > 1:
-                try:
-                    groups = set_collective_timeout(args.dist_timeout)
-                except RuntimeError as err:
-                    raise UsageError(str(err)) from None
-                self.log(f"--dist_timeout: a collective fails after {args.dist_timeout:g} s without its peers "
-                         f"({groups} process groups)")
+        self._start_engine(model)
         seed_everything(args.seed + 1_000_003 * self.rank)  # the same init everywhere, per-rank dropout streams
         self.settings = ds_cfg.optim_settings(self.engine)
         self.dtype = DTYPES[self.settings.precision]
         self.peak = args.peak_tflops or (peak_tflops_for(device_name()) if self.device.type == "cuda" else None)
-        for line in recipe.describe(self):
+        self._log_setup(n_params)
+        flops = recipe.flops_per_sample()
+        self.log(f"schedule: {self.epochs} epoch(s) x {self.steps_per_epoch} steps, {self.total_steps} steps in all"
+                 + (f"; {flops / 1e9:.2f} GFLOP per sample" if flops else ""))
+        self.flops_probe = (FlopsProbe(self.engine, micro_batch_size=self.settings.micro_batch_size,
+                                       flops_per_sample=flops, compile_mode=args.compile, log=self.log)
+                            if args.engine == "deepspeed" else None)
+        self._start_step_state()
+
+    def _load_ds_config(self) -> dict:
+        """The job's DeepSpeed config (``--deepspeed_config`` or the packaged default), checked against
+        ``--compile`` and ``--engine``, fitted to a CPU when there is no GPU, filled by the recipe."""
+        args = self.args
+        ds_path = args.deepspeed_config or ds_cfg.default_config_name(self.recipe.job, self.device.type == "cuda")
+        raw = ds_cfg.load_ds_config(ds_path)
+        self.ds_path = ds_cfg.resolve_config_path(ds_path)
+        try:
+            check_compile_mode(args.compile, self.device, ds_cfg.zero_stage_of(raw), args.compile_backend)
+        except CompileModeError as err:
+            raise UsageError(str(err)) from None
+        self.hardware_changes: list[str] = []
+        if self.device.type != "cuda":
+            raw, self.hardware_changes = ds_cfg.fit_to_cpu(raw)
+        raw = self.recipe.fill_config(raw)
+        if args.engine == "torch":
+            reasons = unsupported_reasons(raw, self.world) + (
+                ["the FLOPs profiler is DeepSpeed's (--flops_profile_step)"] if args.flops_profile_step else [])
+            if reasons:
+                raise UsageError(f"--engine torch cannot run {os.path.basename(ds_path)}: " + "; ".join(reasons))
+        return raw
+
+    def _choose_resume(self, raw: dict) -> dict:
+        """``--resume``: the checkpoint to continue from (the same in every process); the config keeps the
+        batch size it was written with."""
+        if not self.ckpt.tags():
+            raise UsageError(f"--resume: no checkpoint in {self.ckpt.directory}")
+        self.resume_choice = self.ckpt.choose_resume_tag_everywhere(self.rank, self.log)
+        then = (read_run_file(self.ckpt.directory, self.resume_choice.tag)
+                if os.path.isfile(os.path.join(self.ckpt.directory, self.resume_choice.tag, RUN_FILE)) else {})
+        raw, notes = ds_cfg.keep_checkpoint_batch(raw, self.world, self.args.micro_batch_size, then,
+                                                  self.resume_choice.tag)
+        for note in notes:
+            self.log(f"--resume: {note}")
+        return raw
+
+    def _plan_resume(self, raw: dict) -> dict:
+        """How the chosen checkpoint is loaded; one written by another topology is converted to a universal
+        checkpoint first (rank 0) and the config then loads that."""
+        args = self.args
+        self.resume_plan = plan_resume(self.ckpt, self.world, ds_cfg.zero_stage_of(raw),
+                                       ds_cfg.resolve_batch_size(raw, self.world, args.micro_batch_size)[0],
+                                       engine=args.engine, tag=self.resume_choice.tag)
+        if self.resume_plan.universal:
+            if self.is_main:
+                convert_to_universal(self.ckpt.directory, self.resume_plan.tag, self.log)
+            barrier()
+            raw = dict(raw, checkpoint=dict(raw.get("checkpoint", {}), load_universal=True))
+        return raw
+
+    def _start_engine(self, model: nn.Module) -> None:
+        """``self.engine``: the plain PyTorch engine or DeepSpeed's (with its monitors and ``--dist_timeout``)."""
+        args = self.args
+        if args.engine == "torch":
+            self.engine = TorchEngine(model, self.ds_config)
+            self.hardware_changes += self.engine.changes()
+            return
+        with monitors.monitor_environment(self.ds_config, self.out_dir, self.log):
+            self.engine = ds_cfg.initialize(model, self.ds_config)
+        monitors.adapt_monitors(self.engine)
+        if args.dist_timeout is not None and self.world > 1:
+            try:
+                groups = set_collective_timeout(args.dist_timeout)
+            except RuntimeError as err:
+                raise UsageError(str(err)) from None
+            self.log(f"--dist_timeout: a collective fails after {args.dist_timeout:g} s without its peers "
+                     f"({groups} process groups)")
+
+    def _log_setup(self, n_params: int) -> None:
+        """The recipe's description, the model, the engine and its settings, the changes made for the hardware."""
+        args = self.args
+        for line in self.recipe.describe(self):
             self.log(line)
         self.log(f"model {n_params / 1e6:.2f}M parameters; {self.world} process(es) on {device_name()}"
                  + (f"; compiled ({args.compile}" + (f", backend {args.compile_backend}"
@@ -350,13 +387,6 @@ class Trainer:
         self.log(f"{engine_name} ({shown}): {self.settings.describe()}")
         for change in self.hardware_changes:
             self.log(f"CPU try-out of a GPU config: {change}" if not change.startswith("engine:") else change)
-        flops = recipe.flops_per_sample()
-        self.log(f"schedule: {self.epochs} epoch(s) x {self.steps_per_epoch} steps, {self.total_steps} steps in all"
-                 + (f"; {flops / 1e9:.2f} GFLOP per sample" if flops else ""))
-        self.flops_probe = (FlopsProbe(self.engine, micro_batch_size=self.settings.micro_batch_size,
-                                       flops_per_sample=flops, compile_mode=args.compile, log=self.log)
-                            if args.engine == "deepspeed" else None)
-        self._start_step_state()
 
     def _schedule(self) -> None:
         args = self.args

@@ -70,11 +70,7 @@ def _convert_records(path: str, out_dir: str, layout: str, fmap: FeaturesMap, fi
         raise FileExistsError(f"{out_dir} exists (pass --overwrite to replace it)")
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     fingerprint = fingerprint or layout_fingerprint(path, layout, fmap)
-    tsv_convert.remove_stale_partials(out_dir, log)
-    tmp = f"{out_dir}.partial-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = tsv_convert.make_partial_dir(out_dir, log)
     feat_dtype = "float32" if fp32 else "float16"
     bad = BadRowLog(skip_bad)
     try:
@@ -86,65 +82,14 @@ def _convert_records(path: str, out_dir: str, layout: str, fmap: FeaturesMap, fi
                 raise ValueError("num_boxes must be positive")
             opts = tsv_convert._Options(num_boxes or 0, fixed, feat_dim, fp32, skip_bad, num_obj_classes,
                                         num_attr_classes, "--num-boxes" if fixed else "")
-            writer = bufs = None
-            img_ids: list[str] = []
-            first_seen: dict[str, str] = {}
-            filled = written = 0
-            bar = None
-            if progress:
-                bar = tqdm(total=n_rec, unit="img", desc=f"convert {layout}", file=sys.stderr, dynamic_ncols=True)
-            try:
-                for i, key, row in reader.rows(bad, check_fp16=not fp32):
-                    if bar:
-                        bar.update(1)
-                    if row is None:
-                        continue
-                    try:
-                        if writer is None:  # the first valid record fixes the box count
-                            if not fixed:
-                                opts.num_boxes, opts.first_row = row.num_boxes, f"{reader.file_of(key)} key {key!r}"
-                            writer = RowWriter.create(tmp, n_rec, opts.num_boxes, feat_dim, feat_dtype)
-                            bufs = writer.buffers(_WRITE_BLOCK_ROWS)
-                        _check_boxes(row.num_boxes, opts, reader.file_of(key), key)
-                        prev = first_seen.get(row.img_id)
-                        if prev is not None:
-                            raise DataFormatError(reader.file_of(key), None, "image id",
-                                                  f"duplicate image id {row.img_id!r} (first at key {prev!r})", key)
-                    except DataFormatError as e:
-                        bad.handle(e)
-                        continue
-                    first_seen[row.img_id] = key
-                    tsv_convert._fill_row(bufs, filled, row, opts, 0, i)
-                    img_ids.append(row.img_id)
-                    filled += 1
-                    if filled == _WRITE_BLOCK_ROWS:
-                        writer.write(written, bufs, filled)
-                        written, filled = written + filled, 0
-                if writer is not None and filled:
-                    writer.write(written, bufs, filled)
-                    written += filled
-            finally:
-                if bar:
-                    bar.close()
-                if writer is not None:
-                    writer.close()
+            writer, img_ids = _write_records(reader, layout, tmp, opts, feat_dtype, bad, progress)
+            written = len(img_ids)
             if writer is None or written == 0:
                 raise DataFormatError(path, None, "(file)", f"no valid record to convert ({n_rec} records)")
             if written < n_rec:  # skipped records: exact-size arrays
                 writer = tsv_convert._compact(writer, tmp, np.arange(written), opts, progress)
-            labels = dict(reader.labels)
-            extra = {
-                "sources": [{"path": path, "bytes": source_bytes(path, layout), "records": n_rec,
-                             "fingerprint": fingerprint, "layout": layout}],
-                "layout": layout, "layout_title": reader.title, "labels": labels,
-                "image_ids": reader.id_rule if fmap.path is None else f"{reader.id_rule}; features map {fmap.path}",
-                "features_map": fmap.describe(), "src_line": "record index in the source",
-                "skipped_rows": len(bad), "num_obj_classes": num_obj_classes, "num_attr_classes": num_attr_classes,
-                "fixed_num_boxes": fixed,
-            }
-        if len(bad):
-            bad.write_tsv(os.path.join(tmp, "skipped_rows.tsv"))
-            extra["skipped_rows_file"] = "skipped_rows.tsv"
+            extra = _manifest_extra(path, layout, reader, fmap, fingerprint, opts, bad)
+        tsv_convert.write_skipped_rows(bad, tmp, extra)
         manifest = finalize_store(tmp, writer, num_images=written, num_boxes=opts.num_boxes, feat_dim=feat_dim,
                                   feat_dtype=feat_dtype, img_ids=img_ids, extra=extra, checksum=checksum)
         tsv_convert.place_store(tmp, out_dir, overwrite, log)
@@ -152,17 +97,91 @@ def _convert_records(path: str, out_dir: str, layout: str, fmap: FeaturesMap, fi
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     dt = time.time() - t0
-    if log:
-        total = extra["sources"][0]["bytes"]
-        carried = [k for k, v in labels.items() if v]
-        log(f"converted {written} images ({total / 1e6:.1f} MB of {reader.title}) into {out_dir} in {dt:.1f} s "
-            f"({total / 1e6 / max(dt, 1e-9):.1f} MB/s), features {feat_dtype}; labels: "
-            f"{', '.join(carried) if carried else 'none (fine-tuning, and pre-training with --visual_losses feat)'}")
-        if len(bad):
-            log(bad.summary())
-            log(f"every skipped record is listed in {os.path.join(out_dir, 'skipped_rows.tsv')}")
+    _log_converted(log, written, extra, reader.title, out_dir, dt, feat_dtype, bad)
     manifest["seconds"] = dt
     return manifest
+
+
+def _write_records(reader, layout: str, tmp: str, opts, feat_dtype: str, bad: BadRowLog,
+                   progress: bool) -> tuple[Optional[RowWriter], list[str]]:
+    """Write the valid records, in source order, into row arrays under ``tmp``: (the writer, closed; None when no
+    record is valid) and the image id of each row written. The first valid record fixes the box count unless
+    ``opts.fixed_boxes``; a bad record (also a repeated image id) goes to ``bad``."""
+    writer = bufs = None
+    img_ids: list[str] = []
+    first_seen: dict[str, str] = {}
+    filled = written = 0
+    bar = None
+    if progress:
+        bar = tqdm(total=len(reader), unit="img", desc=f"convert {layout}", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for i, key, row in reader.rows(bad, check_fp16=not opts.fp32):
+            if bar:
+                bar.update(1)
+            if row is None:
+                continue
+            try:
+                if writer is None:  # the first valid record fixes the box count
+                    if not opts.fixed_boxes:
+                        opts.num_boxes, opts.first_row = row.num_boxes, f"{reader.file_of(key)} key {key!r}"
+                    writer = RowWriter.create(tmp, len(reader), opts.num_boxes, opts.feat_dim, feat_dtype)
+                    bufs = writer.buffers(_WRITE_BLOCK_ROWS)
+                _check_record(row, key, reader, opts, first_seen)
+            except DataFormatError as e:
+                bad.handle(e)
+                continue
+            first_seen[row.img_id] = key
+            tsv_convert._fill_row(bufs, filled, row, opts, 0, i)
+            img_ids.append(row.img_id)
+            filled += 1
+            if filled == _WRITE_BLOCK_ROWS:
+                writer.write(written, bufs, filled)
+                written, filled = written + filled, 0
+        if writer is not None and filled:
+            writer.write(written, bufs, filled)
+    finally:
+        if bar:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    return writer, img_ids
+
+
+def _check_record(row, key: str, reader, opts, first_seen: dict[str, str]) -> None:
+    """DataFormatError for a record whose box count the store cannot hold or whose image id was seen before."""
+    _check_boxes(row.num_boxes, opts, reader.file_of(key), key)
+    prev = first_seen.get(row.img_id)
+    if prev is not None:
+        raise DataFormatError(reader.file_of(key), None, "image id",
+                              f"duplicate image id {row.img_id!r} (first at key {prev!r})", key)
+
+
+def _manifest_extra(path: str, layout: str, reader, fmap: FeaturesMap, fingerprint: str, opts,
+                    bad: BadRowLog) -> dict:
+    """The store's manifest fields beyond the arrays: its source, layout, labels, image-id rule, skipped count."""
+    return {
+        "sources": [{"path": path, "bytes": source_bytes(path, layout), "records": len(reader),
+                     "fingerprint": fingerprint, "layout": layout}],
+        "layout": layout, "layout_title": reader.title, "labels": dict(reader.labels),
+        "image_ids": reader.id_rule if fmap.path is None else f"{reader.id_rule}; features map {fmap.path}",
+        "features_map": fmap.describe(), "src_line": "record index in the source",
+        "skipped_rows": len(bad), "num_obj_classes": opts.num_obj_classes, "num_attr_classes": opts.num_attr_classes,
+        "fixed_num_boxes": opts.fixed_boxes,
+    }
+
+
+def _log_converted(log, written: int, extra: dict, title: str, out_dir: str, dt: float, feat_dtype: str,
+                   bad: BadRowLog) -> None:
+    if not log:
+        return
+    total = extra["sources"][0]["bytes"]
+    carried = [k for k, v in extra["labels"].items() if v]
+    log(f"converted {written} images ({total / 1e6:.1f} MB of {title}) into {out_dir} in {dt:.1f} s "
+        f"({total / 1e6 / max(dt, 1e-9):.1f} MB/s), features {feat_dtype}; labels: "
+        f"{', '.join(carried) if carried else 'none (fine-tuning, and pre-training with --visual_losses feat)'}")
+    if len(bad):
+        log(bad.summary())
+        log(f"every skipped record is listed in {os.path.join(out_dir, 'skipped_rows.tsv')}")
 
 
 def _check_boxes(n: int, opts, path: str, key: str) -> None:
