@@ -20,7 +20,6 @@ import fcntl
 import itertools
 import json
 import math
-import os
 import shlex
 import shutil
 import time
