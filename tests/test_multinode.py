@@ -15,7 +15,10 @@ import sys
 
 import pytest
 
+from lxmert_fast.data.demo import JOBS_OBJECTS, demo_dir_name
 from tests.helpers import child_env
+
+WORLD = demo_dir_name(240, 0, JOBS_OBJECTS)  # the jobs' demo world (--demo_images 240, no --demo_objects)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +67,7 @@ def test_two_nodes_on_shared_storage_build_the_caches_once(tmp_path):
     dirs = _tree(cache)
     assert [d for d in dirs if "partial" in d] == []       # nothing half-written left behind
     worlds = [d for d in dirs if os.sep not in d]
-    assert worlds == ["demo-v2-n240-s0"], worlds
+    assert worlds == [WORLD], worlds
     stores = sorted(d for d in dirs if os.path.basename(d).startswith("store-") and d.count(os.sep) == 2)
     assert [os.path.basename(d) for d in stores] == ["store-train2014", "store-val2014", "store-vg_gqa"], dirs
 
@@ -75,8 +78,8 @@ def test_two_nodes_with_disks_of_their_own_build_one_copy_each(tmp_path):
     assert "2 process(es)" in node0 and "step 2/2" in node0
     for cache in caches:
         dirs = _tree(cache)
-        assert "demo-v2-n240-s0" in dirs and [d for d in dirs if "partial" in d] == [], dirs
-        assert os.path.isdir(os.path.join(cache, "demo-v2-n240-s0", "lxmert_fast", "store-train2014"))
+        assert WORLD in dirs and [d for d in dirs if "partial" in d] == [], dirs
+        assert os.path.isdir(os.path.join(cache, WORLD, "lxmert_fast", "store-train2014"))
 
 
 def test_a_job_script_leaves_its_process_group_after_success_only(monkeypatch):

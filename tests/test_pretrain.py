@@ -61,7 +61,6 @@ def _run(name: str, work: str, extra: list[str]) -> dict:
     from lxmert_fast import pretrain
 
     common = ["--cache_dir", os.path.join(work, "cache"), "--demo_images", str(DEMO_IMAGES), "--model", "tiny",
-              "--demo_objects", "2-4",  # the world _prepare_demo built
               "--micro_batch_size", "8", "--log_every", "1", "--eval_every", "0", "--eval_batches", "2",
               "--no_progress", "--num_workers", "0", "--grounding_eval", "no", "--seed", str(TEST_SEED),
               "--output_dir", os.path.join(work, name)]
@@ -167,10 +166,11 @@ def _env() -> dict:
 
 def _prepare_demo(work: str) -> str:
     """The demo world, its feature store and sentence indices, built once before the processes start."""
-    from lxmert_fast.data.demo import ensure_demo_data
+    from lxmert_fast.data.demo import JOBS_OBJECTS, ensure_demo_data
     from lxmert_fast.data.pretrain_data import build_pretrain_dataset
 
-    root = ensure_demo_data(os.path.join(work, "cache"), images=DEMO_IMAGES, seed=0, log=None)
+    root = ensure_demo_data(os.path.join(work, "cache"), images=DEMO_IMAGES, seed=0, log=None,
+                            objects=JOBS_OBJECTS)  # the jobs' world without --demo_objects
     train = build_pretrain_dataset(root, "mscoco_train,mscoco_nominival,vgnococo", log=None, seed=TEST_SEED)
     build_pretrain_dataset(root, "mscoco_minival", store_dir=train.store.path, log=None, seed=TEST_SEED)
     return root
