@@ -454,21 +454,21 @@ def test_sigterm_from_outside_saves_the_step_it_arrived_in_and_the_resume_is_bit
 # ---------------------------------------------------------------------------------------------- two processes
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """The packaged cpu.json ("auto" batch), one epoch (25 steps of 64): an uninterrupted 2-process run; one
+    """The packaged cpu.json ("auto" batch), one epoch (len(train) // 64 steps): an uninterrupted 2-process run; one
     whose rank 1 gets SIGTERM in step 4, resumed on 2; one whose ranks both get it in step 3 (rank 0 twice, as
     SLURM and a launcher both deliver it), resumed on 1 process."""
-    from lxmert_fast.data.demo import ensure_demo_data
+    from lxmert_fast.data.demo import JOBS_OBJECTS, ensure_demo_data
     from lxmert_fast.data.pretrain_data import build_pretrain_dataset
 
     work = tmp_path_factory.mktemp("preempt2p")
-    root = ensure_demo_data(str(work / "cache"), images=DEMO_IMAGES, seed=0, log=None)
+    root = ensure_demo_data(str(work / "cache"), images=DEMO_IMAGES, seed=0, log=None,
+                            objects=JOBS_OBJECTS)  # the jobs' world without --demo_objects
     train = build_pretrain_dataset(root, "mscoco_train,mscoco_nominival,vgnococo", log=None, seed=4)
     build_pretrain_dataset(root, "mscoco_minival", store_dir=train.store.path, log=None, seed=4)
     spy = work / "spy"
     spy.mkdir()
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    common = ["--model", "tiny", "--demo_images", str(DEMO_IMAGES), "--demo_objects", "2-4",  # the world built above
-              "--cache_dir", str(work / "cache"), "--epochs", "1",
+    common = ["--model", "tiny", "--demo_images", str(DEMO_IMAGES), "--cache_dir", str(work / "cache"), "--epochs", "1",
               "--log_every", "1", "--eval_every", "0", "--eval_batches", "1", "--no_progress", "--num_workers", "0",
               "--grounding_eval", "no", "--no_export", "--seed", "4", "--save_every", "0",
               "--deepspeed_config", "cpu.json"]
@@ -486,7 +486,7 @@ def two_process_runs(tmp_path_factory):
             "rank1_resume": run("rank1_resume", 2, "two", "", "--resume"),
             "both_stop": run("both_stop", 2, "to_one", "0:3:2,1:3"),
             "one_resume": run("one_resume", 1, "to_one", "", "--resume")}
-    return work, runs
+    return work, runs, len(train) // 64
 
 
 def _items(work, run: str) -> dict[int, list[int]]:
@@ -502,7 +502,7 @@ def _items(work, run: str) -> dict[int, list[int]]:
 
 
 def test_sigterm_to_one_rank_stops_both_at_that_step_and_the_resume_is_bitwise(two_process_runs):
-    work, runs = two_process_runs
+    work, runs, epoch_steps = two_process_runs
     assert runs["straight"][0] == 0, runs["straight"][1][-4000:]
     code, log = runs["rank1_stop"]
     assert code == 75, log[-4000:]  # the deepspeed launcher passes the ranks' code on
@@ -514,12 +514,12 @@ def test_sigterm_to_one_rank_stops_both_at_that_step_and_the_resume_is_bitwise(t
     assert {"mp_rank_00_model_states.pt", "run.json"} <= files
     assert runs["rank1_resume"][0] == 0, runs["rank1_resume"][1][-4000:]
     straight = _losses(str(work / "straight"))
-    assert sorted(straight) == list(range(1, 26))
+    assert sorted(straight) == list(range(1, epoch_steps + 1))
     assert _losses(str(work / "two")) == straight
 
 
 def test_two_processes_stopped_and_resumed_on_one_finish_the_epoch_as_the_uninterrupted_run(two_process_runs):
-    work, runs = two_process_runs
+    work, runs, epoch_steps = two_process_runs
     code, log = runs["both_stop"]
     assert code == 75, log[-4000:]
     assert "stopped by SIGTERM after step 3" in log and "SIGTERM again" not in log  # the repeat was the same notice
@@ -534,11 +534,11 @@ def test_two_processes_stopped_and_resumed_on_one_finish_the_epoch_as_the_uninte
     assert worst <= 1e-5, f"losses differ from the uninterrupted run's by up to {worst:.2e}"
     a = _items(work, "straight")
     b = {**_items(work, "both_stop"), **_items(work, "one_resume")}
-    assert sorted(a) == sorted(b) == list(range(1, 26))
+    assert sorted(a) == sorted(b) == list(range(1, epoch_steps + 1))
     for step in a:
         assert sorted(a[step]) == sorted(b[step]), step
     every = [i for step in b for i in b[step]]
-    assert len(every) == len(set(every)) == 25 * 64  # each sample of the epoch once (the last 1658 % 64 aside)
+    assert len(every) == len(set(every)) == epoch_steps * 64  # each sample of the epoch once (the last few aside)
 
 
 if __name__ == "__main__":
