@@ -13,7 +13,7 @@ there, and a CUDA graph cannot capture it. A `RowBudget` fixes the sizes instead
 * `RowBudget.full(...)` has room for every row: never exceeded, no FLOP savings.
 * A batch with more masked rows than its budget is never truncated silently: the model checks
   the count on the device (`torch._assert_async`, no host read) and fails loudly. Who knows the
-  counts on the host before the step (the trainer does: see `lxmert_fast/train/rows.py`) picks
+  counts on the host before the step (the pre-training recipe does: `PretrainRecipe._row_budget` in `lxmert_fast/pretrain.py`) picks
   `full` for such a batch, which gives the exact loss.
 
 Without a budget (`row_budget=None`) the eager model selects exactly the masked rows
