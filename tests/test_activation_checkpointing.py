@@ -106,6 +106,7 @@ def test_fine_tuning_model_same_gradients():
     _assert_same(_step(model, inputs, labels, True, seed=5), _step(model, inputs, labels, False, seed=5), "QA model")
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_triton_kernels_replay_their_dropout_seeds():
     """The Triton attention backend and fused ops (on CUDA, else in the interpreter): their dropout seeds are

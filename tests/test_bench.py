@@ -126,6 +126,7 @@ def _every_variant_ends_with_a_figure_or_a_reason(rows: list[dict]) -> dict[str,
     return e2e
 
 
+@pytest.mark.slow
 def test_dry_run_returns_at_most_eight_files_and_the_tables(dry):
     out, printed = dry["full"]
     names = sorted(p.name for p in out.iterdir())
@@ -137,6 +138,7 @@ def test_dry_run_returns_at_most_eight_files_and_the_tables(dry):
     assert printed.index("\ntargets") < printed.index("\nend-to-end pre-training")  # the e2e table last
 
 
+@pytest.mark.slow
 def test_dry_run_every_variant_ends_with_a_figure_or_its_reason(dry):
     e2e = _every_variant_ends_with_a_figure_or_a_reason(_rows(dry["full"][0]))
     for name in ("ours", "hf", "ours compiled", "hf compiled", "ours sdpa", "ours zero3"):
@@ -146,6 +148,7 @@ def test_dry_run_every_variant_ends_with_a_figure_or_its_reason(dry):
     assert all(r.get("peak_mem_gb") is not None for r in e2e.values() if r["status"] == "ok")
 
 
+@pytest.mark.slow
 def test_dry_run_out_of_memory_while_timing_is_a_row_and_the_run_goes_on(dry):
     rows = _rows(dry["full"][0])
     e2e = _e2e(rows)
@@ -156,6 +159,7 @@ def test_dry_run_out_of_memory_while_timing_is_a_row_and_the_run_goes_on(dry):
     assert later and all(e2e[k]["status"] == "ok" or e2e[k]["status"].startswith(NO_FIGURE) for k in later)
 
 
+@pytest.mark.slow
 def test_dry_run_plans_by_the_gpus_memory(dry):
     rows = _rows(dry["full"][0])
     planned = next(r for r in rows if r.get("key") == "plan:e2e")
@@ -167,6 +171,7 @@ def test_dry_run_plans_by_the_gpus_memory(dry):
     assert json.loads(big.stdout.strip().splitlines()[-1])["most_at_once"] > planned["most_at_once"]
 
 
+@pytest.mark.slow
 def test_dry_run_reports_the_gpu_tests_plan_and_the_kernel_groups(dry):
     rows = _rows(dry["full"][0])
     tests = next(r for r in rows if r.get("key") == "tests:gpu")
@@ -178,6 +183,7 @@ def test_dry_run_reports_the_gpu_tests_plan_and_the_kernel_groups(dry):
     assert all(r["status"] == "ok" for r in rows if r.get("part") == "kernels" and r["impl"] == "ours")
 
 
+@pytest.mark.slow
 def test_without_deepspeed_ours_runs_the_torch_engine(dry):
     out, printed = dry["bare"]
     assert "deepspeed does not import" in printed
@@ -187,6 +193,7 @@ def test_without_deepspeed_ours_runs_the_torch_engine(dry):
     assert e2e["ours zero3"]["status"].startswith("no figure (unavailable)")  # ZeRO-3 is DeepSpeed's
 
 
+@pytest.mark.slow
 def test_a_run_given_the_compile_cache_compiles_from_it(dry):
     first = next(r for r in _rows(dry["full"][0]) if r.get("key") == "env:compile_cache")
     out, printed = dry["cached"]

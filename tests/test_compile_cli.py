@@ -20,6 +20,8 @@ import pytest
 
 from tests.helpers import child_env
 
+pytestmark = pytest.mark.slow  # multi-process or CLI runs: out of the quick subset
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
 REL_TOL = 1e-4

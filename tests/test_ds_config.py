@@ -231,6 +231,7 @@ if rank == 0:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_cpu_config_steps_like_zero1_and_zero2(tmp_path, world):
     """cpu.json (no ZeRO, torch's fused AdamW) takes the same optimizer steps, gradient accumulation and

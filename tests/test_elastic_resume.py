@@ -27,6 +27,8 @@ from lxmert_fast.checkpoints.training import RUN_FILE, CheckpointManager, plan_r
 from lxmert_fast.train.errors import TrainingError
 from tests.helpers import child_env
 
+pytestmark = pytest.mark.slow  # multi-process or CLI runs: out of the quick subset
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, STOP = 6, 3
 REL_TOL = 1e-5

@@ -226,6 +226,7 @@ def test_our_save_pretrained_and_bad_checkpoints(tmp_path):
         ckpts.check_config_fits(ckpt.config, vocab_size=small_vocab, feat_dim=2048, source="x")
 
 
+@pytest.mark.slow
 def test_our_pretraining_output_export_and_deepspeed_checkpoints_load_the_same_weights():
     out = demo_pretraining()
     # no ZeRO, fp32: DeepSpeed computes no gradient norm; the job measures it on logging steps
@@ -253,6 +254,7 @@ def _score(result, split="minival"):
     return result["final"][split]["score"]
 
 
+@pytest.mark.slow
 def test_demo_finetune_from_pretraining_beats_majority_and_random_init(tmp_path):
     world, pre = demo_world(), demo_pretraining()
     common = ["--task", "vqa", "--data_root", world, "--log_every", "1000", "--seed", "5"]

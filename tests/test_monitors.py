@@ -137,6 +137,7 @@ def _csv_losses(run_dir: str) -> dict[int, float]:
         return {int(row[0]): float(row[1]) for row in csv.reader(fh) if row and row[0] != "step"}
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_through_the_cli_gives_the_plain_runs_losses(runs):
     assert "activation checkpointing (every encoder layer recomputed in backward)" in runs["observed"]["log"]
     plain, observed = _csv_losses(runs["plain"]["dir"]), _csv_losses(runs["observed"]["dir"])

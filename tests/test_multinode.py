@@ -18,6 +18,8 @@ import pytest
 from lxmert_fast.data.demo import JOBS_OBJECTS, demo_dir_name
 from tests.helpers import child_env
 
+pytestmark = pytest.mark.slow  # multi-process or CLI runs: out of the quick subset
+
 WORLD = demo_dir_name(240, 0, JOBS_OBJECTS)  # the jobs' demo world (--demo_images 240, no --demo_objects)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -412,6 +412,7 @@ def test_fine_tuning_stops_on_a_signal_and_resumes_bitwise(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- one process, from outside
+@pytest.mark.slow
 def test_sigterm_from_outside_saves_the_step_it_arrived_in_and_the_resume_is_bitwise(tmp_path):
     """A pre-training process (DeepSpeed's engine, 2 loader worker processes) and its workers get SIGTERM from
     outside after it logged step 4 (to the whole process group, as SLURM signals every process of a step): it
@@ -501,6 +502,7 @@ def _items(work, run: str) -> dict[int, list[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_that_step_and_the_resume_is_bitwise(two_process_runs):
     work, runs, epoch_steps = two_process_runs
     assert runs["straight"][0] == 0, runs["straight"][1][-4000:]
@@ -518,6 +520,7 @@ def test_sigterm_to_one_rank_stops_both_at_that_step_and_the_resume_is_bitwise(t
     assert _losses(str(work / "two")) == straight
 
 
+@pytest.mark.slow
 def test_two_processes_stopped_and_resumed_on_one_finish_the_epoch_as_the_uninterrupted_run(two_process_runs):
     work, runs, epoch_steps = two_process_runs
     code, log = runs["both_stop"]

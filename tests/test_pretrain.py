@@ -32,6 +32,8 @@ if __name__ == "__main__":  # the torchrun worker
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-process or CLI runs: out of the quick subset
+
 DEMO_IMAGES = 240
 TEST_SEED = 3
 

@@ -58,6 +58,7 @@ def test_finetuning_resumes_bitwise(tmp_path):
     assert resumed["final"] == straight["final"]
 
 
+@pytest.mark.slow
 def test_a_gpu_config_runs_on_cpu_as_a_try_out_through_the_deepspeed_launcher(tmp_path):
     """`deepspeed --num_gpus 2 lxmert_fast/pretrain.py --deepspeed_config zero2.json` on a machine without
     CUDA: the recipe (batch 256, ZeRO-2, bf16, lr 1e-4) runs, and each change the hardware forces is logged."""

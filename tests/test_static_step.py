@@ -209,6 +209,7 @@ def test_compiled_training_step_has_no_graph_break_no_recompile_and_the_same_res
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_compiled_step_with_the_triton_kernels_has_no_graph_break():
     """The Triton attention backend and fused ops (custom ops; on CUDA, else in the interpreter) inside the

@@ -65,6 +65,7 @@ def report_rows():
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _cuda_backend_available(), reason="Triton's CUDA backend is not installed")
 def test_heuristic_configs_compile_for_sm90_without_spills(report_rows):
     kernels = {r["kernel"] for r in report_rows}
