@@ -9,7 +9,8 @@
 #   bash bench/gpu_check.sh [--budget S] [--cache FILE] [--dry] [-- bench.run options]
 #
 # --cache FILE: a compile_cache.tgz of an earlier run (default .gpu_cache/compile_cache.tgz when there):
-# Triton's and inductor's caches, so a rerun compiles from them. --dry: the same on a CPU at tiny shapes.
+# Triton's and inductor's caches, so a rerun compiles from them. --dry (or GPU_CHECK_DRY=1): the same on a CPU
+# at tiny shapes.
 # What it writes under $OUT (at most 8 files): gpu_check.log, rows.jsonl, results.json, summary.md,
 # gpu_tests.log, logs.tgz, compile_cache.tgz, throughput.png.
 set -uo pipefail
@@ -25,6 +26,7 @@ fi
 budget=330
 cache=.gpu_cache/compile_cache.tgz
 dry=()
+[ "${GPU_CHECK_DRY:-0}" = 1 ] && dry=(--dry)   # the same as --dry (as CI and earlier versions call it)
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) budget=$2; shift 2 ;;
