@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import transformers
@@ -105,6 +106,14 @@ def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, what: str, rel: f
 
 
 DISTRIBUTED_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: a launcher's rendezvous port of its own, so that launcher tests can run
+    side by side (pytest -n 2) without meeting on the launchers' default 29500."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def child_env() -> dict:

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from lxmert_fast.data.demo import JOBS_OBJECTS, demo_dir_name
-from tests.helpers import child_env
+from tests.helpers import child_env, free_port
 
 pytestmark = pytest.mark.slow  # multi-process or CLI runs: out of the quick subset
 
@@ -54,15 +54,9 @@ def _tree(root: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs)
 
 
-def _free_port() -> int:
-    from lxmert_fast.train.process import _free_port as free
-
-    return free()
-
-
 def test_two_nodes_on_shared_storage_build_the_caches_once(tmp_path):
     cache = str(tmp_path / "shared")
-    node0, node1 = _launch(tmp_path, (cache, cache), _free_port())
+    node0, node1 = _launch(tmp_path, (cache, cache), free_port())
     assert "2 process(es)" in node0 and "step 2/2" in node0
     assert node0.count("demo world: 240 pre-training images") == 1
     assert node0.count("converted ") == 3                  # train2014, val2014, vg_gqa: each once
@@ -76,7 +70,7 @@ def test_two_nodes_on_shared_storage_build_the_caches_once(tmp_path):
 
 def test_two_nodes_with_disks_of_their_own_build_one_copy_each(tmp_path):
     caches = (str(tmp_path / "disk0"), str(tmp_path / "disk1"))
-    node0, _ = _launch(tmp_path, caches, _free_port())
+    node0, _ = _launch(tmp_path, caches, free_port())
     assert "2 process(es)" in node0 and "step 2/2" in node0
     for cache in caches:
         dirs = _tree(cache)

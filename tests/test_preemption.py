@@ -41,6 +41,8 @@ if __name__ == "__main__":  # the launchers' worker
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.helpers import free_port  # noqa: E402
+
 DEMO_IMAGES = 240
 
 
@@ -325,7 +327,7 @@ def test_a_damaged_newest_tag_is_reported_and_the_one_before_it_resumes(torch_en
     assert _main(_pretrain_args(out, "--engine", "torch", "--max_steps", "6", "--save_every", "2", "--resume")) == 0
     said = capsys.readouterr().out
     what = {"truncated": "(truncated)", "zero-length": "(empty)", "missing": "torch_engine_states.pt is missing"}
-    assert f"checkpoint step00000006 is not usable (torch_engine_states.pt" in said and what[damage] in said, said
+    assert "checkpoint step00000006 is not usable (torch_engine_states.pt" in said and what[damage] in said, said
     assert "resumed from" in said and "step00000004: step 4" in said
     assert _losses(str(out)) == _losses(str(torch_engine_run))  # steps 5 and 6 again, bitwise
     assert _latest(str(out)) == "step00000006"
@@ -476,7 +478,8 @@ def two_process_runs(tmp_path_factory):
 
     def run(name: str, processes: int, out: str, signals: str = "", *extra: str):
         env = dict(_env(), LXMERT_TEST_SPY=str(spy), LXMERT_TEST_SIGNALS=signals, LXMERT_TEST_RUN=name)
-        launcher = [deepspeed, "--num_gpus", "2"] if processes == 2 else [sys.executable]
+        launcher = ([deepspeed, "--num_gpus", "2", "--master_port", str(free_port())] if processes == 2
+                    else [sys.executable])
         proc = subprocess.run(launcher + [os.path.abspath(__file__)] + common + ["--output_dir", str(work / out),
                                                                                   *extra],
                               env=env, capture_output=True, text=True, timeout=900, cwd=str(work))

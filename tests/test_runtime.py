@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.helpers import child_env
+from tests.helpers import child_env, free_port
 from tests.test_finetune_helpers import demo_pretraining, demo_world, finetune_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,8 @@ def test_a_gpu_config_runs_on_cpu_as_a_try_out_through_the_deepspeed_launcher(tm
     deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     assert deepspeed, "the deepspeed launcher is installed with deepspeed"
     out = tmp_path / "run"
-    cmd = [deepspeed, "--num_gpus", "2", os.path.join(REPO, "lxmert_fast", "pretrain.py"),
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+           os.path.join(REPO, "lxmert_fast", "pretrain.py"),
            "--deepspeed_config", "zero2.json", "--model", "tiny", "--demo_images", "240",
            "--cache_dir", str(tmp_path / "cache"), "--micro_batch_size", "32", "--max_steps", "2", "--log_every", "1",
            "--eval_every", "0", "--eval_batches", "1", "--grounding_eval", "no", "--no_export", "--no_progress",
