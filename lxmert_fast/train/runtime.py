@@ -34,6 +34,7 @@ from lxmert_fast.train import ds_config as ds_cfg
 from lxmert_fast.train.compile import (COMPILE_BACKENDS, COMPILE_MODES, CompileModeError, check_compile_mode,
                                        compile_model, eager_forward, step_begins)
 from lxmert_fast.train.errors import TrainingError
+from lxmert_fast.train.host_memory import ScheduledGC, keep_freed_host_memory
 from lxmert_fast.train import monitors
 from lxmert_fast.train.meter import IntervalMeter
 from lxmert_fast.train.preemption import StopAgreement, StopSignals, stop_signals_blocked
@@ -88,6 +89,9 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, save_every: int, log_ev
     r.add_argument("--cpu_threads", type=int, default=None,
                    help="torch threads per process on CPU (default: OMP_NUM_THREADS when set, else the cores "
                         "divided among the local processes; 1 is far faster on a CPU shared with other jobs)")
+    r.add_argument("--gc_every", type=int, default=50,
+                   help="Python's cyclic garbage collector runs every N steps of the training loop instead of when "
+                        "it decides (0: when it decides; docs/training.md)")
     r.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile the model's forward and backward as whole static graphs (reduce-overhead: "
                         "with CUDA graphs, GPU only); none = eager")
@@ -192,6 +196,10 @@ class Trainer:
         if timeout is not None and not timeout > 0:
             raise UsageError(f"--dist_timeout must be a positive number of seconds, got {timeout:g}")
         try:
+            self.gc_schedule = ScheduledGC(args.gc_every)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        try:
             self.process = start_process(args.engine, timeout_s=timeout)
         except ValueError as err:
             raise UsageError(str(err)) from None
@@ -201,11 +209,13 @@ class Trainer:
         self.engine = None
         self.signals = StopSignals(rank=self.rank)  # installed by run(), for the whole job
         self.log_lines: list[str] = []
+        self.host_memory_note: Optional[str] = None
         if self.device.type == "cpu":
             try:
                 torch.set_num_threads(cpu_threads(args.cpu_threads))
             except ThreadsError as err:
                 raise UsageError(str(err)) from None
+            self.host_memory_note = keep_freed_host_memory()
 
     # -- output ---------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -375,6 +385,9 @@ class Trainer:
         args = self.args
         for line in self.recipe.describe(self):
             self.log(line)
+        if self.host_memory_note:
+            self.log(f"host memory: glibc's policy kept ({self.host_memory_note}): a CPU step returns its large "
+                     "blocks to the kernel and faults them in again")
         self.log(f"model {n_params / 1e6:.2f}M parameters; {self.world} process(es) on {device_name()}"
                  + (f"; compiled ({args.compile}" + (f", backend {args.compile_backend}"
                                                      if args.compile_backend != "inductor" else "") + ")"
@@ -617,6 +630,7 @@ class Trainer:
         stop = False
         self.signals.deferred = True  # a signal from here on: stop after the step in progress
         try:
+            self.gc_schedule.start()
             for epoch in range(start_epoch, self.epochs):
                 if step >= stop_at or stop:
                     break
@@ -628,6 +642,7 @@ class Trainer:
                     logs = (step + 1) % args.log_every == 0 or step + 1 == stop_at
                     self.train_step(micro_batches, measure_grad_norm=logs)
                     step += 1
+                    self.gc_schedule.step(step)
                     self.bar.update(1)
                     end_of_epoch = loader.consumed >= cap
                     stop = agree(self.signals.received is not None)
@@ -639,6 +654,7 @@ class Trainer:
             # of the last step is written; the job stops before its final evaluation and export
             stop = stop or agree(self.signals.received is not None, wait=True)
         finally:
+            self.gc_schedule.stop()
             self.signals.deferred = False
             self.bar.close()
             self.bar = None
