@@ -8,7 +8,7 @@ to keep the blocks a CPU step frees.
   default returns freed memory at the top of the heap to the kernel once it passes a threshold that it adapts
   as it goes, and the next step faults the pages in again; on the demo model that was half of the process's
   system time. With a fixed 32 MiB mmap threshold and a 1 GiB trim threshold the blocks stay in the heap and are
-  reused; the peak memory stays the same (bench/RESULTS.md).
+  reused, for a little more resident memory at the peak (6-8% on the demo run; bench/RESULTS.md).
 """
 
 from __future__ import annotations
