@@ -342,7 +342,8 @@ def _grounding_run(work: str, steps: int, extra: tuple[str, ...] = ()) -> dict:
            "--log_every", "100", "--eval_every", "0", "--save_every", "0", "--no_export", "--no_progress",
            "--grounding_batches", "16", "--output_dir", os.path.join(work, "run")]
     env = _env()
-    env.pop("OMP_NUM_THREADS", None)
+    env.pop("OMP_NUM_THREADS", None)  # the job's own default (the cores), or this worker's share under pytest -n
+    env.update({k: v for k, v in os.environ.items() if k == "OMP_NUM_THREADS"})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     with open(os.path.join(work, "run", "result.json"), encoding="utf-8") as fh:

@@ -31,7 +31,7 @@ def _run(cmd: list[str], work: str, extra_env: dict | None = None) -> str:
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["LXMERT_FAST_CACHE"] = os.path.join(work, "cache")
     env["CUDA_VISIBLE_DEVICES"] = ""           # the CPU quick start
-    env.pop("OMP_NUM_THREADS", None)          # the job's own default: the cores
+    # threads: the job's own default (the cores), or this worker's OMP_NUM_THREADS under pytest -n (conftest.py)
     env.pop("TRITON_INTERPRET", None)
     env.update(extra_env or {})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
