@@ -30,35 +30,37 @@ LONGEST_FIRST = (
 )
 
 
-def _worker_count(config) -> int:
-    """The xdist workers of this run (0: no xdist)."""
-    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if count:  # inside a worker
-        return int(count)
+def _workers(config) -> tuple[int, bool]:
+    """(the xdist workers of this run, whether this process is one of them); (0, False) without xdist. A worker
+    knows it from ``config.workerinput`` (not from the environment, which a pytest started by a test inherits)."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return int(workerinput["workercount"]), True
     count = getattr(config.option, "numprocesses", 0) or 0  # an int once xdist has read "auto"
-    return count if isinstance(count, int) else 0
+    return (count if isinstance(count, int) else 0), False
 
 
 def pytest_configure(config):
-    workers = _worker_count(config)
+    workers, is_worker = _workers(config)
     if workers == 0:
         return
-    dist = getattr(config.option, "dist", "no")
-    if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller
+    if not is_worker:  # the controller
+        dist = getattr(config.option, "dist", "no")
         if dist != "loadfile":
-            raise pytest.UsageError(f"--dist {dist}: this suite runs in parallel with --dist loadfile only (a file's "
-                                    "expensive runs are fixtures its tests share; another mode runs them once per "
-                                    "worker)")
+            default = " (pytest-xdist's default with -n)" if dist == "load" else ""
+            raise pytest.UsageError(f"--dist {dist}{default}: this suite runs in parallel with --dist loadfile only: "
+                                    "python -m pytest -q -n auto --dist loadfile (a file's expensive runs are "
+                                    "fixtures its tests share; another mode runs them once per worker)")
         config.option.loadscopereorder = False  # LONGEST_FIRST orders the files, not their numbers of tests
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers))))
-        torch.set_num_threads(threads)
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers))))
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):
     """Under xdist, the files of LONGEST_FIRST first (a stable sort: the rest keep their order)."""
-    if _worker_count(config) == 0:
+    if _workers(config)[0] == 0:
         return
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONGEST_FIRST)))
