@@ -228,6 +228,9 @@ if rank == 0:
     moved = sum((new[k] - init[k]).abs().max().item() > 1e-4 for k in weights) / len(weights)
     print(json.dumps({"world": world, "stage": stage_new, "new": kind_new, "z1": kind_z1, "old": kind_old,
                       "max_abs_diff": diff(new, old), "max_abs_diff_z1": diff(new, z1), "weights_moved": moved}))
+if torch.distributed.is_initialized():  # the ranks leave together: a rank that exits while its peer still works
+    torch.distributed.barrier()         # can abort in the process group's teardown ("terminate called without an
+    torch.distributed.destroy_process_group()  # active exception", seen once in a parallel suite)
 """
 
 
