@@ -16,6 +16,8 @@ import os
 import pytest
 import torch
 
+from lxmert_fast.utils import usable_cores
+
 # Files whose runs take a minute or more on 2 CPU cores, longest first (the quick start's pre-training and fine-tuning,
 # the multi-object grounding run, the GPU check's dry runs, the launcher runs).
 LONGEST_FIRST = (
@@ -53,8 +55,7 @@ def pytest_configure(config):
                                     "fixtures its tests share; another mode runs them once per worker)")
         config.option.loadscopereorder = False  # LONGEST_FIRST orders the files, not their numbers of tests
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers))))
+    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // workers))))
     torch.set_num_threads(threads)
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from lxmert_fast.utils import usable_cores
 from tests.helpers import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,14 +20,13 @@ def _pytest(argv: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def test_each_worker_takes_its_share_of_the_cores(tmp_path):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     env = {k: v for k, v in child_env().items() if k != "OMP_NUM_THREADS"}
     env["LXMERT_TEST_THREADS_PROBE"] = str(tmp_path / "probe.json")
     proc = _pytest(["-n", "2", "--dist", "loadfile", PROBE], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "probe.json", encoding="utf-8") as fh:
         probe = json.load(fh)
-    share = max(1, cores // 2)
+    share = max(1, usable_cores() // 2)
     assert probe == {"torch": share, "omp": str(share), "worker": probe["worker"]} and probe["worker"], probe
 
 

@@ -24,7 +24,7 @@ import zipfile
 import zlib
 from typing import Optional
 
-from lxmert_fast.utils import atomic_write_text
+from lxmert_fast.utils import atomic_write_text, usable_cores
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "lxmert-fast checkpoint manifest"
@@ -33,8 +33,7 @@ CHUNK_BYTES = 64 << 20
 
 
 def _threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cores()))
 
 
 def _chunk_crc(path: str, offset: int, length: int) -> str:

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as tdist
 from torch.distributed import distributed_c10d as c10d
 
+from lxmert_fast.utils import usable_cores
+
 
 @dataclass(frozen=True)
 class Process:
@@ -129,7 +131,7 @@ def cpu_threads(requested: Optional[int], environ: Optional[Mapping[str, str]] =
         if not omp.isdigit() or int(omp) < 1:
             raise ThreadsError(f"OMP_NUM_THREADS={omp!r}: expected a positive integer (or pass --cpu_threads N)")
         return int(omp)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the launcher's: processes on this node
     return max(1, cores // max(1, local))
 
