@@ -3,7 +3,7 @@ schedule, and glibc keeping the blocks a CPU step frees."""
 from __future__ import annotations
 
 import gc
-import sys
+import platform
 
 import pytest
 
@@ -23,10 +23,12 @@ def collections(monkeypatch):
 
 def test_inside_the_loop_the_collector_runs_every_n_steps_and_is_restored_after(collections):
     assert gc.isenabled()
-    with ScheduledGC(every=3) as schedule:
-        assert not gc.isenabled() and collections == [2]  # a full collection before the loop, then off
-        for step in range(1, 8):
-            schedule.step(step)
+    schedule = ScheduledGC(every=3)
+    schedule.start()
+    assert not gc.isenabled() and collections == [2]  # a full collection before the loop, then off
+    for step in range(1, 8):
+        schedule.step(step)
+    schedule.stop()
     assert collections == [2, 1, 1]  # steps 3 and 6: the young generations
     assert gc.isenabled()
 
@@ -43,10 +45,12 @@ def test_a_collector_that_was_off_stays_off(collections):
 
 
 def test_every_zero_leaves_pythons_collector_alone(collections):
-    with ScheduledGC(every=0) as schedule:
-        assert gc.isenabled()
-        for step in range(1, 5):
-            schedule.step(step)
+    schedule = ScheduledGC(every=0)
+    schedule.start()
+    assert gc.isenabled()
+    for step in range(1, 5):
+        schedule.step(step)
+    schedule.stop()
     assert collections == [] and gc.isenabled()
 
 
@@ -104,9 +108,13 @@ def test_a_refusal_or_no_glibc_is_said_not_hidden(fake_mallopt, monkeypatch):
     assert keep_freed_host_memory() == "the C library has no mallopt (not glibc)"
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc: Linux")
-def test_this_glibc_takes_the_thresholds():
-    assert keep_freed_host_memory() is None
+def test_this_c_library_takes_the_thresholds_or_says_why():
+    """glibc (most Linux distributions) takes them; another C library (macOS, musl) is named as the reason."""
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_host_memory() is None
+    else:
+        assert keep_freed_host_memory() in ("the C library has no mallopt (not glibc)",
+                                            "glibc's mallopt refused the thresholds")
 
 
 def test_the_training_loop_collects_on_its_schedule_and_gives_the_collector_back(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ TRIM_THRESHOLD_BYTES = 1 << 30    # return free heap memory to the kernel only a
 
 
 class ScheduledGC:
-    """Between `start()` and `stop()` (or inside ``with``) the automatic collector is off and `step(n)` collects
+    """Between `start()` and `stop()` the automatic collector is off and `step(n)` collects
     generations 0 and 1 when ``n`` is a multiple of ``every``; `stop()` leaves the collector as `start()` found it.
     ``every=0``: the automatic collector stays on (Python's own schedule) and `step` does nothing."""
 
@@ -49,13 +49,6 @@ class ScheduledGC:
         if self._was_enabled:
             gc.enable()
         self._was_enabled = None
-
-    def __enter__(self) -> "ScheduledGC":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def keep_freed_host_memory() -> Optional[str]:
