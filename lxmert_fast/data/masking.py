@@ -98,17 +98,18 @@ def mask_objects(feats_bnd: torch.Tensor, *, prob: float = 0.15,
                  u_bn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Object masking. Returns ``(masked_feats_bnd float32, feat_mask_bn float32)``.
 
+    ``feats_bnd`` (B, N, F) in any float dtype (fp16 as stored); it is not changed.
     ``group_b`` (B,): image id (store row) of each batch row; replacement features come from a
     row with a different image. Without it every other row counts as another image.
     ``sync_free``: dense ``torch.where`` formulation (default on accelerators) instead of
-    boolean-index assignment (default on CPU); both give identical results.
+    touching only the selected rows (default on CPU, where each pass over the (B, N, F) features
+    costs); both give identical results.
     ``u_bn``: the selection draws (B, N); drawn from ``generator`` when not given.
     """
-    b, n, _ = feats_bnd.shape
+    b, n, d = feats_bnd.shape
     dev = feats_bnd.device
-    feats = feats_bnd.float()
     if u_bn is None:
-        u_bn = _rand((b, n), feats, generator)
+        u_bn = _rand((b, n), feats_bnd, generator)
     elif u_bn.shape != (b, n):
         raise ValueError(f"mask_objects: u_bn has shape {tuple(u_bn.shape)}, expected {(b, n)}")
     sel_bn = u_bn < prob
@@ -119,11 +120,16 @@ def mask_objects(feats_bnd: torch.Tensor, *, prob: float = 0.15,
     donor_n_bn = torch.randint(0, n, (b, n), generator=generator, device=dev)
     if sync_free is None:
         sync_free = dev.type != "cpu"
-    if not sync_free:  # sparse: touch only the replaced rows (cheap on CPU, syncs on GPU)
-        out = feats.clone()
-        out[zero_bn] = 0.0
-        out[repl_bn] = feats[donor_b_bn[repl_bn], donor_n_bn[repl_bn]]
+    if not sync_free:  # sparse: one float32 copy, then the selected rows only (syncs on GPU)
+        feats_nd = feats_bnd.reshape(b * n, d)
+        out_nd = feats_nd.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        out_nd.index_fill_(0, zero_bn.reshape(-1).nonzero().squeeze(1), 0.0)
+        repl_rows = repl_bn.reshape(-1).nonzero().squeeze(1)
+        donor_rows = (donor_b_bn * n + donor_n_bn).reshape(-1).index_select(0, repl_rows)
+        out_nd.index_copy_(0, repl_rows, feats_nd.index_select(0, donor_rows).float())
+        out = out_nd.view(b, n, d)
     else:  # dense and sync-free
+        feats = feats_bnd.float()
         donor = feats[donor_b_bn, donor_n_bn]
         out = torch.where(zero_bn[..., None], torch.zeros((), device=dev), feats)
         out = torch.where(repl_bn[..., None], donor, out)
@@ -138,11 +144,15 @@ def mask_pretrain_batch(raw: dict, cfg: MaskingConfig,
     attention_mask, token_type_ids (B, L); visual_feats (B, N, F) fp16/fp32; visual_pos (B, N, 4);
     obj_ids, obj_conf, attr_ids, attr_conf (B, N); matched_label, ans, img_index (B,); optionally
     the selection draws u_words (B, L) and u_objects (B, N) (:func:`draw_selection`).
+
+    The model's ``visual_feats`` are float32; the feature-regression target ``obj_labels["feat"][0]``
+    is the unmasked ``visual_feats`` itself, in the stored dtype (no copy: the loss converts the
+    masked rows it reads).
     """
     ids, labels = mask_words(raw["input_ids"], raw["attention_mask"], vocab_size=cfg.vocab_size,
                              mask_id=cfg.mask_id, never_mask=cfg.never_mask,
                              generator=generator, prob=cfg.word_prob, u_bl=raw.get("u_words"))
-    feats = raw["visual_feats"].float()
+    feats = raw["visual_feats"]
     masked, feat_mask = mask_objects(feats, prob=cfg.obj_prob, generator=generator,
                                      group_b=raw.get("img_index"), u_bn=raw.get("u_objects"))
     return {
