@@ -96,11 +96,13 @@ class LxmertVisualObjHead(nn.Module):
         weight_kd, bias_k = self.decoder.weight, self.decoder.bias
         split = sum(self.dims[name] for name in names[:n_dense])
         scores: dict[str, Tensor] = {}
-        if n_dense:
+        if n_dense:  # one product per output: contiguous scores, which the cross-entropy reads without a copy
             states_nd = self.transform(vision_nd)
-            dense_nk = F.linear(states_nd, weight_kd[:split], bias_k[:split])
-            dense_bnk = dense_nk.view(batch, num, split)
-            scores.update(zip(names[:n_dense], dense_bnk.split([self.dims[n] for n in names[:n_dense]], dim=-1)))
+            start = 0
+            for name in names[:n_dense]:
+                stop = start + self.dims[name]
+                scores[name] = F.linear(states_nd, weight_kd[start:stop], bias_k[start:stop]).view(batch, num, -1)
+                start = stop
             states_md = states_nd.index_select(0, masked_rows_m)
         else:
             states_md = self.transform(vision_nd.index_select(0, masked_rows_m))
