@@ -118,7 +118,7 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--demo_images", type=int, default=2000, help="images of the demo world")
     add_demo_objects_argument(d)
     d.add_argument("--skip_bad", action="store_true", help="skip (and report) malformed data rows instead of failing")
-    d.add_argument("--num_workers", type=int, default=None, help="data loader workers per process (default: 1 on CPU, 4 on GPU)")
+    d.add_argument("--num_workers", type=int, default=None, help="data loader workers per process (default: 0 on CPU, where the step already uses every core, 4 on GPU)")
     d.add_argument("--mask_on", choices=("device", "workers"), default="device",
                    help="apply word/object masking on the training device or in the loader workers")
 
@@ -407,8 +407,8 @@ class PretrainRecipe(Recipe):
                 workers=None, accumulation=None):
         if workers is None:
             workers = self.args.num_workers
-        if workers is None:
-            workers = 4 if trainer.device.type == "cuda" else 1
+        if workers is None:  # on a CPU the step uses every core: a loader process competes with it (the demo
+            workers = 4 if trainer.device.type == "cuda" else 0  # steps 7% faster without one on 2 cores)
         dataset.masking = self.mask_cfg if workers_mask else None
         loader = make_pretrain_loader(dataset, micro, rank=trainer.rank, world_size=trainer.world, seed=self.args.seed,
                                       shuffle=shuffle, drop_last=drop_last, num_workers=workers,
