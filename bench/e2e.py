@@ -38,6 +38,7 @@ from lxmert_fast.data.demo import ensure_demo_data
 from lxmert_fast.data.masking import draw_selection, mask_pretrain_batch
 from lxmert_fast.data.pretrain_data import build_pretrain_dataset, split_names
 from lxmert_fast.checkpoints.layouts import ours_to_hf
+from lxmert_fast.train.compile import CompileModeError, check_compile_mode
 from lxmert_fast.train.ds_config import load_ds_config
 from lxmert_fast.train.process import select_accelerator
 from lxmert_fast.train.runtime import Trainer, UsageError
@@ -275,6 +276,17 @@ class Peer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.loss = loss.detach()
+
+
+def refusal(v: Variant, s: Settings) -> Optional[str]:
+    """Why the recipe refuses ``v`` on this device before it builds anything (its own check of the compile
+    mode: CUDA graphs need CUDA, the eager backend takes no mode), or None. The coordinator asks first and
+    starts no worker for a refused variant; a worker would stop at the same check."""
+    try:
+        check_compile_mode(v.compile, torch.device("cuda" if s.cuda else "cpu"), backend=s.compile_backend)
+    except CompileModeError as err:
+        return short_error(err)
+    return None
 
 
 def build(v: Variant, s: Settings):

@@ -203,7 +203,8 @@ class Coordinator:
         self.logs = self.work / "logs"
         self.logs.mkdir(exist_ok=True)
         self.vs = variants(a, True)
-        self.pending = list(self.vs)
+        self.refused = {v.key: why for v in self.vs if (why := e2e.refusal(v, s))}
+        self.pending = [v for v in self.vs if v.key not in self.refused]
         self.workers: dict[str, Worker] = {}
         self.done: set[str] = set()
         self.peak = None
@@ -320,7 +321,12 @@ class Coordinator:
             self.peak = row["peak_tflops"]
         if "e2e" in self.parts:
             e2e.ensure_world(self.s.world, self.s.preset)  # once, before the workers share it
-            p = plan(self.vs, self.usable, self.params, self.plan_batch)
+            for v in self.vs:
+                if v.key in self.refused:  # no worker: the row says why
+                    self.row({**e2e.base_row(v, self.s), "phase": "planning",
+                              "status": f"no figure (unavailable): refused before building: {self.refused[v.key]}"})
+                    self.done.add(v.key)
+            p = plan(self.pending, self.usable, self.params, self.plan_batch)
             self.row({"part": "plan", "key": "plan:e2e", "status": f"at most {p['most_at_once']} variants at once in "
                       f"{p['usable_gb']} GB", "gpu_memory_gb": self.a.gpu_memory, "order": [v.key for v in self.vs],
                       **p})

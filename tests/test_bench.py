@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -130,8 +131,14 @@ def test_dry_run_every_variant_ends_with_a_figure_or_its_reason(dry):
     e2e = _every_variant_ends_with_a_figure_or_a_reason(_rows(dry["full"][0]))
     for name in ("ours", "hf", "ours compiled", "hf compiled", "ours sdpa", "ours zero3"):
         assert e2e[name]["status"] == "ok", e2e[name]
-    # on a CPU the CUDA-graph and autotuning modes are refused with the reason, not skipped
-    assert e2e["ours reduce-overhead"]["status"].startswith("no figure (unavailable): while building")
+    # on a CPU the CUDA-graph modes (no CUDA) and max-autotune (the dry run's eager backend takes no mode) are
+    # refused with the reason, not skipped, and start no worker
+    for name in ("ours reduce-overhead", "ours reduce-overhead, batch 32", "ours max-autotune"):
+        assert e2e[name]["status"].startswith("no figure (unavailable): refused before building: CompileModeError: "
+                                              "--compile "), e2e[name]
+    with tarfile.open(dry["full"][0] / "logs.tgz") as tar:
+        worker_logs = {Path(n).name for n in tar.getnames()}
+    assert "e2e.ours.log" in worker_logs and not any("reduce" in n or "autotune" in n for n in worker_logs)
     assert all(r.get("peak_mem_gb") is not None for r in e2e.values() if r["status"] == "ok")
 
 
