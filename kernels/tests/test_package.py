@@ -37,7 +37,9 @@ def test_the_package_alone_runs_an_op_in_the_interpreter(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}",
+    # --no-compile: no byte-code for torch's thousands of modules up front (the one import below compiles its own)
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-compile",
+                              f"torch=={torch.__version__.split('+')[0]}",
                               str(KERNELS_DIR)], capture_output=True, text=True, timeout=1200)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
     code = (
