@@ -335,12 +335,12 @@ MULTI_OBJECT_STEPS = 1000
 
 def _grounding_run(work: str, steps: int, extra: tuple[str, ...] = ()) -> dict:
     """A single-process CPU pre-training on the demo world with the demo's defaults (the full recipe); its
-    result.json."""
+    result.json (the grounding evaluation on 16 held-out batches; the closing validation on one, unread)."""
     cache = os.path.join(work, "cache")
     os.makedirs(cache, exist_ok=True)
     cmd = [sys.executable, "-m", "lxmert_fast.pretrain", "--cache_dir", cache, *extra, "--max_steps", str(steps),
-           "--log_every", "100", "--eval_every", "0", "--save_every", "0", "--no_export", "--no_progress",
-           "--grounding_batches", "16", "--output_dir", os.path.join(work, "run")]
+           "--log_every", "100", "--eval_every", "0", "--eval_batches", "1", "--save_every", "0", "--no_export",
+           "--no_progress", "--grounding_batches", "16", "--output_dir", os.path.join(work, "run")]
     env = _env()
     env.pop("OMP_NUM_THREADS", None)  # the job's own default (the cores), or this worker's share under pytest -n
     env.update({k: v for k, v in os.environ.items() if k == "OMP_NUM_THREADS"})
