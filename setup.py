@@ -28,7 +28,7 @@ setup(
         # h5py and lmdb: every feature layout is tested (tests/data/test_layouts.py);
         # accelerate and peft: transformers' Trainer and a LoRA adapter on our models in tests/test_transformers_api.py;
         # pytest-xdist: the suite on every core (-n auto --dist loadfile, docs/testing.md)
-        "dev": ["pytest", "pytest-xdist", "tensorboard", "matplotlib", "wandb", "comet_ml", "h5py", "lmdb", "accelerate", "peft"],
+        "dev": ["pytest", "pytest-xdist", "tensorboard", "wandb", "comet_ml", "h5py", "lmdb", "accelerate", "peft"],
     },
     entry_points={"console_scripts": []},
 )

@@ -11,8 +11,8 @@
 # --cache FILE: a compile_cache.tgz of an earlier run (default .gpu_cache/compile_cache.tgz when there):
 # Triton's and inductor's caches, so a rerun compiles from them. --dry (or GPU_CHECK_DRY=1): the same on a CPU
 # at tiny shapes.
-# What it writes under $OUT (at most 8 files): gpu_check.log, rows.jsonl, results.json, summary.md,
-# gpu_tests.log, logs.tgz, compile_cache.tgz, throughput.png.
+# What it writes under $OUT (at most 7 files): gpu_check.log, rows.jsonl, results.json, summary.md,
+# gpu_tests.log, logs.tgz, compile_cache.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

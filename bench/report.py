@@ -1,11 +1,10 @@
-"""The report: one targets table, the tables printed (end-to-end last), results.json, summary.md and a
-throughput plot, from the rows alone (``python -m bench.report DIR`` rebuilds them from DIR/rows.jsonl)."""
+"""The report: one targets table, the tables printed (end-to-end last), results.json and summary.md, from
+the rows alone (``python -m bench.report DIR`` rebuilds them from DIR/rows.jsonl)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 from bench.common import BASELINE, BASELINE_SAMPLES_PER_S, RECIPE_SAMPLES, clean, read_rows
 
@@ -201,37 +200,10 @@ def render(env: dict, rows: list[dict], markdown: bool) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot(out: Path, rows: list[dict], env: dict) -> Optional[str]:
-    """throughput.png (samples/s of each end-to-end variant), or why none was drawn."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        return f"no plot: {err}"
-    ok = _ok(rows, "e2e")
-    if not ok:
-        return "no plot: no end-to-end figure"
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(ok) + 2), 4))
-    ax.bar(range(len(ok)), [r["samples_per_s"] for r in ok],
-           color=["#888888" if r["model"] == "hf" else "#1f77b4" for r in ok])
-    ax.set_xticks(range(len(ok)), [r["variant"] for r in ok], rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel("samples/s")
-    ax.set_title(f"LXMERT {ok[0].get('preset')} pre-training, {env.get('hardware')}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
-    return None
-
-
 def write(out: Path, env: dict, rows: list[dict]) -> str:
-    """results.json, summary.md and throughput.png in ``out``; returns the text tables."""
+    """results.json and summary.md in ``out``; returns the text tables."""
     rows = in_plan_order(rows)
     add_ratios(rows)
-    why = plot(out, rows, env)
-    if why:
-        rows = rows + [{"part": "note", "key": "note:plot", "status": why}]
     (out / "results.json").write_text(json.dumps(clean({"environment": env, "rows": rows}), indent=1), encoding="utf-8")
     (out / "summary.md").write_text(render(env, rows, markdown=True), encoding="utf-8")
     return render(env, rows, markdown=False)
