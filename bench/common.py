@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+from lxmert_fast.utils import usable_cores
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The original recipe and hardware (LXMERT.md): 670K steps x 256 samples in 10 days on 4 Titan Xp.
@@ -79,7 +81,7 @@ def cpu_name() -> str:
 def environment() -> dict:
     """The one record of where a figure was measured: hardware, versions, commit, date, load."""
     cuda = torch.cuda.is_available()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": "cuda" if cuda else "cpu",
            "hardware": torch.cuda.get_device_name() if cuda else f"{cpu_name()} ({cores} cores)",
@@ -143,9 +145,9 @@ def median(values) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def matmul_peak_tflops(quick: bool = False) -> dict:
-    """The device's measured dense matrix rate (the MFU denominator): bf16 8192^3 on a GPU (4096^3 quick),
-    fp32 2048^3 on a CPU (512^3 quick)."""
+def peak_row(quick: bool = False) -> dict:
+    """The env:peak row: the device's measured dense matrix rate (the MFU denominator), bf16 8192^3 on a GPU
+    (4096^3 quick), fp32 2048^3 on a CPU (512^3 quick)."""
     cuda = torch.cuda.is_available()
     n = (4096 if quick else 8192) if cuda else (512 if quick else 2048)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -155,7 +157,8 @@ def matmul_peak_tflops(quick: bool = False) -> dict:
     del a, b
     if cuda:
         torch.cuda.empty_cache()  # the coordinator keeps running beside the workers: its cache freed
-    return {"what": f"matmul {n}^3 {str(dtype)[6:]}", "peak_tflops": round(2 * n**3 / (ms * 1e-3) / 1e12, 3)}
+    return {"part": "env", "key": "env:peak", "status": "ok", "what": f"matmul {n}^3 {str(dtype)[6:]}",
+            "peak_tflops": round(2 * n**3 / (ms * 1e-3) / 1e12, 3)}
 
 
 # ops that only make a new view of a tensor: no kernel on a GPU

@@ -23,7 +23,7 @@ import math
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -105,7 +105,6 @@ class Settings:
     world: Path = Path("bench_world")
     work: Path = Path("bench_work")
     prefetch_steps: int = 2
-    extra: dict = field(default_factory=dict)
 
     @property
     def cuda(self) -> bool:

@@ -126,7 +126,10 @@ def masking(dataset, batch: int, device: str, iters: int) -> dict:
             "device": device}
 
 
-def run(world: Path, images: int, batch: int, workers: int, batches: int) -> list[dict]:
+def run(world: Path, small: bool, cuda: bool) -> list[dict]:
+    """The part's rows: tiny sizes when ``small`` (--quick, --dry); the GPU plan's loader with 4 workers over
+    200 images (it shares the machine with the end-to-end workers), the CPU run's with 2 over 2000."""
+    images, batch, workers, batches = (64, 16, 1, 5) if small else (200, 256, 4, 20) if cuda else (2000, 256, 2, 40)
     root = ensure_demo_data(str(world / "demo"), images=images, seed=0, log=None)
     store = world / f"data_part_store-n{images}"
     rows = [convert(root, store, workers)]

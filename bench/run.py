@@ -143,7 +143,7 @@ def cpu_run(a, out: Path, rows_path: Path, parts: list[str], s: e2e.Settings) ->
     """Everything in this process: the end-to-end contenders interleaved, then kernels and data."""
     peak = None
     if "env" in parts:
-        row = {"part": "env", "key": "env:peak", "status": "ok", **common.matmul_peak_tflops(a.quick)}
+        row = common.peak_row(a.quick)
         common.append_row(rows_path, row)
         peak = row["peak_tflops"]
     if "e2e" in parts:
@@ -152,9 +152,7 @@ def cpu_run(a, out: Path, rows_path: Path, parts: list[str], s: e2e.Settings) ->
     if "kernels" in parts:
         ops.main([str(rows_path), "2", "dry"])  # the interpreter: a smoke test of the part
     if "data" in parts:
-        small = a.quick or a.dry
-        for row in pipeline.run(s.world, 64 if small else 2000, 16 if small else 256, 1 if small else 2,
-                            5 if small else 40):
+        for row in pipeline.run(s.world, a.quick or a.dry, cuda=False):
             common.append_row(rows_path, row)
 
 
@@ -316,7 +314,7 @@ class Coordinator:
     def run(self) -> None:
         small = self.a.quick or self.a.dry
         if "env" in self.parts:  # the peak first, on an idle device
-            row = {"part": "env", "key": "env:peak", "status": "ok", **common.matmul_peak_tflops(small)}
+            row = common.peak_row(small)
             self.row(row)
             self.peak = row["peak_tflops"]
         if "e2e" in self.parts:
@@ -363,9 +361,7 @@ class Coordinator:
             if self.left() < self.caps["data"]:
                 self.row({"part": "data", "key": "data:budget", "status": "no figure (timeout): the budget was spent"})
             else:
-                small = self.a.dry or self.a.quick
-                for row in pipeline.run(self.s.world, 64 if small else 200, 16 if small else 256, 1 if small else 4,
-                                    5 if small else 20):
+                for row in pipeline.run(self.s.world, small, cuda=self.s.cuda):
                     self.row(row)
         with tarfile.open(self.out / "logs.tgz", "w:gz") as tar:
             tar.add(self.logs, arcname="logs")
