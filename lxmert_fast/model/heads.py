@@ -94,11 +94,10 @@ class LxmertVisualObjHead(nn.Module):
         batch, num, hidden = vision_bnd.shape
         vision_nd = vision_bnd.reshape(batch * num, hidden)
         weight_kd, bias_k = self.decoder.weight, self.decoder.bias
-        split = sum(self.dims[name] for name in names[:n_dense])
         scores: dict[str, Tensor] = {}
+        start = 0  # the first decoder row of the next output
         if n_dense:  # one product per output: contiguous scores, which the cross-entropy reads without a copy
             states_nd = self.transform(vision_nd)
-            start = 0
             for name in names[:n_dense]:
                 stop = start + self.dims[name]
                 scores[name] = F.linear(states_nd, weight_kd[start:stop], bias_k[start:stop]).view(batch, num, -1)
@@ -106,7 +105,7 @@ class LxmertVisualObjHead(nn.Module):
             states_md = states_nd.index_select(0, masked_rows_m)
         else:
             states_md = self.transform(vision_nd.index_select(0, masked_rows_m))
-        masked_mk = F.linear(states_md, weight_kd[split:], bias_k[split:])
+        masked_mk = F.linear(states_md, weight_kd[start:], bias_k[start:])
         scores.update(zip(names[n_dense:], masked_mk.split([self.dims[n] for n in names[n_dense:]], dim=-1)))
         return scores
 
